@@ -1,0 +1,179 @@
+"""The training command as the supervisor's child process.
+
+The child runs in its own session, so a terminal's or systemd's signals to the
+supervisor's process group do not reach it behind our back. Polite signals (SIGTERM,
+SIGUSR1) go to its main pid only, so data-loader workers are not killed under it
+(CONTRACT §3). Only at the drain deadline is the whole tree SIGKILLed. It is always
+reaped, and its exit code or signal is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# The supervisor removes these so the trainer cannot talk to systemd in our name.
+_STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (e.g. a dead trainer's workers) so we can kill and reap them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How the child ended: an exit code, or the signal that killed it."""
+
+    pid: int
+    returncode: int
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"signal {-self.returncode}"
+
+    @property
+    def success(self) -> bool:
+        return self.returncode == 0
+
+    def describe(self) -> str:
+        name = self.signal_name
+        return f"killed by {name}" if name else f"exit code {self.returncode}"
+
+
+def child_environment(
+    base: Mapping[str, str], extra: Mapping[str, str], spot: Mapping[str, str]
+) -> dict[str, str]:
+    """The environment of the training command: ours, minus systemd's, plus the run's."""
+    env = {k: v for k, v in base.items() if k not in _STRIPPED_ENV}
+    env.update(extra)
+    env.update(spot)
+    return env
+
+
+class TrainerProcess:
+    """One start of the training command; start it, signal it, reap it."""
+
+    def __init__(self, argv: tuple[str, ...], env: Mapping[str, str], cwd: Path | None) -> None:
+        self.argv = argv
+        self.env = dict(env)
+        self.cwd = cwd
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.exit: ExitStatus | None = None
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> int:
+        """Spawn the command in its own session; raises OSError when it cannot be executed."""
+        self._proc = subprocess.Popen(
+            list(self.argv),
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+        self.started_at = time.monotonic()
+        log.info("child_started", pid=self._proc.pid, argv=list(self.argv))
+        return self._proc.pid
+
+    def poll(self) -> ExitStatus | None:
+        """The exit status once the child has ended (and was reaped), else None."""
+        if self.exit is not None:
+            return self.exit
+        if self._proc is None:
+            return None
+        rc = self._proc.poll()
+        if rc is None:
+            return None
+        return self._record_exit(rc)
+
+    def wait(self, timeout: float) -> ExitStatus | None:
+        if self.exit is not None or self._proc is None:
+            return self.exit
+        try:
+            rc = self._proc.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return None
+        return self._record_exit(rc)
+
+    def _record_exit(self, rc: int) -> ExitStatus:
+        assert self._proc is not None
+        self.exit = ExitStatus(self._proc.pid, rc)
+        log.info(
+            "child_exited",
+            pid=self._proc.pid,
+            returncode=rc,
+            signal=self.exit.signal_name,
+            ran_seconds=round(time.monotonic() - self.started_at, 3),
+        )
+        return self.exit
+
+    def send(self, sig: signal.Signals) -> bool:
+        """Signal the main pid only (never the group); False when it already ended."""
+        if self._proc is None or self.poll() is not None:
+            return False
+        try:
+            os.kill(self._proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        log.info("child_signalled", pid=self._proc.pid, signal=sig.name)
+        return True
+
+    def _tree(self) -> list[psutil.Process]:
+        """Every live process of the child's tree: descendants, plus its session's members."""
+        assert self._proc is not None
+        found: dict[int, psutil.Process] = {}
+        try:
+            root = psutil.Process(self._proc.pid)
+            found[root.pid] = root
+            for p in root.children(recursive=True):
+                found[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+        # Orphans whose parent died were reparented away from the tree; the session finds them.
+        sid = self._proc.pid
+        for p in psutil.process_iter():
+            try:
+                if p.pid not in found and os.getsid(p.pid) == sid:
+                    found[p.pid] = p
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return list(found.values())
+
+    def kill_tree(self, why: str) -> ExitStatus | None:
+        """SIGKILL the whole tree, then reap the main process and any adopted descendants."""
+        if self._proc is None:
+            return None
+        victims = self._tree()
+        for p in victims:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        log.warning("child_tree_killed", pid=self._proc.pid, why=why, killed=len(victims))
+        status = self.wait(timeout=10.0)
+        psutil.wait_procs([p for p in victims if p.pid != self._proc.pid], timeout=5.0)
+        return status

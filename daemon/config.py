@@ -1,0 +1,314 @@
+"""Configuration: TOML file, then ``SPOT_SUPERVISOR_<SECTION>_<KEY>`` environment, then flags.
+
+Precedence (CONTRACT §2): flags over the environment, the environment over the file,
+the file over the defaults. Unknown keys, wrong types and missing required keys raise
+:class:`ConfigError`, whose message names the key; the CLI turns it into exit 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/spot-supervisor/config.toml")
+CONFIG_ENV = "SPOT_SUPERVISOR_CONFIG"
+ENV_PREFIX = "SPOT_SUPERVISOR_"
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the key (or file) and why."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    id: str
+    command: tuple[str, ...]
+    workdir: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    local_dir: Path
+    remote: str
+    keep_remote: int = 3
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class ImdsConfig:
+    url: str = "http://169.254.169.254"
+    poll_interval: float = 1.0
+    token_ttl: int = 21600
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    runtime_dir: Path = Path("/run/spot-supervisor")
+    stop_budget: float = 90.0
+    safety_margin: float = 5.0
+    rescan_interval: float = 30.0
+    max_restarts: int = 5
+    restart_window: float = 600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    run: RunConfig
+    checkpoints: CheckpointsConfig
+    s3: S3Config
+    imds: ImdsConfig
+    daemon: DaemonConfig
+    source: str = "<defaults>"
+
+    @property
+    def notice_file(self) -> Path:
+        """Where the supervisor writes the notice before it sends SIGTERM (CONTRACT §3)."""
+        return self.daemon.runtime_dir / "notice.json"
+
+    @property
+    def state_file(self) -> Path:
+        """The state file that ``status`` reads (CONTRACT §5a)."""
+        return self.daemon.runtime_dir / "state.json"
+
+
+# --- the schema: section -> key -> (parser, default or REQUIRED) ----------------------
+
+_REQUIRED = object()
+Parser = Callable[[str, Any], Any]
+
+
+def _string(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{key}: expected a string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _nonempty_string(key: str, v: Any) -> str:
+    s = _string(key, v)
+    if not s.strip():
+        raise ConfigError(f"{key}: must not be empty")
+    return s
+
+
+def _run_id(key: str, v: Any) -> str:
+    s = _string(key, v)
+    if not RUN_ID_RE.match(s):
+        raise ConfigError(f"{key}: {s!r} must match [A-Za-z0-9._-]{{1,128}}")
+    return s
+
+
+def _argv(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
+        raise ConfigError(f"{key}: expected a non-empty list of strings (argv), got {v!r}")
+    if not v[0]:
+        raise ConfigError(f"{key}: the program (first element) must not be empty")
+    return tuple(v)
+
+
+def _path(key: str, v: Any) -> Path:
+    s = _nonempty_string(key, v)
+    p = Path(s)
+    if not p.is_absolute():
+        raise ConfigError(f"{key}: {s!r} must be an absolute path")
+    return p
+
+
+def _remote(key: str, v: Any) -> str:
+    s = _nonempty_string(key, v)
+    m = re.match(r"^s3://([^/]+)(/.*)?$", s)
+    if not m:
+        raise ConfigError(f"{key}: {s!r} must look like s3://bucket or s3://bucket/prefix")
+    return s
+
+
+def _url(key: str, v: Any) -> str:
+    s = _nonempty_string(key, v)
+    if not re.match(r"^https?://[^/\s]+", s):
+        raise ConfigError(f"{key}: {s!r} must be an http:// or https:// URL")
+    return s.rstrip("/")
+
+
+def _env_map(key: str, v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+    ):
+        raise ConfigError(f"{key}: expected a table of string values, got {v!r}")
+    return dict(v)
+
+
+def _number(lo: float, hi: float) -> Parser:
+    def parse(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(v).__name__} {v!r}")
+        f = float(v)
+        if not (math.isfinite(f) and lo <= f <= hi):
+            raise ConfigError(f"{key}: {v!r} must be between {lo:g} and {hi:g}")
+        return f
+
+    return parse
+
+
+def _integer(lo: int, hi: int) -> Parser:
+    def parse(key: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(v).__name__} {v!r}")
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key}: {v!r} must be between {lo} and {hi}")
+        return v
+
+    return parse
+
+
+SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
+    "run": {
+        "id": (_run_id, _REQUIRED),
+        "command": (_argv, _REQUIRED),
+        "workdir": (_path, None),
+        "env": (_env_map, {}),
+    },
+    "checkpoints": {
+        "local_dir": (_path, _REQUIRED),
+        "remote": (_remote, _REQUIRED),
+        "keep_remote": (_integer(1, 1000), 3),
+    },
+    "s3": {
+        "endpoint_url": (_url, None),
+        "region": (_nonempty_string, None),
+    },
+    "imds": {
+        "url": (_url, "http://169.254.169.254"),
+        "poll_interval": (_number(0.05, 60.0), 1.0),
+        "token_ttl": (_integer(1, 21600), 21600),
+    },
+    "daemon": {
+        "runtime_dir": (_path, Path("/run/spot-supervisor")),
+        "stop_budget": (_number(1.0, 3600.0), 90.0),
+        "safety_margin": (_number(0.0, 600.0), 5.0),
+        "rescan_interval": (_number(0.1, 3600.0), 30.0),
+        "max_restarts": (_integer(0, 1000), 5),
+        "restart_window": (_number(1.0, 86400.0), 600.0),
+    },
+}
+
+
+def _env_value(raw: str) -> Any:
+    """An environment value is TOML when it parses as one (``90``, ``["a"]``), else a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        for section, keys in SCHEMA.items():
+            if rest.startswith(section + "_") and rest[len(section) + 1 :] in keys:
+                layer.setdefault(section, {})[rest[len(section) + 1 :]] = _env_value(raw)
+                break
+        else:
+            raise ConfigError(f"environment variable {name}: no such config key")
+    return layer
+
+
+def resolve_path(flag: str | None, environ: Mapping[str, str]) -> Path:
+    """``--config``, else ``$SPOT_SUPERVISOR_CONFIG``, else the default path."""
+    if flag:
+        return Path(flag)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse the config file; a missing, unreadable or invalid file is a ConfigError."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def build(
+    file_doc: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    source: str = "<memory>",
+) -> Config:
+    """Merge the layers and validate every key; raise ConfigError naming the first bad one."""
+    merged: dict[str, dict[str, Any]] = {}
+    for section, table in file_doc.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"[{section}]: unknown section (known: {', '.join(SCHEMA)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}]: expected a table")
+        for key in table:
+            if key not in SCHEMA[section]:
+                raise ConfigError(
+                    f"{section}.{key}: unknown key (known in [{section}]: "
+                    f"{', '.join(SCHEMA[section])})"
+                )
+        merged[section] = dict(table)
+    for layer in (_from_environment(environ or {}), overrides or {}):
+        for section, table in layer.items():
+            merged.setdefault(section, {}).update(table)
+
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = merged.get(section, {})
+        values[section] = {}
+        for key, (parse, default) in keys.items():
+            name = f"{section}.{key}"
+            if key in given:
+                values[section][key] = parse(name, given[key])
+            elif default is _REQUIRED:
+                raise ConfigError(f"{name}: required key is missing")
+            else:
+                values[section][key] = default
+    return Config(
+        run=RunConfig(**values["run"]),
+        checkpoints=CheckpointsConfig(**values["checkpoints"]),
+        s3=S3Config(**values["s3"]),
+        imds=ImdsConfig(**values["imds"]),
+        daemon=DaemonConfig(**values["daemon"]),
+        source=source,
+    )
+
+
+def load(
+    flag: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Load the configuration the way every subcommand does."""
+    env = os.environ if environ is None else environ
+    path = resolve_path(flag, env)
+    return build(read_toml(path), env, overrides, source=str(path))

@@ -1,0 +1,110 @@
+"""Deadlines: the notice's wall-clock ``time`` turned into the supervisor's monotonic clock.
+
+The drain deadline is when the trainer must be gone so the emergency checkpoint can
+still be uploaded and committed before the machine goes::
+
+    drain_deadline = notice_deadline - safety_margin - upload_reserve
+    upload_reserve = newest checkpoint bytes / upload throughput (EWMA of recent uploads)
+
+Everything is computed on ``time.monotonic()``, so a clock step (NTP) after the notice
+cannot move the deadline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from dataclasses import dataclass
+
+# Before the first upload is measured, assume a modest 50 MB/s: an instance's S3
+# throughput is usually far higher, so the reserve errs on the side of time to upload.
+DEFAULT_THROUGHPUT_BPS = 50e6
+_EWMA_ALPHA = 0.3
+
+
+class ThroughputEstimate:
+    """An exponentially weighted moving average of upload throughput, in bytes per second."""
+
+    def __init__(self, initial_bps: float = DEFAULT_THROUGHPUT_BPS) -> None:
+        self._bps = initial_bps
+        self._measured = False
+        self._lock = threading.Lock()
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        """Add one upload; tiny uploads say more about latency than bandwidth, so skip them."""
+        if nbytes < 1_000_000 or seconds <= 0:
+            return
+        sample = nbytes / seconds
+        with self._lock:
+            self._bps = (
+                sample
+                if not self._measured
+                else (_EWMA_ALPHA * sample + (1 - _EWMA_ALPHA) * self._bps)
+            )
+            self._measured = True
+
+    @property
+    def bytes_per_second(self) -> float:
+        with self._lock:
+            return self._bps
+
+    @property
+    def measured(self) -> bool:
+        return self._measured
+
+    def seconds_for(self, nbytes: int) -> float:
+        return nbytes / self.bytes_per_second
+
+
+@dataclass(frozen=True)
+class DrainPlan:
+    """The numbers behind one drain decision (all logged)."""
+
+    notice_deadline: float  # monotonic
+    drain_deadline: float  # monotonic
+    safety_margin: float
+    upload_reserve: float
+    reserve_bytes: int
+    throughput_mbps: float
+
+    def seconds_left(self, now: float | None = None) -> float:
+        return self.drain_deadline - (time.monotonic() if now is None else now)
+
+    def as_fields(self, now: float | None = None) -> dict[str, float | int]:
+        t = time.monotonic() if now is None else now
+        return {
+            "notice_in_s": round(self.notice_deadline - t, 3),
+            "drain_in_s": round(self.drain_deadline - t, 3),
+            "safety_margin_s": self.safety_margin,
+            "upload_reserve_s": round(self.upload_reserve, 3),
+            "reserve_bytes": self.reserve_bytes,
+            "throughput_mbps": round(self.throughput_mbps, 2),
+        }
+
+
+def wall_to_monotonic(
+    when: dt.datetime, now_wall: float | None = None, now_mono: float | None = None
+) -> float:
+    """A UTC wall-clock instant as a ``time.monotonic()`` value (past instants stay past)."""
+    wall = time.time() if now_wall is None else now_wall
+    mono = time.monotonic() if now_mono is None else now_mono
+    return mono + (when.timestamp() - wall)
+
+
+def plan_drain(
+    notice_deadline: float,
+    safety_margin: float,
+    reserve_bytes: int,
+    throughput: ThroughputEstimate,
+) -> DrainPlan:
+    """Work back from the notice deadline to when the trainer must be gone."""
+    reserve = throughput.seconds_for(reserve_bytes)
+    return DrainPlan(
+        notice_deadline=notice_deadline,
+        drain_deadline=notice_deadline - safety_margin - reserve,
+        safety_margin=safety_margin,
+        upload_reserve=reserve,
+        reserve_bytes=reserve_bytes,
+        throughput_mbps=throughput.bytes_per_second / 1e6,
+    )

@@ -1,0 +1,328 @@
+"""``spot-supervisor demo``: the whole story on one machine, with local stand-ins.
+
+Three boots of a real supervisor process, against moto's S3 server and the metadata
+emulator on loopback, training the reference trainer on CPU:
+
+1. boot on an empty bucket, train, commit periodic checkpoints, get a spot notice,
+   forward SIGTERM, commit the interrupt checkpoint before the notice's time, exit 0;
+2. boot a "new instance" with an empty local disk: restore that checkpoint, resume,
+   finish, commit the final checkpoint, write ``complete.json``;
+3. boot again: ``complete.json`` is there, nothing is trained.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.standins import FAKE_AWS_ENV
+
+Event = dict[str, Any]
+
+DEMO_BUCKET = "spot-demo"
+DEMO_RUN_ID = "demo-run"
+DEMO_STEPS = 60
+DEMO_SAVE_EVERY = 10
+# A spot notice gives two minutes; the demo's notice gives 30 s so it stays short.
+DEMO_NOTICE_LEAD_S = 30.0
+
+
+def write_config(
+    path: Path,
+    *,
+    run_id: str,
+    command: list[str],
+    local_dir: Path,
+    remote: str,
+    endpoint_url: str,
+    imds_url: str,
+    runtime_dir: Path,
+    poll_interval: float = 0.5,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
+    """Write a TOML config for a supervisor aimed at local stand-ins."""
+    sections: dict[str, dict[str, Any]] = {
+        "run": {"id": run_id, "command": command},
+        "checkpoints": {"local_dir": str(local_dir), "remote": remote},
+        "s3": {"endpoint_url": endpoint_url, "region": "us-east-1"},
+        "imds": {"url": imds_url, "poll_interval": poll_interval},
+        "daemon": {
+            "runtime_dir": str(runtime_dir),
+            "stop_budget": 30,
+            "safety_margin": 2,
+            "rescan_interval": 2,
+        },
+    }
+    for section, values in (extra or {}).items():
+        sections.setdefault(section, {}).update(values)
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {json.dumps(v)}")  # JSON strings, numbers and lists are TOML
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class SupervisorProcess:
+    """A real ``spot-supervisor run`` process whose JSON events and trainer lines we read."""
+
+    config: Path
+    env: Mapping[str, str]
+    echo: bool = False
+    events: list[Event] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[str] | None = None
+    started: float = 0.0
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _eof: bool = False
+
+    def start(self) -> SupervisorProcess:
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
+            env=dict(self.env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            if self.echo:
+                print(f"    | {line}", flush=True)
+            with self._cond:
+                self.lines.append(line)
+                if line.startswith("{"):
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        ev = None
+                    if isinstance(ev, dict):
+                        ev["_t"] = time.monotonic()
+                        self.events.append(ev)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True  # the process closed its output: nothing more will come
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[Event], bool], timeout: float, what: str) -> Event:
+        """The first event matching ``pred``; AssertionError naming ``what`` on timeout."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.events:
+                    if pred(ev):
+                        return ev
+                left = end - time.monotonic()
+                if left <= 0 or self._eof:
+                    tail = "\n".join(self.lines[-30:])
+                    raise AssertionError(f"timed out waiting for {what}; last output:\n{tail}")
+                self._cond.wait(timeout=min(left, 0.2))
+
+    def wait_for_line(self, prefix: str, timeout: float) -> str:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if line.startswith(prefix):
+                        return line
+                left = end - time.monotonic()
+                if left <= 0 or self._eof:
+                    raise AssertionError(f"timed out waiting for a line {prefix!r}")
+                self._cond.wait(timeout=min(left, 0.2))
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"supervisor did not exit within {timeout}s; last output:\n"
+                + "\n".join(self.lines[-30:])
+            ) from None
+
+    def find(self, name: str) -> list[Event]:
+        with self._cond:
+            return [e for e in self.events if e.get("event") == name]
+
+
+def trainer_command(
+    steps: int, save_every: int, step_seconds: float, state_mb: int = 0
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "trainer.example",
+        "--steps",
+        str(steps),
+        "--save-every",
+        str(save_every),
+        "--step-seconds",
+        str(step_seconds),
+        "--state-mb",
+        str(state_mb),
+    ]
+
+
+def _at(t0: float, t: float) -> str:
+    return f"{t - t0:6.1f}s"
+
+
+def run_demo(keep: bool = False, echo: bool = False) -> int:
+    """Run the three boots and print the timeline; 0 when every step of the story held."""
+    try:
+        return _run_demo(keep, echo)
+    except AssertionError as exc:
+        print(f"demo FAILED: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_demo(keep: bool, echo: bool) -> int:
+    from daemon.emulator import MetadataEmulator
+    from daemon.standins import StandinUnavailable, start_local_s3
+
+    try:
+        import torch  # noqa: F401  (the reference trainer needs it)
+    except ImportError:
+        raise StandinUnavailable(
+            "torch is not installed; install the demo extra: pip install 'spot-supervisor[demo]'"
+        ) from None
+    from daemon import log
+
+    # The stand-ins log through structlog too; the demo prints only its timeline.
+    log.configure(level="warning", stream=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="spot-demo-"))
+    s3 = start_local_s3()
+    emulator = MetadataEmulator().start()
+    env = {**os.environ, **FAKE_AWS_ENV, "PYTHONUNBUFFERED": "1"}
+    t0 = time.monotonic()
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1").create_bucket(
+            Bucket=DEMO_BUCKET
+        )
+        print("spot-supervisor demo: the whole story on this machine")
+        print(f"  S3: moto at {s3.endpoint_url}   metadata: emulator at {emulator.url}")
+        print(
+            f"  trainer: python -m trainer.example, {DEMO_STEPS} steps, checkpoint every "
+            f"{DEMO_SAVE_EVERY}\n"
+        )
+
+        def config_for(instance: str) -> Path:
+            return write_config(
+                work / f"{instance}.toml",
+                run_id=DEMO_RUN_ID,
+                command=trainer_command(DEMO_STEPS, DEMO_SAVE_EVERY, 0.15),
+                local_dir=work / instance / "nvme" / "checkpoints",
+                remote=f"s3://{DEMO_BUCKET}/runs",
+                endpoint_url=s3.endpoint_url,
+                imds_url=emulator.url,
+                runtime_dir=work / instance / "run",
+            )
+
+        # Boot 1: train until two checkpoints are committed, then the notice comes.
+        print(
+            f"{_at(t0, time.monotonic())}  boot 1 (instance A): empty bucket, training from step 0"
+        )
+        sup = SupervisorProcess(config_for("instance-a"), env, echo=echo).start()
+        sup.wait_for(
+            lambda e: (
+                e.get("event") == "checkpoint_committed" and e.get("step", 0) >= 2 * DEMO_SAVE_EVERY
+            ),
+            90,
+            "two periodic commits",
+        )
+        for ev in sup.find("checkpoint_committed"):
+            print(f"{_at(t0, ev['_t'])}    checkpoint step {ev['step']} committed to S3")
+        notice_time = emulator.set_notice(
+            "terminate", dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=DEMO_NOTICE_LEAD_S)
+        )
+        notice_at = time.monotonic()
+        print(
+            f"{_at(t0, notice_at)}  spot notice: terminate at {notice_time:%H:%M:%SZ} "
+            f"({DEMO_NOTICE_LEAD_S:.0f} s away)"
+        )
+        sig = sup.wait_for(
+            lambda e: e.get("event") == "child_signalled" and e.get("signal") == "SIGTERM",
+            30,
+            "SIGTERM to the trainer",
+        )
+        print(
+            f"{_at(t0, sig['_t'])}    SIGTERM to the trainer, {sig['_t'] - notice_at:.2f} s "
+            "after the notice"
+        )
+        code = sup.wait_exit(60)
+        done = sup.find("emergency_committed")
+        if code != 0 or not done:
+            raise AssertionError(
+                f"boot 1 exited {code} without committing the interrupt checkpoint"
+            )
+        interrupt_step = int(done[0]["committed_step"])
+        print(
+            f"{_at(t0, done[0]['_t'])}    interrupt checkpoint step {interrupt_step} committed, "
+            f"{done[0]['seconds_before_deadline']:.1f} s before the notice's time"
+        )
+        print(f"{_at(t0, time.monotonic())}    supervisor exited {code}; instance A is gone\n")
+        emulator.clear_notice()
+
+        # Boot 2: a new instance with an empty disk restores, resumes and finishes.
+        print(f"{_at(t0, time.monotonic())}  boot 2 (instance B): empty local disk")
+        sup2 = SupervisorProcess(config_for("instance-b"), env, echo=echo).start()
+        restored = sup2.wait_for(lambda e: e.get("event") == "restore_finished", 60, "restore")
+        print(
+            f"{_at(t0, restored['_t'])}    restored step {restored.get('step')} from S3, verified"
+        )
+        resumed = sup2.wait_for_line("resumed", 60)
+        print(f"{_at(t0, time.monotonic())}    trainer: {resumed}")
+        code = sup2.wait_exit(120)
+        completed = sup2.find("run_completed")
+        if code != 0 or not completed:
+            raise AssertionError(f"boot 2 exited {code} without completing the run")
+        final = next((ln for ln in sup2.lines if ln.startswith("final_params_sha256=")), "")
+        print(
+            f"{_at(t0, completed[0]['_t'])}    completed at step {completed[0]['step']}: "
+            "final checkpoint committed, complete.json written"
+        )
+        print(f"             {final}")
+        if restored.get("step") != interrupt_step:
+            raise AssertionError(f"boot 2 restored {restored.get('step')}, not {interrupt_step}")
+
+        # Boot 3: the run is complete; nothing trains.
+        print(f"\n{_at(t0, time.monotonic())}  boot 3 (instance C)")
+        sup3 = SupervisorProcess(config_for("instance-c"), env, echo=echo).start()
+        code = sup3.wait_exit(60)
+        if code != 0 or not sup3.find("run_already_complete") or sup3.find("child_started"):
+            raise AssertionError(f"boot 3 exited {code} and did not stop at complete.json")
+        print(f"{_at(t0, time.monotonic())}    complete.json found: not training again; exit 0")
+        print(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
+        return 0
+    finally:
+        emulator.stop()
+        s3.stop()
+        if keep:
+            print(f"demo files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""``spot-supervisor check``: one line per preflight check; stop at the first hard failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.config import Config
+
+# Below this much free space a large checkpoint will not fit; warn, do not fail.
+_LOW_SPACE_BYTES = 10 * 1024**3
+
+
+class CheckFailed(Exception):
+    """A hard failure: the daemon could not do its job with this setup."""
+
+
+def check_local_dir(cfg: Config) -> str:
+    d = cfg.checkpoints.local_dir
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".tmp-check-{uuid.uuid4().hex}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckFailed(f"{d} is not writable: {exc.strerror or exc}") from None
+    free = shutil.disk_usage(d).free
+    note = " (low: a large checkpoint may not fit)" if free < _LOW_SPACE_BYTES else ""
+    return f"{d} writable, {free / 1024**3:.1f} GiB free{note}"
+
+
+def check_command(cfg: Config) -> str:
+    prog = cfg.run.command[0]
+    cwd = cfg.run.workdir
+    if cwd is not None and not cwd.is_dir():
+        raise CheckFailed(f"run.workdir {cwd} is not a directory")
+    if os.sep in prog:
+        path = Path(prog) if Path(prog).is_absolute() else (cwd or Path.cwd()) / prog
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise CheckFailed(f"run.command[0] {prog} is not an executable file")
+        return f"{path} is executable"
+    found = shutil.which(prog, path=cfg.run.env.get("PATH", os.environ.get("PATH")))
+    if found is None:
+        raise CheckFailed(f"run.command[0] {prog!r} is not on PATH")
+    return f"{prog} resolves to {found}"
+
+
+def check_metadata(cfg: Config) -> str:
+    from daemon.imds import ImdsClient, MetadataUnavailable
+
+    client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
+    try:
+        status, _body = client.get("/latest/meta-data/spot/instance-action")
+    except MetadataUnavailable as exc:
+        raise CheckFailed(f"metadata service at {cfg.imds.url}: {exc}") from None
+    finally:
+        client.close()
+    notice = "a notice is pending" if status == 200 else "no notice pending"
+    return f"{cfg.imds.url} answers IMDSv2 ({notice})"
+
+
+def check_bucket(cfg: Config) -> str:
+    from daemon.s3client import StoreError
+    from daemon.supervisor import build_store
+
+    try:
+        store = build_store(cfg)
+        store.check_writable()
+        complete = store.read_complete()
+        steps = store.list_committed()
+    except StoreError as exc:
+        raise CheckFailed(str(exc)) from None
+    state = "complete" if complete else f"{len(steps)} committed checkpoint(s)"
+    return f"{cfg.checkpoints.remote}/{cfg.run.id} writable ({state})"
+
+
+CHECKS: list[tuple[str, Callable[[Config], str]]] = [
+    ("local dir", check_local_dir),
+    ("command", check_command),
+    ("metadata", check_metadata),
+    ("bucket", check_bucket),
+]
+
+
+def run_checks(cfg: Config) -> int:
+    """Print ``ok``/``FAIL`` per check; exit 1 at the first hard failure."""
+    for name, check in CHECKS:
+        try:
+            detail = check(cfg)
+        except CheckFailed as exc:
+            print(f"FAIL {name}: {exc}", flush=True)
+            return 1
+        print(f"ok   {name}: {detail}", flush=True)
+    return 0

@@ -1,0 +1,278 @@
+"""Download one remote checkpoint into a verified, complete local checkpoint directory.
+
+The bytes are trusted only after we hashed them ourselves: S3-compatible servers (and
+moto) do not all verify checksums, and an object can be overwritten after it was listed.
+The directory is built the way every writer builds one (CONTRACT §4): files as
+``<name>.partial`` in ``.tmp-step-<9 digits>-restore-<random>/``, fsynced and renamed,
+the manifest last, the directory fsynced and renamed into place, ``local_dir`` fsynced.
+Choosing *which* checkpoint to restore is :meth:`daemon.store.CheckpointStore.restore_newest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import structlog
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    FlexibleChecksumError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from daemon.layout import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
+    TMP_PREFIX,
+    FileEntry,
+    Manifest,
+    fsync_dir,
+    step_dir_name,
+)
+from daemon.s3client import (
+    IntegrityError,
+    RemoteLocation,
+    RemoteObject,
+    StoreError,
+    describe_error,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+_STREAM_CHUNK = 1024 * 1024
+# botocore retries a request, but not a body that breaks off half-way: retry that here.
+_STREAM_ATTEMPTS = 3
+_STREAM_ERRORS = (
+    ResponseStreamingError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+)
+
+
+@dataclass(frozen=True)
+class _Part:
+    entry: FileEntry
+    obj: RemoteObject
+    partial: Path
+    start: int
+    length: int
+    whole: bool  # the whole object in one GET, hashed while streaming
+
+
+def download_checkpoint(
+    client: S3Client,
+    location: RemoteLocation,
+    manifest: Manifest,
+    manifest_raw: bytes,
+    objects: Mapping[str, RemoteObject],
+    local_dir: Path,
+    *,
+    part_size: int,
+    max_concurrency: int,
+) -> Path:
+    """Fetch and verify every file of ``manifest``; return the new ``step-*`` directory.
+
+    ``objects`` maps each listed path to the object listed for it. Files larger than
+    ``part_size`` come down as parallel ranged GETs pinned to the listed ETag.
+    Raises :class:`IntegrityError` when an object is missing, changed, or does not
+    match its size or sha256 (the caller may fall back to an older checkpoint), and
+    :class:`StoreError` for any other storage failure. The temporary directory is
+    removed on any failure; local disk errors come out as :class:`StoreError` too
+    (code ``LocalIO``).
+    """
+    local_dir.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(manifest.step)
+    tmp = local_dir / f"{TMP_PREFIX}{name}-restore-{os.urandom(4).hex()}"
+    tmp.mkdir()
+    try:
+        parts: list[_Part] = []
+        dirs = {tmp}
+        for entry in manifest.files:
+            obj = objects.get(entry.path)
+            if obj is None:
+                raise IntegrityError(f"{location.url()}: {entry.path} is listed but was not found")
+            partial = tmp / (entry.path + PARTIAL_SUFFIX)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            dirs.add(partial.parent)
+            # Sized up front so ranged parts can be written at their offsets in any order.
+            with open(partial, "wb") as f:
+                f.truncate(entry.size)
+            if entry.size <= part_size:
+                parts.append(_Part(entry, obj, partial, 0, entry.size, whole=True))
+            else:
+                for start in range(0, entry.size, part_size):
+                    length = min(part_size, entry.size - start)
+                    parts.append(_Part(entry, obj, partial, start, length, whole=False))
+
+        with ThreadPoolExecutor(
+            max_workers=max(1, max_concurrency), thread_name_prefix="restore"
+        ) as pool:
+            streamed: dict[str, str] = {}
+            for part, digest in _run_all(
+                pool, [(p, pool.submit(_fetch, client, location, p)) for p in parts]
+            ):
+                if digest is not None:
+                    streamed[part.entry.path] = digest
+            finish = [
+                (
+                    entry,
+                    pool.submit(
+                        _finish_file,
+                        location,
+                        entry,
+                        objects[entry.path],
+                        tmp,
+                        streamed.get(entry.path),
+                    ),
+                )
+                for entry in manifest.files
+            ]
+            list(_run_all(pool, finish))
+
+        with open(tmp / (MANIFEST_NAME + PARTIAL_SUFFIX), "wb") as f:
+            f.write(manifest_raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp / (MANIFEST_NAME + PARTIAL_SUFFIX), tmp / MANIFEST_NAME)
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(d)
+
+        final = local_dir / name
+        if final.exists():
+            # Only reached when the local directory of this step did not validate (the
+            # caller keeps a valid one): it is not a checkpoint, so it may go.
+            aside = local_dir / f"{TMP_PREFIX}{name}-invalid-{os.urandom(4).hex()}"
+            os.rename(final, aside)
+            log.warning("local_checkpoint_replaced", step=manifest.step, path=str(final))
+            shutil.rmtree(aside, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(local_dir)
+        return final
+    except OSError as exc:
+        # Local disk trouble (full, permissions): one line like every other restore failure.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(
+            f"restore step {manifest.step} into {local_dir}: {exc.strerror or exc}", "LocalIO"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _run_all(
+    pool: ThreadPoolExecutor, jobs: list[tuple[T, Future[str | None]]]
+) -> list[tuple[T, str | None]]:
+    """Wait for every job; on the first failure cancel what has not started and re-raise."""
+    by_future = {fut: item for item, fut in jobs}
+    done: list[tuple[T, str | None]] = []
+    try:
+        for fut in as_completed(by_future):
+            done.append((by_future[fut], fut.result()))
+    except BaseException:
+        for fut in by_future:
+            fut.cancel()
+        raise
+    return done
+
+
+def _fetch(client: S3Client, location: RemoteLocation, part: _Part) -> str | None:
+    """GET one object or one range of it into the partial file; the sha256 when whole."""
+    obj = part.obj
+    url = location.url(obj.key)
+    last: BaseException | None = None
+    for _attempt in range(_STREAM_ATTEMPTS):
+        try:
+            if part.whole:
+                resp = client.get_object(Bucket=location.bucket, Key=obj.key, IfMatch=obj.etag)
+            else:
+                end = part.start + part.length - 1
+                resp = client.get_object(
+                    Bucket=location.bucket,
+                    Key=obj.key,
+                    IfMatch=obj.etag,
+                    Range=f"bytes={part.start}-{end}",
+                )
+        except ClientError as exc:
+            err = describe_error(exc, action="download", location=location, key=obj.key)
+            if err.code in ("NoSuchKey", "PreconditionFailed"):
+                raise IntegrityError(str(err)) from exc
+            raise err from exc
+        except BotoCoreError as exc:
+            raise describe_error(exc, action="download", location=location, key=obj.key) from exc
+
+        h = hashlib.sha256() if part.whole else None
+        body = resp["Body"]
+        fd = os.open(part.partial, os.O_WRONLY)
+        offset = part.start
+        limit = part.start + part.length
+        try:
+            for chunk in body.iter_chunks(_STREAM_CHUNK):
+                if offset + len(chunk) > limit:
+                    raise IntegrityError(f"{url} has more bytes than the {part.entry.size} listed")
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    offset += n
+                    view = view[n:]
+                if h is not None:
+                    h.update(chunk)
+        except _STREAM_ERRORS as exc:
+            last = exc
+            log.info("download_retry", key=obj.key, start=part.start, error=str(exc))
+            continue
+        except FlexibleChecksumError as exc:
+            raise IntegrityError(f"{url} failed the server's checksum: {exc}") from exc
+        finally:
+            os.close(fd)
+            body.close()
+        got = offset - part.start
+        if got != part.length:
+            raise IntegrityError(f"{url}: got {got} bytes, the manifest says {part.length}")
+        return h.hexdigest() if h is not None else None
+    assert last is not None
+    raise describe_error(last, action="download", location=location, key=obj.key) from last
+
+
+def _finish_file(
+    location: RemoteLocation,
+    entry: FileEntry,
+    obj: RemoteObject,
+    tmp: Path,
+    streamed_sha256: str | None,
+) -> str | None:
+    """Check one downloaded file against the manifest, fsync it, rename it to its name."""
+    partial = tmp / (entry.path + PARTIAL_SUFFIX)
+    url = location.url(obj.key)
+    with open(partial, "rb") as f:
+        if streamed_sha256 is None:
+            # Ranged parts arrived out of order; hash the assembled file (page cache, mostly).
+            h = hashlib.sha256()
+            while chunk := f.read(4 * _STREAM_CHUNK):
+                h.update(chunk)
+            digest = h.hexdigest()
+        else:
+            digest = streamed_sha256
+        size = os.fstat(f.fileno()).st_size
+        if size != entry.size:
+            raise IntegrityError(f"{url}: {size} bytes, manifest says {entry.size}")
+        if digest != entry.sha256:
+            raise IntegrityError(f"{url}: sha256 does not match the manifest")
+        os.fsync(f.fileno())
+    os.rename(partial, tmp / entry.path)
+    return None

@@ -1,0 +1,222 @@
+"""The S3 client, its transfer settings, remote locations, and S3 errors in one line each.
+
+Everything that talks to object storage builds its client here, so timeouts, retries
+and addressing are decided once. Errors from botocore are turned into :class:`StoreError`
+with a one-line message that names the bucket and key and says what went wrong, because
+that line is what an operator reads in the journal.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MiB = 1024 * 1024
+
+# One S3 request per part: 64 MiB parts keep the request count of a multi-GB checkpoint
+# low while still spreading one large file over several connections.
+DEFAULT_PART_SIZE = 64 * MiB
+DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_MAX_ATTEMPTS = 5
+# A short connect timeout: during a drain every second counts, and a dead endpoint should
+# fail fast into a retry rather than hang. Reads get longer, for parts under load.
+DEFAULT_CONNECT_TIMEOUT = 3.0
+DEFAULT_READ_TIMEOUT = 20.0
+
+# Lenient on purpose: legacy buckets may hold upper case and underscores, and
+# S3-compatible servers are laxer than AWS; S3 itself has the last word.
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$")
+
+_THROTTLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+)
+_CREDENTIAL_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+)
+
+
+class StoreError(RuntimeError):
+    """An object-storage operation failed; ``str()`` is one line naming bucket/key and cause.
+
+    ``code`` is the S3 error code (``NoSuchKey``, ``AccessDenied``, ...) or one of
+    ``Unreachable``, ``Timeout``, ``NoCredentials``, ``Integrity`` when there is none.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class IntegrityError(StoreError):
+    """Stored bytes do not match what a manifest says (missing, wrong size, wrong sha256)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "Integrity")
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """One listed object: its key, size and ETag (the ETag pins the version we listed)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class RemoteLocation:
+    """A bucket and a key prefix (no leading or trailing slash; may be empty)."""
+
+    bucket: str
+    prefix: str = ""
+
+    def key(self, *parts: str) -> str:
+        """Join ``parts`` under the prefix with ``/`` (no leading slash for an empty prefix)."""
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def url(self, key: str = "") -> str:
+        """``s3://bucket/key`` for messages."""
+        return f"s3://{self.bucket}/{key}"
+
+
+def parse_remote(value: str) -> RemoteLocation:
+    """Parse ``s3://bucket[/prefix]``; ValueError naming the value when it is not one."""
+    if not isinstance(value, str) or not value.startswith("s3://"):
+        raise ValueError(f"remote {value!r} is not an s3:// URL (expected s3://bucket/prefix)")
+    rest = value[len("s3://") :]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"remote {value!r} names no bucket (expected s3://bucket/prefix)")
+    if not _BUCKET_RE.match(bucket):
+        raise ValueError(f"remote {value!r}: {bucket!r} is not a valid bucket name")
+    if any(c in value for c in "?#") or any(ch.isspace() for ch in value):
+        raise ValueError(f"remote {value!r} contains characters not allowed in an S3 key prefix")
+    prefix = prefix.strip("/")
+    if "//" in prefix:
+        raise ValueError(f"remote {value!r} has an empty path segment in its prefix")
+    return RemoteLocation(bucket, prefix)
+
+
+def make_s3_client(
+    endpoint_url: str | None,
+    region: str | None,
+    max_pool_connections: int = 2 * DEFAULT_MAX_CONCURRENCY,
+    *,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+) -> S3Client:
+    """A boto3 S3 client with standard retries, short timeouts and enough connections.
+
+    ``max_pool_connections`` must be at least the transfer concurrency, or transfer
+    threads queue for a connection. With a custom ``endpoint_url`` (MinIO, moto, ...)
+    path-style addressing is used, since such servers rarely serve virtual hosts.
+    """
+    config = Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_pool_connections=max_pool_connections,
+        # Custom endpoints (MinIO, moto, ...) rarely serve virtual-hosted buckets.
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+    client: S3Client = boto3.client(
+        "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
+    )
+    return client
+
+
+def make_transfer_config(
+    part_size: int = DEFAULT_PART_SIZE,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    multipart_threshold: int | None = None,
+) -> TransferConfig:
+    """Transfer settings for uploads (and the ranged downloads of restore).
+
+    Always the classic s3transfer client: the CRT one ignores ``endpoint_url``.
+    """
+    return TransferConfig(
+        multipart_threshold=part_size if multipart_threshold is None else multipart_threshold,
+        multipart_chunksize=part_size,
+        max_concurrency=max_concurrency,
+        use_threads=True,
+        preferred_transfer_client="classic",
+    )
+
+
+def _client_error_code(exc: ClientError) -> tuple[str, str, int]:
+    err = exc.response.get("Error", {})
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    code = str(err.get("Code") or status or "Unknown")
+    message = str(err.get("Message") or "").strip()
+    # HEAD responses carry no body, so S3 reports only the status as the code.
+    if code == "404":
+        code = "NotFound"
+    elif code == "403":
+        code = "AccessDenied"
+    return code, message, status
+
+
+def describe_error(
+    exc: BaseException, *, action: str, location: RemoteLocation, key: str | None = None
+) -> StoreError:
+    """A :class:`StoreError` for a failed S3 call: one line, naming the object and the cause.
+
+    ``action`` says what we were doing (``upload``, ``list``, ...); ``key`` is the object,
+    or None when the call was about the bucket or a prefix.
+    """
+    what = location.url(key) if key is not None else f"bucket {location.bucket!r}"
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, ClientError):
+        code, message, status = _client_error_code(exc)
+        if code == "NoSuchBucket":
+            return StoreError(f"{action} {what}: bucket {location.bucket!r} does not exist", code)
+        if code in ("NoSuchKey", "NotFound"):
+            return StoreError(f"{action} {what}: object does not exist", "NoSuchKey")
+        if code == "AccessDenied" or status == 403:
+            return StoreError(
+                f"{action} {what}: access denied (check the role's S3 permissions"
+                f" on bucket {location.bucket!r})",
+                "AccessDenied",
+            )
+        if code in _CREDENTIAL_CODES:
+            return StoreError(f"{action} {what}: credentials rejected ({code})", code)
+        if code in _THROTTLE_CODES or status == 503:
+            return StoreError(
+                f"{action} {what}: throttled by S3 ({code}) after retries", "Throttled"
+            )
+        if code == "PreconditionFailed":
+            return StoreError(f"{action} {what}: object changed during the transfer", code)
+        detail = f": {message}" if message else ""
+        return StoreError(f"{action} {what}: {code}{detail}", code)
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError)):
+        endpoint = getattr(exc, "kwargs", {}).get("endpoint_url", "the S3 endpoint")
+        return StoreError(f"{action} {what}: cannot reach {endpoint}", "Unreachable")
+    if isinstance(exc, ReadTimeoutError):
+        endpoint = getattr(exc, "kwargs", {}).get("endpoint_url", "the S3 endpoint")
+        return StoreError(f"{action} {what}: timed out waiting for {endpoint}", "Timeout")
+    if isinstance(exc, NoCredentialsError):
+        return StoreError(f"{action} {what}: no AWS credentials found", "NoCredentials")
+    if isinstance(exc, BotoCoreError):
+        return StoreError(f"{action} {what}: {exc}", type(exc).__name__)
+    if isinstance(exc, OSError):
+        return StoreError(f"{action} {what}: {exc.strerror or exc}", "OSError")
+    return StoreError(f"{action} {what}: {type(exc).__name__}: {exc}", type(exc).__name__)

@@ -1,0 +1,164 @@
+"""The supervisor's state machine, and the ``state.json`` that ``status`` reads.
+
+The phases, in the order a run goes through them::
+
+    starting ──> restoring ──> training ──> draining ──> uploading ──> done
+                    │             │  ▲                                  ▲
+                    │             ▼  │                                  │
+                    │           backoff (trainer crashed; restart)       │
+                    └──────────────────────────── (complete.json) ───────┘
+    any phase ──> failed (gave up: restarts exhausted, or an unrecoverable error)
+
+``training`` ends in ``draining`` on a notice or a stop (SIGTERM forwarded, drain clock
+running), or straight in ``uploading`` when the trainer finished the run. ``uploading``
+is the final commit. Every transition is one method call and one log line, and
+rewrites ``state.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class Phase(str, enum.Enum):
+    """Where the supervisor is; see the module docstring for the transitions."""
+
+    STARTING = "starting"
+    RESTORING = "restoring"
+    TRAINING = "training"
+    BACKOFF = "backoff"
+    DRAINING = "draining"
+    UPLOADING = "uploading"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_ALLOWED: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTING: frozenset({Phase.RESTORING}),
+    Phase.RESTORING: frozenset({Phase.TRAINING, Phase.DONE, Phase.DRAINING, Phase.UPLOADING}),
+    Phase.TRAINING: frozenset({Phase.DRAINING, Phase.UPLOADING, Phase.BACKOFF}),
+    Phase.BACKOFF: frozenset({Phase.TRAINING, Phase.DRAINING, Phase.UPLOADING}),
+    Phase.DRAINING: frozenset({Phase.UPLOADING}),
+    Phase.UPLOADING: frozenset({Phase.DONE}),
+    Phase.DONE: frozenset(),
+    Phase.FAILED: frozenset(),
+}
+
+
+class TransitionError(RuntimeError):
+    """A transition the state machine does not allow: a bug in the supervisor."""
+
+
+@dataclass
+class Snapshot:
+    """What ``state.json`` holds (CONTRACT §5a keys first)."""
+
+    phase: str = Phase.STARTING.value
+    child_pid: int | None = None
+    newest_local_step: int | None = None
+    newest_committed_step: int | None = None
+    last_upload_mbps: float | None = None
+    last_notice: dict[str, Any] | None = None
+    run_id: str = ""
+    supervisor_pid: int = field(default_factory=os.getpid)
+    restarts: int = 0
+    drain_deadline: str | None = None
+    phase_since: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Write JSON so a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class StateMachine:
+    """Owns the phase and the status fields; every change rewrites ``state.json``.
+
+    ``on_phase`` is called after each transition (the supervisor uses it for systemd's
+    ``STATUS=``). Thread-safe: the background sync updates committed steps from its thread.
+    """
+
+    def __init__(
+        self,
+        state_file: Path,
+        run_id: str,
+        on_phase: Callable[[Phase, str], None] | None = None,
+    ) -> None:
+        self._file = state_file
+        self._lock = threading.Lock()
+        self._snap = Snapshot(run_id=run_id)
+        self._on_phase = on_phase
+        self._write()
+
+    @property
+    def phase(self) -> Phase:
+        return Phase(self._snap.phase)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(**asdict(self._snap))
+
+    def transition(self, to: Phase, why: str, **fields: Any) -> None:
+        """Move to ``to``; log ``phase_changed`` with the reason and any numbers given."""
+        with self._lock:
+            src = Phase(self._snap.phase)
+            if to is not Phase.FAILED and to not in _ALLOWED[src]:
+                raise TransitionError(f"{src.value} -> {to.value} is not a transition")
+            self._snap.phase = to.value
+            self._snap.phase_since = time.time()
+            self._write_locked()
+        log.info("phase_changed", phase=to.value, previous=src.value, why=why, **fields)
+        if self._on_phase:
+            self._on_phase(to, why)
+
+    def update(self, **fields: Any) -> None:
+        """Change status fields (not the phase) and rewrite the file when anything changed."""
+        with self._lock:
+            changed = False
+            for k, v in fields.items():
+                if not hasattr(self._snap, k) or k == "phase":
+                    raise AttributeError(f"no status field {k!r}")
+                if getattr(self._snap, k) != v:
+                    setattr(self._snap, k, v)
+                    changed = True
+            if changed:
+                self._write_locked()
+
+    def _write(self) -> None:
+        with self._lock:
+            self._write_locked()
+
+    def _write_locked(self) -> None:
+        self._snap.updated_at = time.time()
+        try:
+            write_json_atomic(self._file, asdict(self._snap))
+        except OSError as exc:
+            # Status is for operators; never let a full or read-only runtime dir stop training.
+            log.warning("state_file_unwritable", path=str(self._file), error=str(exc))
+
+
+def read_state(state_file: Path) -> dict[str, Any]:
+    """Read ``state.json`` for ``status``; raise FileNotFoundError when no daemon wrote one."""
+    with open(state_file, encoding="utf-8") as f:
+        doc: dict[str, Any] = json.load(f)
+    return doc

@@ -1,0 +1,564 @@
+"""Checkpoints in object storage: commit, list, restore, delete (CONTRACT §5).
+
+Keys, under ``<prefix>/<run_id>/`` (the prefix may be empty)::
+
+    checkpoints/step-<9 digits>/<path>           every file of the checkpoint
+    checkpoints/step-<9 digits>/manifest.json    uploaded last: the manifest is the commit
+    complete.json                                {"step": N, "completed_at": "..."}
+
+A remote checkpoint exists exactly when its manifest exists and parses and every file
+it lists is there with the listed size; restore then checks every sha256 while it
+downloads. We never trust the server to have checked anything: moto and some
+S3-compatible servers do not verify checksums.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.manager import TransferManager
+
+from daemon.layout import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    list_step_dirs,
+    load_complete,
+    parse_manifest,
+    parse_step_dir,
+    step_dir_name,
+    utc_now_iso,
+)
+from daemon.restore import download_checkpoint
+from daemon.s3client import (
+    IntegrityError,
+    RemoteLocation,
+    RemoteObject,
+    StoreError,
+    describe_error,
+    make_transfer_config,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+COMPLETE_NAME = "complete.json"
+CHECKPOINTS_DIR = "checkpoints"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_HASH_CHUNK = 4 * 1024 * 1024
+_DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """A committed remote checkpoint: its manifest and the object listed for each file."""
+
+    step: int
+    manifest: Manifest
+    manifest_key: str
+    manifest_raw: bytes = field(repr=False)
+    objects: dict[str, RemoteObject] = field(repr=False)
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """Object key of each file, by its path in the manifest."""
+        return {path: obj.key for path, obj in self.objects.items()}
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """One commit: ``mbps`` is megabytes (10^6 bytes) per second over the whole commit.
+
+    ``already_committed`` is True when the step was already remote and nothing was sent.
+    """
+
+    step: int
+    bytes: int
+    seconds: float
+    mbps: float
+    already_committed: bool = False
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """The checkpoint a restore left in place: downloaded, or a newer local one kept."""
+
+    step: int
+    path: Path
+    bytes: int
+    seconds: float
+    mbps: float
+    downloaded: bool
+
+
+def _mbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e6 if seconds > 0 else 0.0
+
+
+class CheckpointStore:
+    """One run's checkpoints under ``<location>/<run_id>/`` in one bucket.
+
+    Every storage failure comes out as :class:`StoreError` (a one-line message naming
+    the bucket and key), integrity failures as its subclass :class:`IntegrityError`.
+    """
+
+    def __init__(
+        self,
+        client: S3Client,
+        location: RemoteLocation,
+        run_id: str,
+        transfer_config: TransferConfig | None = None,
+        *,
+        checksum_algorithm: str | None = "SHA256",
+    ) -> None:
+        """``checksum_algorithm`` asks the server to verify each upload on arrival too
+        (None for S3-compatible servers that reject ``x-amz-checksum-*`` headers)."""
+        if not _RUN_ID_RE.match(run_id):
+            raise ValueError(f"run id {run_id!r} does not match [A-Za-z0-9._-]{{1,128}}")
+        self.client = client
+        self.location = location
+        self.run_id = run_id
+        self.transfer_config = transfer_config or make_transfer_config()
+        self._checksum_algorithm = checksum_algorithm
+        self._checkpoints_prefix = location.key(run_id, CHECKPOINTS_DIR) + "/"
+
+    # -- keys -------------------------------------------------------------------------
+
+    def step_prefix(self, step: int) -> str:
+        """``<prefix>/<run_id>/checkpoints/step-<9 digits>/``."""
+        return self._checkpoints_prefix + step_dir_name(step) + "/"
+
+    def file_key(self, step: int, path: str) -> str:
+        """The key of one file (or of ``manifest.json``) of a checkpoint."""
+        return self.step_prefix(step) + path
+
+    @property
+    def complete_key(self) -> str:
+        """``<prefix>/<run_id>/complete.json``."""
+        return self.location.key(self.run_id, COMPLETE_NAME)
+
+    # -- listing ----------------------------------------------------------------------
+
+    def list_committed(self) -> list[RemoteCheckpoint]:
+        """Every committed remote checkpoint, newest first (one paginated listing)."""
+        return list(self._iter_committed())
+
+    def newest_committed_step(self) -> int | None:
+        """The step of the newest committed remote checkpoint, or None."""
+        return next((c.step for c in self._iter_committed()), None)
+
+    def _iter_committed(self) -> Iterator[RemoteCheckpoint]:
+        # Lazy: restore usually needs only the newest manifest, not one GET per step.
+        by_step: dict[int, dict[str, RemoteObject]] = {}
+        for obj in self._list(self._checkpoints_prefix):
+            step_dir, _, path = obj.key[len(self._checkpoints_prefix) :].partition("/")
+            step = parse_step_dir(step_dir)
+            if step is not None and path:
+                by_step.setdefault(step, {})[path] = obj
+        for step in sorted(by_step, reverse=True):
+            ckpt = self._committed(step, by_step[step])
+            if ckpt is not None:
+                yield ckpt
+
+    def _committed(self, step: int, objects: dict[str, RemoteObject]) -> RemoteCheckpoint | None:
+        """The checkpoint if ``objects`` (one step's listing) make a committed one."""
+        manifest_obj = objects.get(MANIFEST_NAME)
+        if manifest_obj is None:
+            # Normal while an upload is in flight, or after one that died before its commit.
+            log.info("remote_checkpoint_ignored", step=step, reason="no manifest")
+            return None
+        raw = self._get_bytes(manifest_obj.key, missing_ok=True)
+        if raw is None:
+            log.info("remote_checkpoint_ignored", step=step, reason="manifest vanished")
+            return None
+        try:
+            manifest = parse_manifest(raw, expect_step=step)
+        except ManifestError as exc:
+            log.warning(
+                "remote_checkpoint_ignored", step=step, key=manifest_obj.key, reason=str(exc)
+            )
+            return None
+        files: dict[str, RemoteObject] = {}
+        for entry in manifest.files:
+            obj = objects.get(entry.path)
+            if obj is None:
+                log.warning(
+                    "remote_checkpoint_ignored",
+                    step=step,
+                    key=self.file_key(step, entry.path),
+                    reason="file missing",
+                )
+                return None
+            if obj.size != entry.size:
+                log.warning(
+                    "remote_checkpoint_ignored",
+                    step=step,
+                    key=obj.key,
+                    reason=f"{obj.size} bytes, manifest says {entry.size}",
+                )
+                return None
+            files[entry.path] = obj
+        return RemoteCheckpoint(step, manifest, manifest_obj.key, raw, files)
+
+    # -- upload -----------------------------------------------------------------------
+
+    def upload_checkpoint(self, ckpt_dir: Path, manifest: Manifest) -> UploadResult:
+        """Commit a complete local checkpoint: every file, then the manifest last.
+
+        Each file is hashed right before it is sent and must match the manifest, and
+        must not change while it is sent; otherwise nothing is committed
+        (:class:`IntegrityError`). A step already committed remotely is left alone
+        (``already_committed``). Any failure leaves no manifest behind. Raises
+        :class:`StoreError` (:class:`IntegrityError` for bytes that do not match), or
+        ``FileNotFoundError`` when the local checkpoint vanished (pruned) meanwhile.
+        """
+        t0 = time.monotonic()
+        step = manifest.step
+        manifest_raw = self._manifest_bytes(ckpt_dir, manifest)
+        manifest_key = self.file_key(step, MANIFEST_NAME)
+        existing = self._step_objects(step)
+        if MANIFEST_NAME in existing:
+            committed = self._committed(step, existing)
+            if committed is not None:
+                if committed.manifest.files != manifest.files:
+                    # Both are valid states of the run; the one committed first stays.
+                    log.warning("checkpoint_conflict", step=step, key=committed.manifest_key)
+                log.info("checkpoint_already_committed", step=step)
+                return UploadResult(step, 0, 0.0, 0.0, already_committed=True)
+            # A manifest whose files are broken: withdraw the commit before replacing them,
+            # so nobody restores a half-replaced checkpoint meanwhile.
+            self._call(
+                "delete",
+                manifest_key,
+                lambda: self.client.delete_object(Bucket=self.location.bucket, Key=manifest_key),
+            )
+
+        self._upload_files(ckpt_dir, manifest)
+        uploaded = time.monotonic()
+        log.info(
+            "checkpoint_uploaded",
+            step=step,
+            files=len(manifest.files),
+            bytes=manifest.total_bytes,
+            seconds=round(uploaded - t0, 3),
+        )
+
+        # The server said yes to every file; check the listing agrees before committing.
+        listed = self._step_objects(step)
+        for entry in manifest.files:
+            obj = listed.get(entry.path)
+            if obj is None or obj.size != entry.size:
+                raise IntegrityError(
+                    f"commit {self.location.url(self.file_key(step, entry.path))}: "
+                    f"not listed with {entry.size} bytes after upload; manifest not written"
+                )
+        self._put_bytes(manifest_key, manifest_raw, content_type="application/json")
+        seconds = time.monotonic() - t0
+        result = UploadResult(
+            step, manifest.total_bytes, seconds, _mbps(manifest.total_bytes, seconds)
+        )
+        log.info(
+            "checkpoint_committed",
+            step=step,
+            bytes=result.bytes,
+            seconds=round(seconds, 3),
+            mbps=round(result.mbps, 2),
+        )
+        return result
+
+    def _manifest_bytes(self, ckpt_dir: Path, manifest: Manifest) -> bytes:
+        # The exact local bytes when there are some, so remote and local manifests are equal.
+        if not ckpt_dir.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "checkpoint directory is gone", str(ckpt_dir))
+        try:
+            raw = (ckpt_dir / MANIFEST_NAME).read_bytes()
+        except FileNotFoundError:
+            return manifest.to_json()
+        if parse_manifest(raw) != manifest:
+            raise IntegrityError(f"{ckpt_dir / MANIFEST_NAME} differs from the manifest to commit")
+        return raw
+
+    def _upload_files(self, ckpt_dir: Path, manifest: Manifest) -> None:
+        # Pipelined: the next file is hashed while earlier ones are on the wire.
+        bucket = self.location.bucket
+        pending = []
+        with TransferManager(self.client, self.transfer_config) as tm:
+            for entry in manifest.files:
+                path = ckpt_dir / entry.path
+                key = self.file_key(manifest.step, entry.path)
+                before = _verify_local(path, entry.size, entry.sha256)
+                extra: dict[str, Any] = {"Metadata": {"sha256": entry.sha256}}
+                if self._checksum_algorithm:
+                    extra["ChecksumAlgorithm"] = self._checksum_algorithm
+                fut = tm.upload(str(path), bucket, key, extra_args=extra)
+                pending.append((path, key, before, fut))
+            for path, key, before, fut in pending:
+                try:
+                    fut.result()
+                except FileNotFoundError:
+                    raise  # pruned between the hash and the upload: see _verify_local
+                except (ClientError, BotoCoreError, OSError) as exc:
+                    raise describe_error(
+                        exc, action="upload", location=self.location, key=key
+                    ) from exc
+                # Hashed before it was sent: a file rewritten since would commit other bytes.
+                if _stat_key(path) != before:
+                    raise IntegrityError(
+                        f"upload {self.location.url(key)}: {path} changed "
+                        "while it was uploaded; manifest not written"
+                    )
+
+    # -- restore ----------------------------------------------------------------------
+
+    def restore_newest(self, local_dir: Path) -> RestoreResult | None:
+        """Make the newest verified checkpoint available in ``local_dir``.
+
+        A complete local checkpoint at least as new as the newest remote one is kept and
+        nothing is downloaded (``downloaded=False``). Otherwise the newest remote
+        checkpoint is downloaded and verified; one that fails verification is skipped
+        with a ``restore_skipped`` warning and the next older one is tried, down to any
+        complete local one. None when there is no checkpoint anywhere. Storage failures
+        other than bad bytes (unreachable, access denied) raise :class:`StoreError`:
+        falling back to an older checkpoint for those would throw away progress.
+        """
+        t0 = time.monotonic()
+        local = _LocalCheckpoints(local_dir)
+        for remote in self._iter_committed():
+            kept = local.newest_at_least(remote.step)
+            if kept is not None:
+                return self._keep_local(kept, t0, remote_step=remote.step)
+            try:
+                path = download_checkpoint(
+                    self.client,
+                    self.location,
+                    remote.manifest,
+                    remote.manifest_raw,
+                    remote.objects,
+                    local_dir,
+                    part_size=self.transfer_config.multipart_chunksize,
+                    max_concurrency=self.transfer_config.max_request_concurrency,
+                )
+            except IntegrityError as exc:
+                log.warning(
+                    "restore_skipped", step=remote.step, key=remote.manifest_key, reason=str(exc)
+                )
+                continue
+            seconds = time.monotonic() - t0
+            nbytes = remote.manifest.total_bytes
+            result = RestoreResult(
+                remote.step, path, nbytes, seconds, _mbps(nbytes, seconds), downloaded=True
+            )
+            log.info(
+                "restore_completed",
+                step=remote.step,
+                bytes=nbytes,
+                seconds=round(seconds, 3),
+                mbps=round(result.mbps, 2),
+                path=str(path),
+            )
+            return result
+        kept = local.newest_at_least(0)
+        if kept is not None:
+            return self._keep_local(kept, t0, remote_step=None)
+        log.info("restore_nothing", reason="no checkpoint, local or remote")
+        return None
+
+    def _keep_local(
+        self, kept: tuple[int, Path, Manifest], t0: float, remote_step: int | None
+    ) -> RestoreResult:
+        step, path, manifest = kept
+        log.info("restore_local_kept", step=step, remote_step=remote_step, path=str(path))
+        return RestoreResult(
+            step, path, manifest.total_bytes, time.monotonic() - t0, 0.0, downloaded=False
+        )
+
+    # -- complete.json ----------------------------------------------------------------
+
+    def read_complete(self) -> dict[str, Any] | None:
+        """The run's ``complete.json``, or None when the run is not complete."""
+        raw = self._get_bytes(self.complete_key, missing_ok=True)
+        if raw is None:
+            return None
+        url = self.location.url(self.complete_key)
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise IntegrityError(f"{url} is not JSON: {exc}") from exc
+        step = doc.get("step") if isinstance(doc, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise IntegrityError(f"{url} has no integer step")
+        result: dict[str, Any] = doc
+        return result
+
+    def write_complete(self, step: int) -> None:
+        """Write ``complete.json``: the run finished, with checkpoint ``step`` committed."""
+        body = json.dumps({"step": step, "completed_at": utc_now_iso()}).encode() + b"\n"
+        self._put_bytes(self.complete_key, body, content_type="application/json")
+        log.info("run_complete_written", step=step, key=self.complete_key)
+
+    # -- retention, preflight ---------------------------------------------------------
+
+    def delete_checkpoint(self, step: int) -> None:
+        """Delete one remote checkpoint: the manifest first (uncommit), then its files."""
+        manifest_key = self.file_key(step, MANIFEST_NAME)
+        self._call(
+            "delete",
+            manifest_key,
+            lambda: self.client.delete_object(Bucket=self.location.bucket, Key=manifest_key),
+        )
+        keys = [o.key for o in self._list(self.step_prefix(step))]
+        for i in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[i : i + _DELETE_BATCH]
+            resp = self._call(
+                "delete",
+                self.step_prefix(step),
+                functools.partial(
+                    self.client.delete_objects,
+                    Bucket=self.location.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                ),
+            )
+            errors = resp.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"delete {self.location.url(first.get('Key', ''))}: "
+                    f"{first.get('Code', 'error')}: {first.get('Message', '')}".rstrip(": "),
+                    first.get("Code"),
+                )
+        log.info("checkpoint_deleted", step=step, objects=len(keys))
+
+    def check_writable(self) -> None:
+        """Preflight: put and delete a small probe object under the run's prefix."""
+        key = self.location.key(self.run_id, f".spot-supervisor-probe-{os.urandom(4).hex()}")
+        self._put_bytes(key, b"probe\n", content_type="text/plain")
+        self._call(
+            "delete", key, lambda: self.client.delete_object(Bucket=self.location.bucket, Key=key)
+        )
+        log.info("store_writable", bucket=self.location.bucket, key=key)
+
+    # -- S3 calls, errors turned into StoreError --------------------------------------
+
+    def _call(self, action: str, key: str | None, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (ClientError, BotoCoreError) as exc:
+            raise describe_error(exc, action=action, location=self.location, key=key) from exc
+
+    def _list(self, prefix: str) -> list[RemoteObject]:
+        def run() -> list[RemoteObject]:
+            paginator = self.client.get_paginator("list_objects_v2")
+            found = []
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
+                for o in page.get("Contents", []):
+                    found.append(RemoteObject(o["Key"], o["Size"], o.get("ETag", "")))
+            return found
+
+        return self._call("list", prefix, run)
+
+    def _step_objects(self, step: int) -> dict[str, RemoteObject]:
+        prefix = self.step_prefix(step)
+        return {o.key[len(prefix) :]: o for o in self._list(prefix)}
+
+    def _get_bytes(self, key: str, *, missing_ok: bool) -> bytes | None:
+        try:
+            resp = self.client.get_object(Bucket=self.location.bucket, Key=key)
+            return resp["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            err = describe_error(exc, action="read", location=self.location, key=key)
+            if missing_ok and err.code == "NoSuchKey":
+                return None
+            raise err from exc
+
+    def _put_bytes(self, key: str, body: bytes, *, content_type: str) -> None:
+        extra: dict[str, Any] = {}
+        if self._checksum_algorithm:
+            extra["ChecksumAlgorithm"] = self._checksum_algorithm
+        sha = hashlib.sha256(body).hexdigest()
+        self._call(
+            "write",
+            key,
+            lambda: self.client.put_object(
+                Bucket=self.location.bucket,
+                Key=key,
+                Body=body,
+                ContentType=content_type,
+                Metadata={"sha256": sha},
+                **extra,
+            ),
+        )
+
+
+class _LocalCheckpoints:
+    """The complete checkpoints in ``local_dir``, validated (and hashed) only when asked."""
+
+    def __init__(self, local_dir: Path) -> None:
+        self._dirs = list_step_dirs(local_dir)
+        self._checked: dict[int, Manifest | None] = {}
+
+    def newest_at_least(self, min_step: int) -> tuple[int, Path, Manifest] | None:
+        """The newest complete local checkpoint with step >= ``min_step``, or None."""
+        for step, path in self._dirs:
+            if step < min_step:
+                return None
+            if step not in self._checked:
+                try:
+                    self._checked[step] = load_complete(path)
+                except (ManifestError, OSError) as exc:
+                    log.warning(
+                        "local_checkpoint_invalid", step=step, path=str(path), reason=str(exc)
+                    )
+                    self._checked[step] = None
+            manifest = self._checked[step]
+            if manifest is not None:
+                return step, path, manifest
+        return None
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _verify_local(path: Path, size: int, sha256: str) -> tuple[int, int, int]:
+    """Check a local file against its manifest entry; its stat identity for later."""
+    try:
+        before = _stat_key(path)
+        if before[1] != size:
+            raise IntegrityError(
+                f"{path} has {before[1]} bytes, the manifest says {size}; manifest not written"
+            )
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    except FileNotFoundError:
+        # Plain FileNotFoundError on purpose: the usual cause is the trainer pruning an old
+        # checkpoint (keep-K) under us, which the sync treats as "gone", not as a failure.
+        raise FileNotFoundError(
+            errno.ENOENT, "listed in the manifest but missing; manifest not written", str(path)
+        ) from None
+    except OSError as exc:
+        raise StoreError(f"read {path}: {exc.strerror or exc}", "OSError") from exc
+    if h.hexdigest() != sha256:
+        raise IntegrityError(
+            f"{path} does not match its sha256 in the manifest; manifest not written"
+        )
+    return before

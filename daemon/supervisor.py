@@ -1,0 +1,347 @@
+"""The supervisor: restore, run the trainer, carry a notice into it, commit, stop in order.
+
+Signal handlers only record; the main loop acts. The main loop never does S3 work
+itself (the sync thread and the notice watcher do the I/O), so it can ping systemd's
+watchdog and meet the drain deadline whatever the network does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from daemon import layout
+from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_environment
+from daemon.config import Config
+from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
+from daemon.imds import ImdsClient
+from daemon.notice_watch import NoticeWatcher
+from daemon.notices import AwsSpotSource, Notice
+from daemon.s3client import make_s3_client, parse_remote
+from daemon.sdnotify import Notifier, watchdog_interval
+from daemon.state import Phase, StateMachine, write_json_atomic
+from daemon.store import CheckpointStore
+from daemon.sync import CheckpointSync, SyncStats
+
+log = structlog.get_logger(__name__)
+
+_TICK = 0.05
+_MAX_BACKOFF = 60.0
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Why we are draining and until when."""
+
+    action: str
+    source: str
+    deadline_wall: dt.datetime
+    plan: DrainPlan
+
+
+def build_store(cfg: Config) -> CheckpointStore:
+    """The S3 checkpoint store for this run, from the config."""
+    location = parse_remote(cfg.checkpoints.remote)
+    client = make_s3_client(cfg.s3.endpoint_url, cfg.s3.region)
+    return CheckpointStore(client, location, cfg.run.id)
+
+
+def newest_local_bytes(local_dir: Path) -> int:
+    """Bytes of the newest complete local checkpoint: the emergency one will be about as big."""
+    for _step, path in layout.list_step_dirs(local_dir):
+        try:
+            return layout.load_complete(path, hash_files=False).total_bytes
+        except (layout.ManifestError, OSError):
+            continue
+    return 0
+
+
+class Supervisor:
+    """One ``spot-supervisor run``: from boot to an orderly exit."""
+
+    def __init__(self, cfg: Config, store: CheckpointStore | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = Notifier()
+        self.state = StateMachine(cfg.state_file, cfg.run.id, on_phase=self._phase_changed)
+        self.store = store or build_store(cfg)
+        self.throughput = ThroughputEstimate()
+        self.sync = CheckpointSync(
+            self.store,
+            cfg.checkpoints.local_dir,
+            self.throughput,
+            cfg.daemon.rescan_interval,
+            on_change=self._sync_changed,
+        )
+        self.events: queue.Queue[Notice] = queue.Queue()
+        client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
+        self.watcher = NoticeWatcher(
+            [AwsSpotSource(client)],
+            on_notice=self.events.put,
+            poll_interval=cfg.imds.poll_interval,
+            request_counter=lambda: client.stats.requests,
+        )
+        self.child: TrainerProcess | None = None
+        self.drain: Drain | None = None
+        self._stop_signal: int | None = None
+        self._failures: list[float] = []
+        self._restart_at: float | None = None
+        self._watchdog_every = watchdog_interval()
+        self._last_watchdog = 0.0
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _phase_changed(self, phase: Phase, why: str) -> None:
+        self.notifier.status(f"{phase.value}: {why}")
+
+    def _sync_changed(self, stats: SyncStats) -> None:
+        self.state.update(
+            newest_local_step=stats.newest_local_step,
+            newest_committed_step=stats.newest_committed_step,
+            last_upload_mbps=stats.last_upload_mbps,
+        )
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Only record: the main loop acts on it at its next tick.
+        self._stop_signal = signum
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _ping_watchdog(self) -> None:
+        now = time.monotonic()
+        if self._watchdog_every and now - self._last_watchdog >= self._watchdog_every:
+            self.notifier.watchdog()
+            self._last_watchdog = now
+
+    # --- the run -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Boot to exit; the exit code follows CONTRACT §1."""
+        become_subreaper()
+        self.install_signal_handlers()
+        self.state.transition(Phase.RESTORING, "boot")
+        complete = self.store.read_complete()
+        if complete is not None:
+            log.info("run_already_complete", run_id=self.cfg.run.id, **complete)
+            self.state.transition(Phase.DONE, "run already complete")
+            self.notifier.ready("done: run already complete")
+            self.notifier.stopping("done")
+            return 0
+        self.watcher.start()
+        try:
+            return self._run_restored()
+        finally:
+            self.watcher.stop()
+            self.sync.stop()
+
+    def _run_restored(self) -> int:
+        restored = self.store.restore_newest(self.cfg.checkpoints.local_dir)
+        self.sync.load_remote()
+        self.sync.start()
+        step = restored.step if restored is not None else None
+        log.info("restore_finished", step=step)
+        if self._pending_stop() is None:
+            if not self._start_child():
+                return self._give_up("training command could not be started")
+            self.notifier.ready(f"training: child pid {self.child.pid if self.child else '?'}")
+        else:
+            self.notifier.ready("draining before start")
+        return self._loop()
+
+    def _pending_stop(self) -> tuple[str, str, dt.datetime] | None:
+        """A notice or a stop signal that means: drain now. (action, source, deadline)."""
+        if self._stop_signal is not None:
+            deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(
+                seconds=self.cfg.daemon.stop_budget
+            )
+            return ("shutdown", "signal", deadline)
+        while True:
+            try:
+                notice = self.events.get_nowait()
+            except queue.Empty:
+                return None
+            self.state.update(last_notice=notice.to_dict())
+            if notice.kind == "interruption" or notice.kind == "maintenance":
+                return (notice.action, notice.source, notice.deadline)
+            log.info("notice_ignored", id=notice.id, kind=notice.kind, action=notice.action)
+
+    def _start_child(self) -> bool:
+        cfg = self.cfg
+        _remove_quietly(cfg.notice_file)
+        env = child_environment(
+            os.environ,
+            cfg.run.env,
+            {
+                "SPOT_CHECKPOINT_DIR": str(cfg.checkpoints.local_dir),
+                "SPOT_RUN_ID": cfg.run.id,
+                "SPOT_NOTICE_FILE": str(cfg.notice_file),
+            },
+        )
+        self.child = TrainerProcess(cfg.run.command, env, cfg.run.workdir)
+        try:
+            pid = self.child.start()
+        except OSError as exc:
+            log.error("child_start_failed", argv=list(cfg.run.command), error=str(exc))
+            return False
+        self.state.update(child_pid=pid)
+        self.state.transition(Phase.TRAINING, "child started", pid=pid)
+        return True
+
+    def _loop(self) -> int:
+        while True:
+            self._ping_watchdog()
+            if self.drain is None:
+                stop = self._pending_stop()
+                if stop is not None:
+                    self._begin_drain(*stop)
+            exit_status = self.child.poll() if self.child else None
+            if self.drain is not None:
+                if self.child is None or exit_status is not None:
+                    return self._finish_drain()
+                if self.drain.plan.seconds_left() <= 0:
+                    log.warning("drain_deadline_reached", **self.drain.plan.as_fields())
+                    self.child.kill_tree("drain deadline reached")
+                    return self._finish_drain()
+            elif self.state.phase is Phase.BACKOFF:
+                due = self._restart_at is not None and time.monotonic() >= self._restart_at
+                if due and not self._start_child():
+                    return self._give_up("training command could not be restarted")
+            elif exit_status is not None:
+                if exit_status.success:
+                    return self._complete()
+                code = self._crashed(exit_status)
+                if code is not None:
+                    return code
+            time.sleep(_TICK)
+
+    # --- drain: notice or stop -----------------------------------------------------------
+
+    def _begin_drain(self, action: str, source: str, deadline_wall: dt.datetime) -> None:
+        """In order: write the notice file, SIGTERM the trainer, start the drain clock."""
+        write_json_atomic(
+            self.cfg.notice_file,
+            {
+                "action": action,
+                "deadline": deadline_wall.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "source": source,
+            },
+        )
+        signalled = self.child.send(signal.SIGTERM) if self.child else False
+        plan = plan_drain(
+            wall_to_monotonic(deadline_wall),
+            self.cfg.daemon.safety_margin,
+            newest_local_bytes(self.cfg.checkpoints.local_dir),
+            self.throughput,
+        )
+        self.drain = Drain(action, source, deadline_wall, plan)
+        self.state.update(drain_deadline=deadline_wall.isoformat())
+        self.notifier.extend_timeout(max(plan.notice_deadline - time.monotonic(), 0) + 30)
+        self.state.transition(
+            Phase.DRAINING,
+            f"{action} from {source}",
+            deadline=deadline_wall.isoformat(),
+            child_signalled=signalled,
+            **plan.as_fields(),
+        )
+
+    def _finish_drain(self) -> int:
+        assert self.drain is not None
+        self.state.update(child_pid=None)
+        self.state.transition(Phase.UPLOADING, "emergency commit")
+        self.sync.stop()
+        committed = self.sync.flush()
+        plan = self.drain.plan
+        left = plan.notice_deadline - time.monotonic()
+        local = layout.list_step_dirs(self.cfg.checkpoints.local_dir)
+        newest_local = local[0][0] if local else None
+        fields = {
+            "committed_step": committed,
+            "newest_local_step": newest_local,
+            "seconds_before_deadline": round(left, 3),
+            "action": self.drain.action,
+        }
+        if committed is not None and committed == newest_local and left >= 0:
+            log.info("emergency_committed", **fields)
+        else:
+            log.warning("emergency_not_committed", **fields)
+        self.state.transition(Phase.DONE, "shut down in order", **fields)
+        self.notifier.stopping("done")
+        return 0
+
+    # --- completion and crashes ------------------------------------------------------------
+
+    def _complete(self) -> int:
+        self.state.update(child_pid=None)
+        self.state.transition(Phase.UPLOADING, "training command finished")
+        self.sync.stop()
+        committed = self.sync.flush(skip_superseded=True)
+        local = layout.list_step_dirs(self.cfg.checkpoints.local_dir)
+        newest_local = local[0][0] if local else None
+        if newest_local is None or committed is None:
+            # The command honoured nothing of the checkpoint contract; a restart would only
+            # train again from scratch, so this is a configuration error (exit 2).
+            log.error(
+                "final_checkpoint_missing",
+                local_dir=str(self.cfg.checkpoints.local_dir),
+                hint="the training command exited 0 without writing a checkpoint "
+                "into $SPOT_CHECKPOINT_DIR",
+            )
+            self.state.transition(Phase.FAILED, "no checkpoint to commit")
+            return 2
+        if committed != newest_local:
+            log.error("final_commit_failed", newest_local_step=newest_local, committed=committed)
+            self.state.transition(Phase.FAILED, "final checkpoint not committed")
+            return 1
+        try:
+            self.store.write_complete(committed)
+        except Exception as exc:  # report any S3 failure, then fail the unit
+            log.error("complete_marker_failed", error=str(exc))
+            self.state.transition(Phase.FAILED, "complete.json not written")
+            return 1
+        log.info("run_completed", step=committed)
+        self.state.transition(Phase.DONE, "run complete", step=committed)
+        self.notifier.stopping("done")
+        return 0
+
+    def _crashed(self, status: ExitStatus) -> int | None:
+        """A trainer that failed without our signal: restart with backoff, or give up."""
+        now = time.monotonic()
+        window = self.cfg.daemon.restart_window
+        self._failures = [t for t in self._failures if now - t < window] + [now]
+        self.state.update(child_pid=None)
+        if len(self._failures) > self.cfg.daemon.max_restarts:
+            return self._give_up(
+                f"trainer failed {len(self._failures)} times in {window:g}s ({status.describe()})"
+            )
+        backoff = min(_MAX_BACKOFF, 2.0 ** (len(self._failures) - 1))
+        self._restart_at = now + backoff
+        restarts = self.state.snapshot().restarts + 1
+        self.state.update(restarts=restarts)
+        self.state.transition(
+            Phase.BACKOFF, f"trainer {status.describe()}", backoff_s=backoff, restarts=restarts
+        )
+        return None
+
+    def _give_up(self, why: str) -> int:
+        """Commit what is complete, then exit non-zero with a clear final event."""
+        self.sync.stop()
+        committed = self.sync.flush()
+        log.error("supervisor_gave_up", why=why, committed_step=committed)
+        self.state.transition(Phase.FAILED, why)
+        self.notifier.stopping("failed")
+        return 1
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,280 @@
+"""CheckpointStore and the S3 client helpers against moto's S3 server over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.layout import MANIFEST_NAME, CheckpointWriter, Manifest, step_dir_name
+from daemon.s3client import (
+    IntegrityError,
+    RemoteLocation,
+    StoreError,
+    make_s3_client,
+    make_transfer_config,
+    parse_remote,
+)
+from daemon.standins import LocalS3
+from daemon.store import CheckpointStore
+
+RUN = "run-1"
+MiB = 1024 * 1024
+# Small parts so one file of a test checkpoint goes multipart without taking long.
+PART = 5 * MiB
+
+
+def make_store(s3: LocalS3, bucket: str, prefix: str = "spot-runs") -> CheckpointStore:
+    client = make_s3_client(s3.endpoint_url, "us-east-1", 8)
+    config = make_transfer_config(part_size=PART, max_concurrency=4)
+    return CheckpointStore(client, RemoteLocation(bucket, prefix), RUN, config)
+
+
+def make_checkpoint(local_dir: Path, step: int, *, big: bool = False) -> tuple[Path, Manifest]:
+    """A realistic checkpoint: several files, a nested one, an empty one, maybe a large one."""
+    with CheckpointWriter(local_dir, RUN, step, "periodic", extra={"world_size": 1}) as w:
+        w.add_bytes("model.pt", os.urandom(300_000))
+        w.add_bytes("optimizer.pt", os.urandom(700_000))
+        w.add_bytes("rng/rank0.bin", os.urandom(5_000))
+        w.add_bytes("empty.txt", b"")
+        if big:
+            with w.open_file("state.bin") as f:
+                for _ in range(12):  # 12 MiB: three parts up, three ranged GETs down
+                    f.write(os.urandom(MiB))
+        manifest = w.commit()
+    return w.final_dir, manifest
+
+
+def keys_under(s3_client: Any, bucket: str, prefix: str = "") -> set[str]:
+    resp = s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return {o["Key"] for o in resp.get("Contents", [])}
+
+
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+def same_tree(a: Path, b: Path) -> None:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+# -- parse_remote, client errors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "bucket", "prefix"),
+    [
+        ("s3://my-bucket", "my-bucket", ""),
+        ("s3://my-bucket/", "my-bucket", ""),
+        ("s3://my-bucket/spot-runs", "my-bucket", "spot-runs"),
+        ("s3://my-bucket/a/b/", "my-bucket", "a/b"),
+    ],
+)
+def test_parse_remote(value: str, bucket: str, prefix: str) -> None:
+    assert parse_remote(value) == RemoteLocation(bucket, prefix)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "my-bucket/prefix",
+        "s3://",
+        "s3:///prefix",
+        "gs://b/x",
+        "s3://b",
+        "s3://a b/x",
+        "s3://bucket/a//b",
+    ],
+)
+def test_parse_remote_rejects_with_the_value(value: str) -> None:
+    with pytest.raises(ValueError, match="remote '"):
+        parse_remote(value)
+
+
+def test_missing_bucket_names_the_bucket(s3_server: LocalS3) -> None:
+    store = make_store(s3_server, "no-such-bucket-here")
+    with pytest.raises(StoreError, match=r"no-such-bucket-here.*does not exist") as info:
+        store.list_committed()
+    assert info.value.code == "NoSuchBucket"
+    with pytest.raises(StoreError, match="no-such-bucket-here"):
+        store.check_writable()
+
+
+def test_upload_to_missing_bucket_is_a_store_error(s3_server: LocalS3, tmp_path: Path) -> None:
+    ckpt, manifest = make_checkpoint(tmp_path, 1)
+    with pytest.raises(StoreError, match="no-such-bucket-here"):
+        make_store(s3_server, "no-such-bucket-here").upload_checkpoint(ckpt, manifest)
+
+
+def test_unreachable_endpoint_is_one_clear_line() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = make_s3_client(f"http://127.0.0.1:{port}", "us-east-1", 4, max_attempts=1)
+    store = CheckpointStore(client, RemoteLocation("bkt"), RUN)
+    with pytest.raises(StoreError, match=f"cannot reach http://127.0.0.1:{port}") as info:
+        store.read_complete()
+    assert info.value.code == "Unreachable"
+    assert "\n" not in str(info.value)
+
+
+def test_bad_run_id_is_rejected(s3_server: LocalS3) -> None:
+    client = make_s3_client(s3_server.endpoint_url, "us-east-1", 4)
+    with pytest.raises(ValueError, match="run id"):
+        CheckpointStore(client, RemoteLocation("bkt"), "a/b")
+
+
+def test_check_writable_leaves_nothing(s3_server: LocalS3, bucket: str, s3_client: Any) -> None:
+    make_store(s3_server, bucket).check_writable()
+    assert keys_under(s3_client, bucket) == set()
+
+
+# -- upload and listing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "spot-runs/team-a"])
+def test_upload_then_listed_as_committed(
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path, prefix: str
+) -> None:
+    store = make_store(s3_server, bucket, prefix)
+    ckpt10, m10 = make_checkpoint(tmp_path, 10, big=True)
+    ckpt20, m20 = make_checkpoint(tmp_path, 20)
+    with capture_logs() as logs:
+        r10 = store.upload_checkpoint(ckpt10, m10)
+        store.upload_checkpoint(ckpt20, m20)
+    assert (r10.step, r10.bytes, r10.already_committed) == (10, m10.total_bytes, False)
+    assert r10.seconds > 0 and r10.mbps > 0
+    assert [e["step"] for e in events(logs, "checkpoint_committed")] == [10, 20]
+
+    base = f"{prefix}/{RUN}" if prefix else RUN
+    step_prefix = f"{base}/checkpoints/{step_dir_name(10)}/"
+    assert keys_under(s3_client, bucket, step_prefix) == {
+        step_prefix + p
+        for p in [
+            "model.pt",
+            "optimizer.pt",
+            "rng/rank0.bin",
+            "empty.txt",
+            "state.bin",
+            MANIFEST_NAME,
+        ]
+    }
+    head = s3_client.head_object(Bucket=bucket, Key=step_prefix + "state.bin")
+    assert head["ETag"].endswith('-3"')  # went up as a three-part multipart upload
+    assert head["Metadata"]["sha256"] == next(f.sha256 for f in m10.files if f.path == "state.bin")
+    remote_manifest = s3_client.get_object(Bucket=bucket, Key=step_prefix + MANIFEST_NAME)
+    assert remote_manifest["Body"].read() == (ckpt10 / MANIFEST_NAME).read_bytes()
+
+    committed = store.list_committed()
+    assert [c.step for c in committed] == [20, 10]
+    assert committed[1].manifest == m10
+    assert committed[1].keys["rng/rank0.bin"] == step_prefix + "rng/rank0.bin"
+    assert store.newest_committed_step() == 20
+
+
+def test_reupload_of_committed_step_is_a_noop(
+    s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    store = make_store(s3_server, bucket)
+    ckpt, manifest = make_checkpoint(tmp_path, 5)
+    store.upload_checkpoint(ckpt, manifest)
+    with capture_logs() as logs:
+        again = store.upload_checkpoint(ckpt, manifest)
+    assert again.already_committed and again.bytes == 0
+    assert events(logs, "checkpoint_already_committed")
+    assert not events(logs, "checkpoint_uploaded")
+
+
+@pytest.mark.parametrize("damage", ["rewritten", "deleted"])
+def test_local_file_not_matching_manifest_commits_nothing(
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path, damage: str
+) -> None:
+    store = make_store(s3_server, bucket)
+    ckpt, manifest = make_checkpoint(tmp_path, 7, big=True)
+    victim = ckpt / "optimizer.pt"
+    if damage == "rewritten":  # same size, other bytes: only a hash can tell
+        victim.write_bytes(os.urandom(victim.stat().st_size))
+        with pytest.raises(IntegrityError, match=r"optimizer\.pt.*manifest not written"):
+            store.upload_checkpoint(ckpt, manifest)
+    else:  # e.g. pruned by the trainer mid-upload: the sync takes this as "gone"
+        victim.unlink()
+        with pytest.raises(FileNotFoundError, match=r"manifest not written.*optimizer\.pt"):
+            store.upload_checkpoint(ckpt, manifest)
+    assert not any(k.endswith(MANIFEST_NAME) for k in keys_under(s3_client, bucket))
+    assert store.list_committed() == []
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong_size"])
+def test_manifest_without_its_files_is_not_committed(
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path, damage: str
+) -> None:
+    store = make_store(s3_server, bucket)
+    ckpt, manifest = make_checkpoint(tmp_path, 3)
+    store.upload_checkpoint(ckpt, manifest)
+    key = store.file_key(3, "model.pt")
+    if damage == "missing":
+        s3_client.delete_object(Bucket=bucket, Key=key)
+    else:
+        s3_client.put_object(Bucket=bucket, Key=key, Body=b"short")
+    with capture_logs() as logs:
+        assert store.list_committed() == []
+    (ignored,) = events(logs, "remote_checkpoint_ignored")
+    assert ignored["step"] == 3 and ignored["log_level"] == "warning"
+
+    # Uploading the step again repairs it rather than calling it already committed.
+    result = store.upload_checkpoint(ckpt, manifest)
+    assert not result.already_committed
+    assert [c.step for c in store.list_committed()] == [3]
+
+
+def test_files_without_manifest_are_not_committed(
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    store = make_store(s3_server, bucket)
+    ckpt, manifest = make_checkpoint(tmp_path, 4)
+    store.upload_checkpoint(ckpt, manifest)
+    s3_client.delete_object(Bucket=bucket, Key=store.file_key(4, MANIFEST_NAME))
+    with capture_logs() as logs:
+        assert store.list_committed() == []
+    assert events(logs, "remote_checkpoint_ignored")[0]["reason"] == "no manifest"
+
+
+def test_delete_checkpoint_removes_everything(
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    store = make_store(s3_server, bucket)
+    for step in (1, 2):
+        store.upload_checkpoint(*make_checkpoint(tmp_path, step))
+    store.delete_checkpoint(1)
+    assert [c.step for c in store.list_committed()] == [2]
+    assert keys_under(s3_client, bucket, store.step_prefix(1)) == set()
+
+
+def test_complete_json_roundtrip(s3_server: LocalS3, bucket: str, s3_client: Any) -> None:
+    store = make_store(s3_server, bucket, "")
+    assert store.read_complete() is None
+    store.write_complete(1200)
+    doc = store.read_complete()
+    assert doc is not None and doc["step"] == 1200
+    assert doc["completed_at"].endswith("Z")
+    raw = s3_client.get_object(Bucket=bucket, Key=f"{RUN}/complete.json")["Body"].read()
+    assert json.loads(raw) == doc
+
+
+def test_malformed_complete_json_is_an_error(
+    s3_server: LocalS3, bucket: str, s3_client: Any
+) -> None:
+    store = make_store(s3_server, bucket)
+    s3_client.put_object(Bucket=bucket, Key=store.complete_key, Body=b"{not json")
+    with pytest.raises(IntegrityError, match=r"complete\.json"):
+        store.read_complete()

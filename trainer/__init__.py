@@ -1,0 +1,40 @@
+"""The training library: atomic, verified, signal-aware checkpoints inside a PyTorch process.
+
+    from trainer import CheckpointManager
+
+    ckpt = CheckpointManager(save_every=100)          # $SPOT_CHECKPOINT_DIR, $SPOT_RUN_ID
+    resume = ckpt.restore(model, optimizer, scheduler)
+    step = resume.step
+    while not ckpt.step_done(step, final=step == total_steps):
+        train_one_step()
+        step += 1
+
+Imports torch, never boto3: uploading is the supervisor's job (``daemon``).
+"""
+
+from daemon.layout import Manifest, ManifestError
+from trainer.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointManager,
+    Resume,
+    Stateful,
+)
+from trainer.rng import capture_rng, restore_rng
+from trainer.signals import Notice, SignalFlags, notice_deadline, read_notice
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointManager",
+    "Manifest",
+    "ManifestError",
+    "Notice",
+    "Resume",
+    "SignalFlags",
+    "Stateful",
+    "capture_rng",
+    "notice_deadline",
+    "read_notice",
+    "restore_rng",
+]

@@ -1,0 +1,228 @@
+"""The reference trainer: ``python -m trainer.example`` (CONTRACT §6).
+
+A small MLP with dropout (so the RNG state matters) learns a deterministic synthetic
+regression problem with AdamW and a cosine LR schedule. Mini-batches come from a
+per-epoch permutation drawn from a generator seeded by (seed, epoch), so resuming needs
+only (epoch, index within the epoch), never a replay of earlier batches. Interrupted
+and resumed any number of times on CPU, it ends with the same parameters, bit for bit.
+
+stdout, one line per event, flushed (supervisors and tests follow it):
+
+    start step=0                       | resumed step=N reason=R
+    step=N loss=F                      after each optimizer step
+    checkpoint_saved step=N reason=R bytes=B
+    stopped step=N                     after SIGTERM, state saved; exit 0
+    final_params_sha256=<64 hex>       after the last step; exit 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from daemon.layout import Manifest
+from trainer.checkpoint import CHECKPOINT_DIR_ENV, CheckpointError, CheckpointManager
+
+log = logging.getLogger("trainer.example")
+
+N_SAMPLES = 512
+IN_DIM = 16
+HIDDEN = 64
+BATCH = 32
+MIB = 1 << 20
+
+
+def out(line: str) -> None:
+    """One progress line on stdout, flushed at once so a reader sees it at this boundary."""
+    print(line, flush=True)
+
+
+def make_data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic synthetic regression data: a fixed nonlinear target plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_SAMPLES, IN_DIM, generator=g)
+    w = torch.randn(IN_DIM, 1, generator=g)
+    y = torch.sin(x @ w) + 0.1 * torch.randn(N_SAMPLES, 1, generator=g)
+    return x, y
+
+
+def epoch_order(seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of ``epoch``: recomputable from (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(N_SAMPLES, generator=g)
+
+
+def make_model() -> nn.Module:
+    """The MLP; dropout makes each step draw from the torch RNG."""
+    return nn.Sequential(
+        nn.Linear(IN_DIM, HIDDEN),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(HIDDEN, 1),
+    )
+
+
+class Ballast:
+    """Extra state of ``--state-mb`` MiB, saved as ``ballast.pt`` to make checkpoints large.
+
+    One byte changes per step, so what is restored is genuine state, not a constant.
+    """
+
+    def __init__(self, mb: int, seed: int) -> None:
+        self.data = self.initial(mb, seed)
+
+    @staticmethod
+    def initial(mb: int, seed: int) -> torch.Tensor:
+        """Deterministic content: one random MiB repeated (drawing all of it is slow)."""
+        if mb <= 0:
+            return torch.zeros(0, dtype=torch.uint8)
+        g = torch.Generator().manual_seed(seed + 7)
+        block = torch.randint(0, 256, (MIB,), dtype=torch.uint8, generator=g)
+        return block.repeat(mb)
+
+    def touch(self, step: int) -> None:
+        """Mutate one byte, a function of the step."""
+        if self.data.numel():
+            self.data[step % self.data.numel()] = step % 256
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tensor, as-is."""
+        return {"data": self.data}
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None:
+        """Take the saved tensor."""
+        self.data = state_dict["data"].to("cpu", torch.uint8)
+
+
+def params_sha256(model: nn.Module) -> str:
+    """SHA-256 over the raw bytes of every tensor of ``model.state_dict()``, in order."""
+    h = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (bad flags exit 2, as argparse does)."""
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.example", description="The reference trainer."
+    )
+    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (default 200)")
+    p.add_argument("--save-every", type=int, default=20, help="periodic checkpoint interval")
+    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step")
+    p.add_argument("--state-mb", type=int, default=0, help="extra MiB of state per checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="data, model and RNG seed")
+    p.add_argument("--keep", type=int, default=3, help="complete checkpoints kept locally")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=os.environ.get(CHECKPOINT_DIR_ENV),
+        help=f"default ${CHECKPOINT_DIR_ENV}",
+    )
+    args = p.parse_args(argv)
+    if args.checkpoint_dir is None:
+        p.error(f"no checkpoint directory: set ${CHECKPOINT_DIR_ENV} or pass --checkpoint-dir")
+    for flag in ("steps", "state_mb", "seed"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must not be negative")
+    if args.save_every < 1 or args.keep < 1:
+        p.error("--save-every and --keep must be at least 1")
+    if args.step_seconds < 0:
+        p.error("--step-seconds must not be negative")
+    return args
+
+
+def train(args: argparse.Namespace) -> int:
+    """Restore, train to ``--steps`` (or until SIGTERM), return the exit status."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    x_all, y_all = (t.to(device) for t in make_data(args.seed))
+    model = make_model().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.steps, 1))
+    ballast = Ballast(args.state_mb, args.seed)
+
+    def saved(manifest: Manifest) -> None:
+        m = manifest
+        out(f"checkpoint_saved step={m.step} reason={m.reason} bytes={m.total_bytes}")
+
+    ckpt = CheckpointManager(
+        args.checkpoint_dir, keep=args.keep, save_every=args.save_every, on_save=saved
+    )
+    resume = ckpt.restore(model, optimizer, scheduler, map_location=device, ballast=ballast)
+    step = resume.step
+    epoch = int(resume.progress.get("epoch", 0))
+    index = int(resume.progress.get("index", 0))
+    if resume.resumed:
+        out(f"resumed step={step} reason={resume.reason}")
+        if step > args.steps:
+            raise CheckpointError(f"checkpoint step {step} is beyond --steps {args.steps}")
+        if ballast.data.numel() != args.state_mb * MIB:
+            # Ballast only sizes the checkpoint; follow the flag, not the old run.
+            ballast.data = Ballast.initial(args.state_mb, args.seed)
+    else:
+        out("start step=0")
+
+    steps_per_epoch = N_SAMPLES // BATCH
+    loss_fn = nn.MSELoss()
+    order, order_epoch = epoch_order(args.seed, epoch).to(device), epoch
+    model.train()
+    # The boundary we start from counts too: a SIGTERM during startup stops here.
+    while not ckpt.step_done(step, final=step >= args.steps, epoch=epoch, index=index):
+        if order_epoch != epoch:
+            order, order_epoch = epoch_order(args.seed, epoch).to(device), epoch
+        batch = order[index * BATCH : (index + 1) * BATCH]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x_all[batch]), y_all[batch])
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        ballast.touch(step)
+        index += 1
+        if index == steps_per_epoch:
+            epoch, index = epoch + 1, 0
+        out(f"step={step} loss={loss.item():.6f}")
+        if args.step_seconds:
+            time.sleep(args.step_seconds)
+    ckpt.close()
+    if step >= args.steps:
+        out(f"final_params_sha256={params_sha256(model)}")
+    else:
+        out(f"stopped step={step}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; non-zero with one clear ``error:`` line on stderr on failure."""
+    logging.basicConfig(
+        level=os.environ.get("TRAINER_LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
