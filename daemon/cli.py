@@ -90,7 +90,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if result is None:
         print(f"no committed checkpoint for run {cfg.run.id}: nothing restored")
     else:
-        print(f"restored step {result.step} into {result.path}")
+        how = "restored" if result.downloaded else "kept the newer local"
+        print(f"{how} step {result.step} in {result.path}")
     return EXIT_OK
 
 
@@ -131,6 +132,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"FAIL config: {exc}")
         return EXIT_USAGE
+    from daemon import log
+
+    log.configure(level="warning", stream=sys.stderr)  # stdout is the one-line-per-check report
     print(f"ok   config: {cfg.source}")
     return run_checks(cfg)
 

@@ -154,7 +154,7 @@ class SupervisorProcess:
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None
         try:
-            return self.proc.wait(timeout=timeout)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -162,6 +162,9 @@ class SupervisorProcess:
                 f"supervisor did not exit within {timeout}s; last output:\n"
                 + "\n".join(self.lines[-30:])
             ) from None
+        with self._cond:  # every line it wrote is read before the caller looks at them
+            self._cond.wait_for(lambda: self._eof, timeout=10)
+        return code
 
     def find(self, name: str) -> list[Event]:
         with self._cond:

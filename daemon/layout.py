@@ -341,8 +341,15 @@ class CheckpointWriter:
         os.rename(self.tmp_dir / (MANIFEST_NAME + PARTIAL_SUFFIX), self.tmp_dir / MANIFEST_NAME)
         fsync_dir(self.tmp_dir)
         if self.final_dir.exists():
-            # A checkpoint of this step is already complete; never write inside it.
-            raise FileExistsError(f"{self.final_dir} already exists")
+            try:
+                load_complete(self.final_dir, hash_files=False)
+            except ManifestError:
+                # Not a complete checkpoint (a crash or a corrupt copy): set it aside, so
+                # this valid one can take its name; the next cleanup of .tmp- removes it.
+                os.rename(self.final_dir, self.local_dir / f"{self.tmp_dir.name}-invalid")
+            else:
+                # A checkpoint of this step is already complete; never write inside it.
+                raise FileExistsError(f"{self.final_dir} already exists and is complete")
         os.rename(self.tmp_dir, self.final_dir)
         fsync_dir(self.local_dir)
         self.committed = True

@@ -49,11 +49,11 @@ def check_command(cfg: Config) -> str:
 
 
 def check_metadata(cfg: Config) -> str:
-    from daemon.imds import ImdsClient, MetadataUnavailable
+    from daemon.imds import INSTANCE_ACTION_PATH, ImdsClient, MetadataUnavailable
 
     client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
     try:
-        status, _body = client.get("/latest/meta-data/spot/instance-action")
+        status, _body = client.get(INSTANCE_ACTION_PATH)
     except MetadataUnavailable as exc:
         raise CheckFailed(f"metadata service at {cfg.imds.url}: {exc}") from None
     finally:

@@ -25,7 +25,7 @@ from daemon.config import Config
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
 from daemon.imds import ImdsClient
 from daemon.notice_watch import NoticeWatcher
-from daemon.notices import AwsSpotSource, Notice
+from daemon.notices import AwsRebalanceSource, AwsSpotSource, Notice
 from daemon.s3client import make_s3_client, parse_remote
 from daemon.sdnotify import Notifier, watchdog_interval
 from daemon.state import Phase, StateMachine, write_json_atomic
@@ -84,7 +84,8 @@ class Supervisor:
         self.events: queue.Queue[Notice] = queue.Queue()
         client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
         self.watcher = NoticeWatcher(
-            [AwsSpotSource(client)],
+            # instance-action every poll; the rebalance hint is slower news, so every 5th.
+            [AwsSpotSource(client), (AwsRebalanceSource(client), 5)],
             on_notice=self.events.put,
             poll_interval=cfg.imds.poll_interval,
             request_counter=lambda: client.stats.requests,
@@ -171,8 +172,13 @@ class Supervisor:
             except queue.Empty:
                 return None
             self.state.update(last_notice=notice.to_dict())
-            if notice.kind == "interruption" or notice.kind == "maintenance":
+            if notice.kind == "interruption":
                 return (notice.action, notice.source, notice.deadline)
+            if notice.kind == "rebalance":
+                # Not yet a notice, a raised risk: checkpoint early, keep training.
+                sent = self.child.send(signal.SIGUSR1) if self.child else False
+                log.info("early_checkpoint_requested", id=notice.id, child_signalled=sent)
+                continue
             log.info("notice_ignored", id=notice.id, kind=notice.kind, action=notice.action)
 
     def _start_child(self) -> bool:

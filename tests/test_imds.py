@@ -73,10 +73,11 @@ def test_token_refreshed_before_it_expires(emulator: MetadataEmulator) -> None:
 
 
 def test_failed_early_refresh_keeps_using_the_live_token(emulator: MetadataEmulator) -> None:
-    with ImdsClient(emulator.url, token_ttl=10, read_timeout=0.2) as client:
+    now = [0.0]
+    with ImdsClient(emulator.url, token_ttl=100, clock=lambda: now[0]) as client:
         client.get(INSTANCE_ID_PATH)
-        # Force the early refresh now; the old token still has ~10 s to live.
-        client._token_refresh_at = 0.0
+        # Past the early refresh (at 90 s), the token still has 5 s to live.
+        now[0] = 95.0
         emulator.add_fault("status", TOKEN_PATH, status=503)
         assert client.get(INSTANCE_ID_PATH)[0] == 200
         assert emulator.stats().token_puts == 2

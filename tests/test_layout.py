@@ -196,7 +196,7 @@ def test_wrong_step_names_both_steps(ckpt: Path) -> None:
 
 def test_missing_manifest(ckpt: Path) -> None:
     (ckpt / MANIFEST_NAME).unlink()
-    with pytest.raises(ManifestError, match="has no manifest.json"):
+    with pytest.raises(ManifestError, match=r"has no manifest\.json"):
         load_complete(ckpt)
 
 

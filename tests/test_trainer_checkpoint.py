@@ -163,7 +163,9 @@ def test_truncated_and_sha_mismatched_checkpoints_are_skipped_with_warnings(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2, warnings
     assert "step-000000003" in warnings[0] and "model.pt has" in warnings[0]
-    assert "step-000000002" in warnings[1] and "optimizer.pt does not match its sha256" in warnings[1]
+    assert (
+        "step-000000002" in warnings[1] and "optimizer.pt does not match its sha256" in warnings[1]
+    )
 
 
 def test_a_file_torch_cannot_load_is_skipped_and_its_step_rewritten(
@@ -253,8 +255,10 @@ def test_step_done_saves_periodic_final_and_nothing_twice(tmp_path: Path) -> Non
     assert saved == [(3, "periodic"), (6, "periodic"), (7, "requested"), (9, "final")]
     ckpt.request_stop()
     assert ckpt.step_done(9) is True  # stop at a saved step: nothing new
+    assert saved[-1] == (9, "final")
+    ckpt.request_save()
     assert ckpt.step_done(10) is True
-    assert saved[-1] == (10, "interrupt")
+    assert saved[-1] == (10, "interrupt")  # both signals: SIGTERM names the save
 
 
 def test_stale_tmp_dir_with_our_own_pid_is_removed(tmp_path: Path) -> None:

@@ -319,11 +319,11 @@ class CheckpointManager:
             reason = "final"
         elif self.save_every and step > 0 and step % self.save_every == 0:
             reason = "periodic"
+        if reason is None and self.signals.stop_requested:
+            reason = "interrupt"  # SIGTERM wins over SIGUSR1: the save is the last one
         # Consumed even when the step is already saved: that save answers the request.
         if self.signals.take_save_request() and reason is None:
             reason = "requested"
-        if reason is None and self.signals.stop_requested:
-            reason = "interrupt"
         if reason is not None and step != self._last_step:
             self.save(step, self.snapshot(step, **progress), reason)
         if self.signals.stop_requested and not final:

@@ -147,6 +147,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> int:
     """Restore, train to ``--steps`` (or until SIGTERM), return the exit status."""
+
+    def saved(manifest: Manifest) -> None:
+        m = manifest
+        out(f"checkpoint_saved step={m.step} reason={m.reason} bytes={m.total_bytes}")
+
+    # First, so the SIGTERM / SIGUSR1 handlers are in place as early as possible.
+    ckpt = CheckpointManager(
+        args.checkpoint_dir, keep=args.keep, save_every=args.save_every, on_save=saved
+    )
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -158,13 +167,6 @@ def train(args: argparse.Namespace) -> int:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.steps, 1))
     ballast = Ballast(args.state_mb, args.seed)
 
-    def saved(manifest: Manifest) -> None:
-        m = manifest
-        out(f"checkpoint_saved step={m.step} reason={m.reason} bytes={m.total_bytes}")
-
-    ckpt = CheckpointManager(
-        args.checkpoint_dir, keep=args.keep, save_every=args.save_every, on_save=saved
-    )
     resume = ckpt.restore(model, optimizer, scheduler, map_location=device, ballast=ballast)
     step = resume.step
     epoch = int(resume.progress.get("epoch", 0))
@@ -201,7 +203,8 @@ def train(args: argparse.Namespace) -> int:
         out(f"step={step} loss={loss.item():.6f}")
         if args.step_seconds:
             time.sleep(args.step_seconds)
-    ckpt.close()
+    # The handlers stay installed until exit (no ckpt.close()): a SIGTERM arriving
+    # while the last line is printed must not turn a finished run into exit -15.
     if step >= args.steps:
         out(f"final_params_sha256={params_sha256(model)}")
     else:

@@ -1,0 +1,76 @@
+"""A torch-free stand-in for a trainer, for supervisor tests that are about processes,
+not about models: it writes real checkpoints (daemon.layout) and obeys CONTRACT §3.
+
+    scripted_trainer.py STEPS [--crash-at N] [--ignore-sigterm] [--step-seconds S]
+
+It resumes from the newest complete checkpoint in $SPOT_CHECKPOINT_DIR, saves every
+step, and exits 0 after STEPS. ``--crash-at N`` exits 3 when it reaches step N in the
+first attempt (a marker file makes the crash happen once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from daemon import layout
+
+stop = False
+
+
+def on_term(_signum: int, _frame: object) -> None:
+    global stop
+    stop = True
+
+
+def save(d: Path, step: int, reason: str) -> None:
+    with layout.CheckpointWriter(d, os.environ["SPOT_RUN_ID"], step, reason) as w:
+        w.add_bytes("weights.bin", (b"%09d" % step) * 1000)
+        w.commit()
+    print(f"checkpoint_saved step={step} reason={reason}", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("steps", type=int)
+    p.add_argument("--crash-at", type=int)
+    p.add_argument("--always-crash", action="store_true")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--step-seconds", type=float, default=0.05)
+    a = p.parse_args()
+    d = Path(os.environ["SPOT_CHECKPOINT_DIR"])
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if a.ignore_sigterm else on_term)
+    step = 0
+    for s, path in layout.list_step_dirs(d):
+        try:
+            layout.load_complete(path)
+        except layout.ManifestError:
+            continue
+        step = s
+        break
+    print(f"resumed step={step}", flush=True)
+    if a.always_crash:
+        save(d, step + 1, "periodic")
+        return 3
+    while step < a.steps:
+        time.sleep(a.step_seconds)
+        step += 1
+        marker = d.parent / "crashed-once"
+        if a.crash_at == step and not marker.exists():
+            marker.write_text("x")
+            print(f"crashing at step={step}", flush=True)
+            return 3
+        if stop:
+            save(d, step, "interrupt")
+            return 0
+        save(d, step, "final" if step == a.steps else "periodic")
+    print("final_params_sha256=" + "0" * 64, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The reference trainer's signal handling, as a real subprocess with real signals.
+
+SIGUSR1 saves with reason ``requested`` and training goes on; SIGTERM at a boundary
+whose state is already saved writes nothing new and exits 0 (CONTRACT §3).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_trainer_harness import (
+    FINAL_RE,
+    REPO,
+    SAVED_RE,
+    STEP_RE,
+    STOPPED_RE,
+    Trainer,
+    reasons,
+    tmp_dirs,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigusr1_saves_requested_and_training_continues(tmp_path: Path) -> None:
+    t = Trainer(tmp_path / "c", "--steps", "25", "--save-every", "100", "--step-seconds", "0.05")
+    try:
+        t.wait_for(re.compile(r"^step=5 loss="))
+        t.signal(signal.SIGUSR1)
+        saved = t.wait_for(SAVED_RE)
+        assert saved[2] == "requested" and int(saved[1]) >= 5
+        t.wait_for(FINAL_RE)
+        assert t.finish() == 0, t.report()
+    finally:
+        t.kill()
+    assert t.saved() == [(int(saved[1]), "requested"), (25, "final")]
+    steps = [int(m[1]) for line in t.lines if (m := STEP_RE.match(line))]
+    assert steps == list(range(1, 26))  # no step skipped or repeated around the save
+
+
+def test_sigterm_at_a_saved_step_writes_nothing_new(tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "c"
+    # Every boundary is saved, so wherever SIGTERM lands the state is already on disk.
+    t = Trainer(ckpt_dir, "--steps", "50", "--save-every", "1", "--step-seconds", "0.05")
+    try:
+        t.wait_for(re.compile(r"^step=4 loss="))
+        t.signal(signal.SIGTERM)
+        stopped = t.wait_for(STOPPED_RE)
+        assert t.finish() == 0, t.report()
+    finally:
+        t.kill()
+    stop = int(stopped[1])
+    assert all(reason == "periodic" for _, reason in t.saved()), t.saved()
+    assert t.saved()[-1] == (stop, "periodic")
+    found = reasons(ckpt_dir)
+    assert max(found) == stop and set(found.values()) == {"periodic"}
+    assert tmp_dirs(ckpt_dir) == []
+
+
+def test_missing_checkpoint_directory_exits_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SPOT_CHECKPOINT_DIR"}
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer.example", "--steps", "3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "SPOT_CHECKPOINT_DIR" in r.stderr
