@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check daemon trainer tests
+	$(BIN)/ruff check daemon trainer tests bench
 	$(BIN)/mypy
 
 bench: install

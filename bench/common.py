@@ -1,0 +1,77 @@
+"""The shape of a benchmark result, and the helpers every benchmark uses."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Row:
+    """One comparison: ours against a baseline measured in the same run.
+
+    ``ratio`` is ours / baseline. ``better`` says which direction wins, and ``target``
+    (optional) is the ratio the issue asks for, e.g. ``<= 0.1``.
+    """
+
+    group: str
+    name: str
+    unit: str
+    ours: float
+    baseline: float | None
+    baseline_name: str
+    size: str
+    repeats: int
+    better: str = "lower"  # or "higher"
+    target: str | None = None
+    met: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline in (None, 0):
+            return None
+        return self.ours / self.baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        return d
+
+
+@dataclass
+class Context:
+    """What a benchmark module gets: where to put files, and whether to run a short version."""
+
+    workdir: str
+    quick: bool = False
+
+    def repeats(self, full: int, quick: int = 1) -> int:
+        return quick if self.quick else full
+
+
+def median_of(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]]:
+    """Run ``fn`` (which returns one measurement) ``repeats`` times; the median and all."""
+    samples = [fn() for _ in range(repeats)]
+    return statistics.median(samples), samples
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
