@@ -26,7 +26,7 @@ from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_m
 from daemon.imds import ImdsClient
 from daemon.notice_watch import NoticeWatcher
 from daemon.notices import AwsRebalanceSource, AwsSpotSource, Notice
-from daemon.s3client import make_s3_client, parse_remote
+from daemon.s3client import StoreError, make_s3_client, parse_remote
 from daemon.sdnotify import Notifier, watchdog_interval
 from daemon.state import Phase, StateMachine, write_json_atomic
 from daemon.store import CheckpointStore
@@ -131,6 +131,17 @@ class Supervisor:
         become_subreaper()
         self.install_signal_handlers()
         self.state.transition(Phase.RESTORING, "boot")
+        try:
+            return self._boot()
+        except StoreError as exc:
+            # S3 unreachable, bucket missing, access denied...: nothing local is touched,
+            # and systemd's Restart=on-failure tries again.
+            log.error("boot_failed", error=str(exc), code=exc.code)
+            self.state.transition(Phase.FAILED, f"object storage: {exc}")
+            self.notifier.stopping("failed")
+            return 1
+
+    def _boot(self) -> int:
         complete = self.store.read_complete()
         if complete is not None:
             log.info("run_already_complete", run_id=self.cfg.run.id, **complete)

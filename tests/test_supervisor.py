@@ -134,3 +134,25 @@ def test_trainer_ignoring_sigterm_is_killed_and_committed_checkpoint_stands(
     assert max(after) >= before
     phases = [e["phase"] for e in sup.events if e.get("event") == "phase_changed"]
     assert phases[-3:] == ["draining", "uploading", "done"]
+
+
+def test_missing_bucket_at_boot_fails_clearly_and_touches_nothing(
+    tmp_path: Path, s3_server: LocalS3, emulator: MetadataEmulator
+) -> None:
+    local = tmp_path / "ckpt"
+    cfg = write_config(
+        tmp_path / "config.toml",
+        run_id=RUN_ID,
+        command=[sys.executable, SCRIPT, "5"],
+        local_dir=local,
+        remote="s3://bucket-that-does-not-exist/runs",
+        endpoint_url=s3_server.endpoint_url,
+        imds_url=emulator.url,
+        runtime_dir=tmp_path / "run",
+    )
+    env = {**os.environ, **FAKE_AWS_ENV, "PYTHONPATH": str(Path(SCRIPT).parent.parent)}
+    sup = SupervisorProcess(cfg, env).start()
+    assert sup.wait_exit(60) == 1
+    failed = sup.find("boot_failed")
+    assert len(failed) == 1 and "bucket-that-does-not-exist" in failed[0]["error"]
+    assert not sup.find("child_started")

@@ -1,0 +1,115 @@
+"""Daemon footprint: idle RSS and CPU of a real ``spot-supervisor run`` at 1 Hz polling.
+
+Idle means: the trainer runs (here a sleeping stand-in), no notice, nothing to upload.
+Baseline in the same run: the seed's poller process (5 s interval, ``requests``). The
+supervisor polls five times as often and also watches the disk and keeps state, so the
+comparison shows what those cost. Targets: RSS <= 60 MB, CPU <= 0.5 % of one core.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.common import Context, Row
+from daemon.demo import write_config
+from daemon.emulator import MetadataEmulator
+from daemon.standins import FAKE_AWS_ENV, start_local_s3
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(3600)"]
+
+
+def measure(argv: list[str], settle: float, window: float) -> tuple[float, float]:
+    """(RSS in MB, CPU % of one core) of the process ``argv`` over ``window`` seconds."""
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, **FAKE_AWS_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        p = psutil.Process(proc.pid)
+        time.sleep(settle)
+        t0, c0 = time.monotonic(), sum(p.cpu_times()[:2])
+        rss = 0
+        end = t0 + window
+        while time.monotonic() < end:
+            rss = max(rss, p.memory_info().rss)
+            time.sleep(0.5)
+        cpu = (sum(p.cpu_times()[:2]) - c0) / (time.monotonic() - t0) * 100
+    finally:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.wait()
+    return rss / 1e6, cpu
+
+
+def run(ctx: Context) -> list[Row]:
+    window = 5.0 if ctx.quick else 30.0
+    work = Path(ctx.workdir) / "footprint"
+    work.mkdir(parents=True, exist_ok=True)
+    s3 = start_local_s3()
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1").create_bucket(
+        Bucket="bench"
+    )
+    try:
+        with MetadataEmulator() as md:
+            cfg = write_config(
+                work / "config.toml",
+                run_id="footprint",
+                command=SLEEPER,
+                local_dir=work / "ckpt",
+                remote="s3://bench/runs",
+                endpoint_url=s3.endpoint_url,
+                imds_url=md.url,
+                runtime_dir=work / "run",
+                poll_interval=1.0,
+                extra={"daemon": {"rescan_interval": 30}},
+            )
+            ours = measure(
+                [sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+                settle=3.0,
+                window=window,
+            )
+            seed = measure(
+                [sys.executable, "-m", "bench.seed_baseline", md.url, "5", "--", *SLEEPER],
+                settle=3.0,
+                window=window,
+            )
+    finally:
+        s3.stop()
+    size = f"{window:g} s idle, 1 Hz polling"
+    return [
+        Row(
+            group="footprint",
+            name="daemon RSS",
+            unit="MB",
+            ours=ours[0],
+            baseline=seed[0],
+            baseline_name="seed poller process",
+            size=size,
+            repeats=1,
+            target="<= 60 MB",
+            met=ours[0] <= 60,
+        ),
+        Row(
+            group="footprint",
+            name="daemon CPU",
+            unit="% core",
+            ours=ours[1],
+            baseline=seed[1],
+            baseline_name="seed poller process (5 s)",
+            size=size,
+            repeats=1,
+            target="<= 0.5 %",
+            met=ours[1] <= 0.5,
+        ),
+    ]
