@@ -139,7 +139,7 @@ def run(ctx: Context) -> list[Row]:
         s3.stop()
     rows = []
     for q, label in ((0.5, "p50"), (0.99, "p99")):
-        ours, seed = percentile(latency["ours"], q), percentile(latency["seed"], q)
+        ours, base = percentile(latency["ours"], q), percentile(latency["seed"], q)
         p99 = label == "p99"
         rows.append(
             Row(
@@ -147,7 +147,7 @@ def run(ctx: Context) -> list[Row]:
                 name=f"notice -> SIGTERM {label}",
                 unit="s",
                 ours=ours,
-                baseline=seed,
+                baseline=base,
                 baseline_name="seed poller, 5 s, new token per poll",
                 size=f"{n} notices at {POLL_INTERVAL:g} s polling",
                 repeats=n,
