@@ -22,6 +22,7 @@ from test_trainer_harness import (
     STOPPED_RE,
     Trainer,
     reasons,
+    run_to_end,
     tmp_dirs,
 )
 
@@ -35,13 +36,20 @@ def test_sigusr1_saves_requested_and_training_continues(tmp_path: Path) -> None:
         t.signal(signal.SIGUSR1)
         saved = t.wait_for(SAVED_RE)
         assert saved[2] == "requested" and int(saved[1]) >= 5
-        t.wait_for(FINAL_RE)
+        final = t.wait_for(FINAL_RE)[1]
         assert t.finish() == 0, t.report()
     finally:
         t.kill()
     assert t.saved() == [(int(saved[1]), "requested"), (25, "final")]
     steps = [int(m[1]) for line in t.lines if (m := STEP_RE.match(line))]
     assert steps == list(range(1, 26))  # no step skipped or repeated around the save
+
+    # Started again on a finished run: trains nothing, saves nothing, same line.
+    again, t2 = run_to_end(tmp_path / "c", "--steps", "25", "--save-every", "100")
+    assert again == final
+    assert t2.lines[0] == "resumed step=25 reason=final"
+    assert not any(STEP_RE.match(line) for line in t2.lines)
+    assert t2.saved() == []
 
 
 def test_sigterm_at_a_saved_step_writes_nothing_new(tmp_path: Path) -> None:

@@ -41,8 +41,13 @@ MIB = 1 << 20
 
 
 def out(line: str) -> None:
-    """One progress line on stdout, flushed at once so a reader sees it at this boundary."""
-    print(line, flush=True)
+    """One progress line on stdout, flushed at once so a reader sees it at this boundary.
+
+    One write() with its newline: the supervisor shares this stdout, and a line split
+    across two writes could have one of its events land inside it.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def make_data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
