@@ -1,0 +1,148 @@
+"""An optional Prometheus textfile for node_exporter's textfile collector.
+
+The supervisor rewrites it atomically (write, fsync, rename) whenever something it
+counts changes and every few seconds while running, so node_exporter never reads half a
+file. Counters only grow within one supervisor process; Prometheus' ``rate()`` and
+``increase()`` handle the reset when the daemon restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.state import Phase
+
+PREFIX = "spot_supervisor"
+
+
+@dataclass
+class Metrics:
+    """What the supervisor counts; rendered by :func:`render`."""
+
+    run_id: str
+    notices: dict[str, int] = field(default_factory=dict)  # by action
+    checkpoints_committed: int = 0
+    bytes_uploaded: int = 0
+    upload_seconds: float = 0.0
+    newest_committed_step: int | None = None
+    newest_committed_at: float | None = None  # wall clock
+    trainer_restarts: int = 0
+    metadata_failures: int = 0
+    phase: str = Phase.STARTING.value
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(m: Metrics, now: float | None = None) -> str:
+    """The exposition text (format 0.0.4), one HELP and TYPE per family."""
+    now = time.time() if now is None else now
+    run = f'run_id="{_esc(m.run_id)}"'
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        full = f"{PREFIX}_{name}"
+        out.append(f"# HELP {full} {help_}")
+        out.append(f"# TYPE {full} {kind}")
+        for labels, value in samples:
+            out.append(f"{full}{{{labels}}} {value:.17g}")
+
+    family(
+        "notices_total",
+        "counter",
+        "Interruption notices and stops acted on, by action.",
+        [(f'{run},action="{_esc(a)}"', n) for a, n in sorted(m.notices.items())]
+        or [(f'{run},action="terminate"', 0)],
+    )
+    family(
+        "checkpoints_committed_total",
+        "counter",
+        "Checkpoints committed to object storage.",
+        [(run, m.checkpoints_committed)],
+    )
+    family(
+        "uploaded_bytes_total",
+        "counter",
+        "Bytes uploaded to object storage.",
+        [(run, m.bytes_uploaded)],
+    )
+    family(
+        "upload_seconds_total",
+        "counter",
+        "Seconds spent uploading checkpoints.",
+        [(run, m.upload_seconds)],
+    )
+    if m.newest_committed_at is not None and m.newest_committed_step is not None:
+        family(
+            "newest_committed_step",
+            "gauge",
+            "Step of the newest committed checkpoint.",
+            [(run, m.newest_committed_step)],
+        )
+        family(
+            "newest_committed_timestamp_seconds",
+            "gauge",
+            "When the newest committed checkpoint was committed (Unix time).",
+            [(run, m.newest_committed_at)],
+        )
+        family(
+            "newest_committed_age_seconds",
+            "gauge",
+            "Age of the newest committed checkpoint when this file was written.",
+            [(run, max(0.0, now - m.newest_committed_at))],
+        )
+    family(
+        "trainer_restarts_total",
+        "counter",
+        "Restarts of a crashed training command.",
+        [(run, m.trainer_restarts)],
+    )
+    family(
+        "metadata_failures_total",
+        "counter",
+        "Failed polls of the metadata service.",
+        [(run, m.metadata_failures)],
+    )
+    family(
+        "phase",
+        "gauge",
+        "1 for the supervisor's current phase.",
+        [(f'{run},phase="{p.value}"', 1 if p.value == m.phase else 0) for p in Phase],
+    )
+    family(
+        "textfile_written_timestamp_seconds", "gauge", "When this file was written.", [(run, now)]
+    )
+    return "\n".join(out) + "\n"
+
+
+class TextfileWriter:
+    """Writes :class:`Metrics` to ``path`` atomically; a no-op when ``path`` is None."""
+
+    def __init__(self, path: Path | None, metrics: Metrics) -> None:
+        self.path = path
+        self.metrics = metrics
+        self._lock = threading.Lock()
+
+    def write(self) -> bool:
+        """Rewrite the file; False (and nothing raised) when it cannot be written."""
+        if self.path is None:
+            return False
+        with self._lock:
+            text = render(self.metrics)
+            # node_exporter reads every *.prom in the directory: stage under another suffix.
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except OSError:
+                return False
+        return True
