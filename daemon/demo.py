@@ -70,10 +70,21 @@ def write_config(
     for section, values in sections.items():
         lines.append(f"[{section}]")
         for k, v in values.items():
-            lines.append(f"{k} = {json.dumps(v)}")  # JSON strings, numbers and lists are TOML
+            lines.append(f"{k} = {_toml_value(v)}")
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def _toml_value(v: Any) -> str:
+    """A TOML value for strings, numbers, booleans, lists and (inline) tables."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # JSON strings and numbers are TOML
 
 
 @dataclass
