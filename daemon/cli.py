@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from daemon import __version__
-from daemon.config import Config, ConfigError, load
+from daemon.config import Config, ConfigError, check_paths, load
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -68,6 +68,7 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args)  # first: a bad config is exit 2 before anything heavy loads
+    check_paths(cfg)
     from daemon import log
     from daemon.supervisor import Supervisor
 
@@ -129,6 +130,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load_config(args)
+        check_paths(cfg)
     except ConfigError as exc:
         print(f"FAIL config: {exc}")
         return EXIT_USAGE

@@ -50,6 +50,8 @@ class CheckpointsConfig:
 class S3Config:
     endpoint_url: str | None = None
     region: str | None = None
+    part_size_mb: int = 64  # multipart part size (S3: at least 5 MiB)
+    max_concurrency: int = 8  # parallel requests of one transfer (and connections)
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,8 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     "s3": {
         "endpoint_url": (_url, None),
         "region": (_nonempty_string, None),
+        "part_size_mb": (_integer(5, 5120), 64),
+        "max_concurrency": (_integer(1, 64), 8),
     },
     "imds": {
         "url": (_url, "http://169.254.169.254"),
@@ -312,3 +316,25 @@ def load(
     env = os.environ if environ is None else environ
     path = resolve_path(flag, env)
     return build(read_toml(path), env, overrides, source=str(path))
+
+
+def check_paths(cfg: Config) -> None:
+    """What only the running machine can tell: the paths the daemon needs are usable.
+
+    ``run`` and ``check`` call this (``status`` does not: it must work anywhere the
+    config can be read). Directories the daemon creates itself may be missing, but not
+    be files, nor sit under a file.
+    """
+    workdir = cfg.run.workdir
+    if workdir is not None and not workdir.is_dir():
+        what = "is not a directory" if workdir.exists() else "does not exist"
+        raise ConfigError(f"run.workdir: {workdir} {what}")
+    for key, path in (
+        ("checkpoints.local_dir", cfg.checkpoints.local_dir),
+        ("daemon.runtime_dir", cfg.daemon.runtime_dir),
+    ):
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(f"{key}: {path} cannot be a directory: {probe} is a file")

@@ -136,3 +136,123 @@ def test_cli_version() -> None:
     r = run_cli("--version")
     assert r.returncode == 0
     assert r.stdout.startswith("spot-supervisor ")
+
+
+# --- every key: a wrong type and a wrong value, each named in the message ---------------
+
+BASE = {
+    "run": {"id": "r", "command": ["python"]},
+    "checkpoints": {"local_dir": "/tmp/ckpt", "remote": "s3://b/p"},
+}
+
+# A value of the wrong type for each kind of key (the parser's first word in the message).
+WRONG_TYPE: dict[str, tuple[object, str]] = {
+    "run.id": (7, "expected a string"),
+    "run.command": ("python train.py", "expected a non-empty list of strings"),
+    "run.workdir": (["/a"], "expected a string"),
+    "run.env": (["A=1"], "expected a table of string values"),
+    "checkpoints.local_dir": (1, "expected a string"),
+    "checkpoints.remote": (True, "expected a string"),
+    "checkpoints.keep_remote": ("3", "expected an integer"),
+    "s3.endpoint_url": (9000, "expected a string"),
+    "s3.region": (1, "expected a string"),
+    "s3.part_size_mb": (6.5, "expected an integer"),
+    "s3.max_concurrency": ("8", "expected an integer"),
+    "imds.url": (None, "expected a string"),
+    "imds.poll_interval": ("1s", "expected a number"),
+    "imds.token_ttl": (1.5, "expected an integer"),
+    "daemon.runtime_dir": (0, "expected a string"),
+    "daemon.stop_budget": ("90", "expected a number"),
+    "daemon.safety_margin": ([], "expected a number"),
+    "daemon.rescan_interval": (True, "expected a number"),
+    "daemon.max_restarts": (2.0, "expected an integer"),
+    "daemon.restart_window": ("10m", "expected a number"),
+}
+
+WRONG_VALUE: dict[str, tuple[object, str]] = {
+    "run.id": ("has space", "must match"),
+    "run.command": ([], "expected a non-empty list"),
+    "run.workdir": ("relative/dir", "must be an absolute path"),
+    "run.env": ({"A": 1}, "expected a table of string values"),
+    "checkpoints.local_dir": ("ckpt", "must be an absolute path"),
+    "checkpoints.remote": ("gs://bucket", "must look like s3://bucket"),
+    "checkpoints.keep_remote": (0, "must be between 1 and 1000"),
+    "s3.endpoint_url": ("ftp://x", "must be an http:// or https:// URL"),
+    "s3.region": ("  ", "must not be empty"),
+    "s3.part_size_mb": (1, "must be between 5 and 5120"),
+    "s3.max_concurrency": (0, "must be between 1 and 64"),
+    "imds.url": ("169.254.169.254", "must be an http:// or https:// URL"),
+    "imds.poll_interval": (0, "must be between"),
+    "imds.token_ttl": (21601, "must be between 1 and 21600"),
+    "daemon.runtime_dir": ("run", "must be an absolute path"),
+    "daemon.stop_budget": (0, "must be between"),
+    "daemon.safety_margin": (-1, "must be between"),
+    "daemon.rescan_interval": (float("inf"), "must be between"),
+    "daemon.max_restarts": (-1, "must be between 0 and 1000"),
+    "daemon.restart_window": (0.5, "must be between"),
+}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, keys in config.SCHEMA.items() for k in keys]
+
+
+def test_every_key_has_a_bad_type_and_a_bad_value_case() -> None:
+    # A new key must come with its error cases.
+    assert sorted(WRONG_TYPE) == sorted(all_keys())
+    assert sorted(WRONG_VALUE) == sorted(all_keys())
+
+
+def with_key(key: str, value: object) -> dict[str, dict[str, object]]:
+    section, name = key.split(".")
+    doc = {s: dict(t) for s, t in BASE.items()}
+    doc.setdefault(section, {})[name] = value
+    return doc
+
+
+@pytest.mark.parametrize("key", sorted(WRONG_TYPE))
+def test_wrong_type_is_named(key: str) -> None:
+    value, words = WRONG_TYPE[key]
+    with pytest.raises(ConfigError) as exc:
+        config.build(with_key(key, value))
+    assert str(exc.value).startswith(f"{key}: ") and words in str(exc.value)
+
+
+@pytest.mark.parametrize("key", sorted(WRONG_VALUE))
+def test_wrong_value_is_named(key: str) -> None:
+    value, words = WRONG_VALUE[key]
+    with pytest.raises(ConfigError) as exc:
+        config.build(with_key(key, value))
+    assert str(exc.value).startswith(f"{key}: ") and words in str(exc.value)
+
+
+def test_paths_that_do_not_exist_or_cannot_be_directories(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (
+            "run",
+            "workdir",
+            str(tmp_path / "missing"),
+            f"run.workdir: {tmp_path / 'missing'} does not exist",
+        ),
+        ("run", "workdir", str(a_file), f"run.workdir: {a_file} is not a directory"),
+        ("checkpoints", "local_dir", str(a_file / "ckpt"), f"{a_file} is a file"),
+        ("daemon", "runtime_dir", str(a_file), "daemon.runtime_dir"),
+    ]
+    for section, key, value, words in cases:
+        doc = {s: dict(t) for s, t in BASE.items()}
+        doc.setdefault(section, {})[key] = value
+        cfg = config.build(doc)  # the file is well-formed...
+        with pytest.raises(ConfigError) as exc:
+            config.check_paths(cfg)  # ...but this machine cannot run it
+        assert words in str(exc.value)
+    # Directories the daemon creates itself may be missing.
+    config.check_paths(config.build({**BASE, "daemon": {"runtime_dir": str(tmp_path / "new")}}))
+
+
+def test_cli_run_with_a_missing_workdir_exits_2(tmp_path: Path) -> None:
+    text = GOOD.replace("[checkpoints]", f'workdir = "{tmp_path}/nope"\n\n[checkpoints]')
+    r = run_cli("run", "--config", str(write(tmp_path, text)))
+    assert r.returncode == 2
+    assert f"run.workdir: {tmp_path}/nope does not exist" in r.stderr
