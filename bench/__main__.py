@@ -15,6 +15,7 @@ from typing import Any
 
 import bench
 from bench.common import Context, Row, machine
+from bench.cost import cost_markdown
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=2) + "\n"
     )
     md = render_markdown(rows, meta)
+    md += "\n### Cost model\n\n" + cost_markdown([r.to_dict() for r in rows])
     (out / "results.md").write_text(md)
     print("\n" + md)
     return 1 if failed else 0
