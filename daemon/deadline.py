@@ -5,6 +5,11 @@ still be uploaded and committed before the machine goes::
 
     drain_deadline = notice_deadline - safety_margin - upload_reserve
     upload_reserve = newest checkpoint bytes / upload throughput (EWMA of recent uploads)
+    cancel_deadline = notice_deadline - safety_margin
+
+At the drain deadline the trainer's process tree is killed; at the cancel deadline every
+upload still running is cancelled (and its multipart upload aborted), so the machine
+never goes away in the middle of a commit.
 
 Everything is computed on ``time.monotonic()``, so a clock step (NTP) after the notice
 cannot move the deadline.
@@ -62,24 +67,37 @@ class DrainPlan:
     """The numbers behind one drain decision (all logged)."""
 
     notice_deadline: float  # monotonic
-    drain_deadline: float  # monotonic
+    drain_deadline: float  # monotonic: SIGKILL of the trainer's tree
     safety_margin: float
     upload_reserve: float
     reserve_bytes: int
     throughput_mbps: float
+    throughput_measured: bool = False  # False: the default guess, no upload measured yet
+
+    @property
+    def cancel_deadline(self) -> float:
+        """Monotonic: uploads still running then are cancelled (notice less the margin)."""
+        return self.notice_deadline - self.safety_margin
 
     def seconds_left(self, now: float | None = None) -> float:
+        """Seconds until the drain deadline (negative once it passed)."""
         return self.drain_deadline - (time.monotonic() if now is None else now)
+
+    def cancel_in(self, now: float | None = None) -> float:
+        """Seconds until the cancel deadline (negative once it passed)."""
+        return self.cancel_deadline - (time.monotonic() if now is None else now)
 
     def as_fields(self, now: float | None = None) -> dict[str, float | int]:
         t = time.monotonic() if now is None else now
         return {
             "notice_in_s": round(self.notice_deadline - t, 3),
             "drain_in_s": round(self.drain_deadline - t, 3),
+            "cancel_in_s": round(self.cancel_deadline - t, 3),
             "safety_margin_s": self.safety_margin,
             "upload_reserve_s": round(self.upload_reserve, 3),
             "reserve_bytes": self.reserve_bytes,
             "throughput_mbps": round(self.throughput_mbps, 2),
+            "throughput_measured": self.throughput_measured,
         }
 
 
@@ -107,4 +125,5 @@ def plan_drain(
         upload_reserve=reserve,
         reserve_bytes=reserve_bytes,
         throughput_mbps=throughput.bytes_per_second / 1e6,
+        throughput_measured=throughput.measured,
     )

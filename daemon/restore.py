@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 _STREAM_CHUNK = 1024 * 1024
+_MiB = 1024 * 1024
 # botocore retries a request, but not a body that breaks off half-way: retry that here.
 _STREAM_ATTEMPTS = 3
 _STREAM_ERRORS = (
@@ -65,6 +67,76 @@ _STREAM_ERRORS = (
 )
 
 
+class _InOrderHash:
+    """SHA-256 of a file whose ranged parts land in any order, computed while they land.
+
+    Each finished part is reported with :meth:`part_done`; whichever thread completes the
+    part the hash is waiting for hashes it and every later part already there (read back
+    from the page cache), so hashing overlaps the download instead of following it.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._path = path
+        self._size = size
+        self._h = hashlib.sha256()
+        self._next = 0
+        self._ready: dict[int, int] = {}  # start -> length, finished but not yet hashed
+        self._lock = threading.Condition()
+        self._busy = False
+        self._parts_left = 0
+
+    def part_done(self, start: int, length: int) -> None:
+        with self._lock:
+            self._ready[start] = length
+            if self._busy:
+                return  # the hashing thread will find it
+            self._busy = True
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            while True:
+                with self._lock:
+                    n = self._ready.pop(self._next, None)
+                    if n is None:
+                        self._busy = False
+                        self._lock.notify_all()
+                        return
+                    offset = self._next
+                end = offset + n
+                while offset < end:
+                    chunk = os.pread(fd, min(4 * _STREAM_CHUNK, end - offset), offset)
+                    if not chunk:
+                        break
+                    self._h.update(chunk)
+                    offset += len(chunk)
+                with self._lock:
+                    self._next = end
+                    self._lock.notify_all()
+        except BaseException:
+            with self._lock:
+                self._busy = False
+                self._lock.notify_all()
+            raise
+        finally:
+            os.close(fd)
+
+    def expect(self, parts: int) -> None:
+        """The number of parts the file comes in."""
+        self._parts_left = parts
+
+    def last_part_done(self) -> bool:
+        """Count one finished part; True for the last one (its thread finishes the file)."""
+        with self._lock:
+            self._parts_left -= 1
+            return self._parts_left == 0
+
+    def result(self) -> str | None:
+        """Wait until every reported byte is hashed; the digest when that is the whole file."""
+        with self._lock:
+            while self._busy:
+                self._lock.wait()
+            return self._h.hexdigest() if self._next == self._size else None
+
+
 @dataclass(frozen=True)
 class _Part:
     entry: FileEntry
@@ -73,6 +145,7 @@ class _Part:
     start: int
     length: int
     whole: bool  # the whole object in one GET, hashed while streaming
+    hasher: _InOrderHash | None = None  # ranged parts: hashed in order as they finish
 
 
 def download_checkpoint(
@@ -97,6 +170,13 @@ def download_checkpoint(
     (code ``LocalIO``).
     """
     local_dir.mkdir(parents=True, exist_ok=True)
+    # As few GETs as keep at least half the connections streaming: a whole object in one
+    # GET is hashed as it streams (no read-back), and every request has a cost of its own.
+    # A few large files are split into ranges no smaller than part_size.
+    total = manifest.total_bytes
+    concurrency = max(1, max_concurrency)
+    streams = max(1, (concurrency + 1) // 2)
+    range_size = max(part_size, -(-total // streams // _MiB) * _MiB)
     name = step_dir_name(manifest.step)
     tmp = local_dir / f"{TMP_PREFIX}{name}-restore-{os.urandom(4).hex()}"
     tmp.mkdir()
@@ -113,37 +193,29 @@ def download_checkpoint(
             # Sized up front so ranged parts can be written at their offsets in any order.
             with open(partial, "wb") as f:
                 f.truncate(entry.size)
-            if entry.size <= part_size:
+            if entry.size <= range_size:
                 parts.append(_Part(entry, obj, partial, 0, entry.size, whole=True))
             else:
-                for start in range(0, entry.size, part_size):
-                    length = min(part_size, entry.size - start)
-                    parts.append(_Part(entry, obj, partial, start, length, whole=False))
+                hasher = _InOrderHash(partial, entry.size)
+                starts = range(0, entry.size, range_size)
+                hasher.expect(len(starts))
+                for start in starts:
+                    length = min(range_size, entry.size - start)
+                    parts.append(_Part(entry, obj, partial, start, length, False, hasher))
 
-        with ThreadPoolExecutor(
-            max_workers=max(1, max_concurrency), thread_name_prefix="restore"
-        ) as pool:
-            streamed: dict[str, str] = {}
-            for part, digest in _run_all(
-                pool, [(p, pool.submit(_fetch, client, location, p)) for p in parts]
-            ):
-                if digest is not None:
-                    streamed[part.entry.path] = digest
-            finish = [
-                (
-                    entry,
-                    pool.submit(
-                        _finish_file,
-                        location,
-                        entry,
-                        objects[entry.path],
-                        tmp,
-                        streamed.get(entry.path),
-                    ),
-                )
-                for entry in manifest.files
-            ]
-            list(_run_all(pool, finish))
+        def fetch_and_finish(part: _Part) -> str | None:
+            # The thread that lands a file's last byte verifies, fsyncs and renames it, so
+            # that work overlaps the download of the other files.
+            digest = _fetch(client, location, part)
+            if part.hasher is not None:
+                if not part.hasher.last_part_done():
+                    return None
+                digest = part.hasher.result()
+            _finish_file(location, part.entry, part.obj, tmp, digest)
+            return None
+
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="restore") as pool:
+            _run_all(pool, [(p, pool.submit(fetch_and_finish, p)) for p in parts])
 
         with open(tmp / (MANIFEST_NAME + PARTIAL_SUFFIX), "wb") as f:
             f.write(manifest_raw)
@@ -244,6 +316,8 @@ def _fetch(client: S3Client, location: RemoteLocation, part: _Part) -> str | Non
         got = offset - part.start
         if got != part.length:
             raise IntegrityError(f"{url}: got {got} bytes, the manifest says {part.length}")
+        if part.hasher is not None:
+            part.hasher.part_done(part.start, part.length)
         return h.hexdigest() if h is not None else None
     assert last is not None
     raise describe_error(last, action="download", location=location, key=obj.key) from last

@@ -8,12 +8,17 @@ that line is what an operator reads in the journal.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
-from boto3.s3.transfer import TransferConfig
+import structlog
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -24,9 +29,15 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+from s3transfer.exceptions import CancelledError
+from s3transfer.futures import BaseTransferFuture
+from s3transfer.manager import TransferManager
+from s3transfer.utils import OSUtils
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
 
 MiB = 1024 * 1024
 
@@ -62,6 +73,13 @@ class StoreError(RuntimeError):
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+class UploadCancelled(StoreError):
+    """An upload was cancelled (the notice deadline is near); nothing was committed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "Cancelled")
 
 
 class IntegrityError(StoreError):
@@ -126,14 +144,19 @@ def make_s3_client(
     """A boto3 S3 client with standard retries, short timeouts and enough connections.
 
     ``max_pool_connections`` must be at least the transfer concurrency, or transfer
-    threads queue for a connection. With a custom ``endpoint_url`` (MinIO, moto, ...)
+    threads queue for a connection (it is raised to :data:`DEFAULT_MAX_CONCURRENCY`
+    + 2 when given lower). With a custom ``endpoint_url`` (MinIO, moto, ...)
     path-style addressing is used, since such servers rarely serve virtual hosts.
     """
+    max_pool_connections = max(max_pool_connections, DEFAULT_MAX_CONCURRENCY + 2)
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_pool_connections=max_pool_connections,
+        # Restore hashes every byte with the manifest's sha256 itself, end to end; botocore's
+        # own check of a response checksum would hash the same bytes a second time.
+        response_checksum_validation="when_required",
         # Custom endpoints (MinIO, moto, ...) rarely serve virtual-hosted buckets.
         s3={"addressing_style": "path"} if endpoint_url else None,
     )
@@ -150,7 +173,8 @@ def make_transfer_config(
 ) -> TransferConfig:
     """Transfer settings for uploads (and the ranged downloads of restore).
 
-    Always the classic s3transfer client: the CRT one ignores ``endpoint_url``.
+    The classic s3transfer client by default; :func:`make_transfer_manager` picks the
+    CRT one only when it is installed and no ``endpoint_url`` is set.
     """
     return TransferConfig(
         multipart_threshold=part_size if multipart_threshold is None else multipart_threshold,
@@ -159,6 +183,159 @@ def make_transfer_config(
         use_threads=True,
         preferred_transfer_client="classic",
     )
+
+
+def crt_available() -> bool:
+    """Whether the AWS CRT transfer client (``awscrt``) is installed."""
+    return importlib.util.find_spec("awscrt") is not None
+
+
+def use_crt(endpoint_url: str | None) -> bool:
+    """CRT only for AWS itself: the CRT client ignores ``endpoint_url``."""
+    return not endpoint_url and crt_available()
+
+
+class RenameTolerantOSUtils(OSUtils):
+    """s3transfer's file access, opening a file at its *current* path.
+
+    s3transfer opens an uploaded file by name once per part. A file staged while its
+    checkpoint is being written lives in ``.tmp-step-N-*/``, which the writer renames to
+    ``step-N/`` while later parts may still be read; ``resolve`` maps the old path to
+    the new one, so the upload goes on instead of failing half-way.
+    """
+
+    def __init__(self, resolve: Callable[[str], str] | None = None) -> None:
+        super().__init__()
+        self._resolve = resolve
+
+    def _retry(self, fn: Callable[[str], Any], filename: str) -> Any:
+        try:
+            return fn(filename)
+        except FileNotFoundError:
+            if self._resolve is None:
+                raise
+            moved = self._resolve(filename)
+            if moved == filename:
+                raise
+            return fn(moved)
+
+    def get_file_size(self, filename: str) -> int:
+        size: int = self._retry(os.path.getsize, filename)
+        return size
+
+    def open(self, filename: str, mode: str) -> Any:
+        return self._retry(lambda f: open(f, mode), filename)
+
+
+def make_transfer_manager(
+    client: S3Client,
+    config: TransferConfig,
+    *,
+    crt: bool = False,
+    resolve: Callable[[str], str] | None = None,
+) -> Any:
+    """A transfer manager: CRT when ``crt`` (see :func:`use_crt`), else the classic one.
+
+    The classic one is tuned by ``config`` (part size, concurrency) and reads files
+    through :class:`RenameTolerantOSUtils`. Returns ``Any`` because the CRT manager
+    shares no base class with the classic one; both offer ``upload``/``shutdown``.
+    """
+    if crt:
+        crt_config = TransferConfig(
+            multipart_threshold=config.multipart_threshold,
+            multipart_chunksize=config.multipart_chunksize,
+            max_concurrency=config.max_request_concurrency,
+            preferred_transfer_client="crt",
+        )
+        return create_transfer_manager(client, crt_config)
+    return TransferManager(client, config, osutil=RenameTolerantOSUtils(resolve))
+
+
+# Requests that write: refused once uploads are cancelled. Aborts, deletes, listings and
+# reads still go through, so a cancelled upload can clean up after itself.
+_WRITE_OPERATIONS = (
+    "PutObject",
+    "UploadPart",
+    "CreateMultipartUpload",
+    "CompleteMultipartUpload",
+    "CopyObject",
+    "UploadPartCopy",
+)
+
+
+class CancelSwitch:
+    """One switch that stops every upload through one client, at once and for good.
+
+    Thrown when the notice deadline (less the safety margin) comes: every tracked
+    transfer future is cancelled (s3transfer then aborts its multipart upload), parts
+    being sent stop at their next read, and any further write request through the
+    client fails before it is sent, so no manifest can be written after the switch.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._futures: set[BaseTransferFuture] = set()
+        self.reason = ""
+
+    def install(self, client: S3Client) -> None:
+        """Refuse write requests through ``client`` once the switch is thrown."""
+        for op in _WRITE_OPERATIONS:
+            client.meta.events.register(f"before-send.s3.{op}", self._before_send)
+
+    def _before_send(self, **_kwargs: Any) -> None:
+        # Raised inside botocore's send: not a transient error, so it is not retried.
+        if self._event.is_set():
+            raise UploadCancelled(f"upload cancelled: {self.reason}")
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the switch has been thrown."""
+        return self._event.is_set()
+
+    def check(self, what: str) -> None:
+        """Raise :class:`UploadCancelled` (naming ``what``) when the switch is thrown."""
+        if self._event.is_set():
+            raise UploadCancelled(f"{what}: upload cancelled ({self.reason})")
+
+    def track(self, future: BaseTransferFuture) -> None:
+        """Cancel ``future`` with the others (at once, if already thrown)."""
+        with self._lock:
+            self._futures.add(future)
+            thrown = self._event.is_set()
+        if thrown:
+            future.cancel()
+
+    def untrack(self, future: BaseTransferFuture) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def cancel(self, reason: str) -> int:
+        """Throw the switch; the number of transfers it cancelled."""
+        with self._lock:
+            if self._event.is_set():
+                return 0
+            self.reason = reason
+            self._event.set()
+            futures = list(self._futures)
+        for f in futures:
+            if not f.done():
+                f.cancel()
+        log.warning("uploads_cancelled", reason=reason, transfers=len(futures))
+        return len(futures)
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` (possibly wrapped by botocore) comes from a :class:`CancelSwitch`."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (UploadCancelled, CancelledError)):
+            return True
+        inner = getattr(cur, "kwargs", {}).get("error") if hasattr(cur, "kwargs") else None
+        cur = inner if isinstance(inner, BaseException) else (cur.__cause__ or cur.__context__)
+    return False
 
 
 def _client_error_code(exc: ClientError) -> tuple[str, str, int]:
@@ -185,6 +362,8 @@ def describe_error(
     what = location.url(key) if key is not None else f"bucket {location.bucket!r}"
     if isinstance(exc, StoreError):
         return exc
+    if is_cancellation(exc):
+        return UploadCancelled(f"{action} {what}: upload cancelled")
     if isinstance(exc, ClientError):
         code, message, status = _client_error_code(exc)
         if code == "NoSuchBucket":

@@ -14,14 +14,17 @@ S3-compatible servers do not verify checksums.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
 import json
 import os
 import re
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,10 +32,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
-from s3transfer.manager import TransferManager
+from s3transfer.exceptions import CancelledError
 
 from daemon.layout import (
     MANIFEST_NAME,
+    FileEntry,
     Manifest,
     ManifestError,
     list_step_dirs,
@@ -44,12 +48,15 @@ from daemon.layout import (
 )
 from daemon.restore import download_checkpoint
 from daemon.s3client import (
+    CancelSwitch,
     IntegrityError,
     RemoteLocation,
     RemoteObject,
     StoreError,
+    UploadCancelled,
     describe_error,
     make_transfer_config,
+    make_transfer_manager,
 )
 
 if TYPE_CHECKING:
@@ -64,6 +71,8 @@ CHECKPOINTS_DIR = "checkpoints"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _HASH_CHUNK = 4 * 1024 * 1024
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
+# CopyObject takes objects up to 5 GiB; a larger unchanged file is simply uploaded again.
+_MAX_COPY_BYTES = 5 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,9 @@ class UploadResult:
     """One commit: ``mbps`` is megabytes (10^6 bytes) per second over the whole commit.
 
     ``already_committed`` is True when the step was already remote and nothing was sent.
+    ``bytes`` is the checkpoint's size; of it, ``bytes_sent`` went over the wire in the
+    commit, ``bytes_copied`` was copied server-side from the previous checkpoint, and
+    ``bytes_staged`` had been uploaded before the commit began (emergency pipeline).
     """
 
     step: int
@@ -94,6 +106,10 @@ class UploadResult:
     seconds: float
     mbps: float
     already_committed: bool = False
+    bytes_sent: int = 0
+    bytes_copied: int = 0
+    bytes_staged: int = 0
+    remote: RemoteCheckpoint | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -127,9 +143,11 @@ class CheckpointStore:
         transfer_config: TransferConfig | None = None,
         *,
         checksum_algorithm: str | None = "SHA256",
+        crt: bool = False,
     ) -> None:
         """``checksum_algorithm`` asks the server to verify each upload on arrival too
-        (None for S3-compatible servers that reject ``x-amz-checksum-*`` headers)."""
+        (None for S3-compatible servers that reject ``x-amz-checksum-*`` headers).
+        ``crt`` uploads through the CRT client (see :func:`daemon.s3client.use_crt`)."""
         if not _RUN_ID_RE.match(run_id):
             raise ValueError(f"run id {run_id!r} does not match [A-Za-z0-9._-]{{1,128}}")
         self.client = client
@@ -138,6 +156,12 @@ class CheckpointStore:
         self.transfer_config = transfer_config or make_transfer_config()
         self._checksum_algorithm = checksum_algorithm
         self._checkpoints_prefix = location.key(run_id, CHECKPOINTS_DIR) + "/"
+        self._crt = crt
+        self._switch = CancelSwitch()
+        self._switch.install(client)
+        self._resolvers: list[Callable[[str], str]] = []
+        self._tm: Any = None
+        self._tm_lock = threading.Lock()
 
     # -- keys -------------------------------------------------------------------------
 
@@ -219,18 +243,91 @@ class CheckpointStore:
 
     # -- upload -----------------------------------------------------------------------
 
-    def upload_checkpoint(self, ckpt_dir: Path, manifest: Manifest) -> UploadResult:
+    @property
+    def cancel_switch(self) -> CancelSwitch:
+        """Thrown once, at the notice deadline less the margin: every upload stops."""
+        return self._switch
+
+    def add_path_resolver(self, resolve: Callable[[str], str]) -> None:
+        """Let uploads find a file whose directory was renamed while it was being sent."""
+        self._resolvers.append(resolve)
+
+    def _resolve_path(self, path: str) -> str:
+        for resolve in self._resolvers:
+            moved = resolve(path)
+            if moved != path:
+                return moved
+        return path
+
+    @property
+    def transfer_manager(self) -> Any:
+        """The one transfer manager of this store (its concurrency is shared by all uploads)."""
+        with self._tm_lock:
+            if self._tm is None:
+                self._tm = make_transfer_manager(
+                    self.client, self.transfer_config, crt=self._crt, resolve=self._resolve_path
+                )
+            return self._tm
+
+    def close(self) -> None:
+        """Shut the transfer manager down (waiting for what is in flight)."""
+        with self._tm_lock:
+            tm, self._tm = self._tm, None
+        if tm is not None:
+            tm.shutdown(cancel=self._switch.cancelled)
+
+    def upload_args(self, sha256: str | None) -> dict[str, Any]:
+        """Extra arguments of every file upload: our sha256 (when known before it is
+        sent), and the server-side checksum."""
+        extra: dict[str, Any] = {"Metadata": {"sha256": sha256}} if sha256 else {}
+        if self._checksum_algorithm:
+            extra["ChecksumAlgorithm"] = self._checksum_algorithm
+        return extra
+
+    def start_upload(self, path: Path, key: str, sha256: str | None) -> Any:
+        """Submit one file to the transfer manager; its future, cancelled with the switch."""
+        self._switch.check(f"upload {self.location.url(key)}")
+        future = self.transfer_manager.upload(
+            str(path), self.location.bucket, key, extra_args=self.upload_args(sha256)
+        )
+        self._switch.track(future)
+        return future
+
+    def wait_upload(self, future: Any, key: str) -> None:
+        """Wait for one submitted upload; its failure as :class:`StoreError`."""
+        try:
+            future.result()
+        except FileNotFoundError:
+            raise
+        except (ClientError, BotoCoreError, OSError, CancelledError, UploadCancelled) as exc:
+            raise describe_error(exc, action="upload", location=self.location, key=key) from exc
+        finally:
+            self._switch.untrack(future)
+
+    def upload_checkpoint(
+        self,
+        ckpt_dir: Path,
+        manifest: Manifest,
+        *,
+        previous: RemoteCheckpoint | None = None,
+        staged: Mapping[str, int] | None = None,
+    ) -> UploadResult:
         """Commit a complete local checkpoint: every file, then the manifest last.
 
         Each file is hashed right before it is sent and must match the manifest, and
         must not change while it is sent; otherwise nothing is committed
-        (:class:`IntegrityError`). A step already committed remotely is left alone
-        (``already_committed``). Any failure leaves no manifest behind. Raises
-        :class:`StoreError` (:class:`IntegrityError` for bytes that do not match), or
+        (:class:`IntegrityError`). A file whose size and sha256 equal those of a file of
+        ``previous`` (the newest committed checkpoint) is copied server-side instead of
+        sent. ``staged`` names files already uploaded and verified (by the emergency
+        pipeline), with their sizes: they are not sent again. A step already committed
+        remotely is left alone (``already_committed``). Any failure leaves no manifest
+        behind; a cancellation (:class:`UploadCancelled`) also aborts this step's
+        unfinished multipart uploads. Raises :class:`StoreError`, or
         ``FileNotFoundError`` when the local checkpoint vanished (pruned) meanwhile.
         """
         t0 = time.monotonic()
         step = manifest.step
+        self._switch.check(f"commit step {step}")
         manifest_raw = self._manifest_bytes(ckpt_dir, manifest)
         manifest_key = self.file_key(step, MANIFEST_NAME)
         existing = self._step_objects(step)
@@ -241,7 +338,7 @@ class CheckpointStore:
                     # Both are valid states of the run; the one committed first stays.
                     log.warning("checkpoint_conflict", step=step, key=committed.manifest_key)
                 log.info("checkpoint_already_committed", step=step)
-                return UploadResult(step, 0, 0.0, 0.0, already_committed=True)
+                return UploadResult(step, 0, 0.0, 0.0, already_committed=True, remote=committed)
             # A manifest whose files are broken: withdraw the commit before replacing them,
             # so nobody restores a half-replaced checkpoint meanwhile.
             self._call(
@@ -249,19 +346,58 @@ class CheckpointStore:
                 manifest_key,
                 lambda: self.client.delete_object(Bucket=self.location.bucket, Key=manifest_key),
             )
-
-        self._upload_files(ckpt_dir, manifest)
-        uploaded = time.monotonic()
-        log.info(
-            "checkpoint_uploaded",
-            step=step,
-            files=len(manifest.files),
-            bytes=manifest.total_bytes,
-            seconds=round(uploaded - t0, 3),
+        staged = dict(staged or {})
+        try:
+            copied = self._copy_unchanged(manifest, previous, exclude=set(staged))
+            to_send = [e for e in manifest.files if e.path not in staged and e.path not in copied]
+            self._upload_files(ckpt_dir, step, to_send)
+            sent = sum(e.size for e in to_send)
+            bytes_copied = sum(e.size for e in manifest.files if e.path in copied)
+            bytes_staged = sum(e.size for e in manifest.files if e.path in staged)
+            uploaded = time.monotonic()
+            log.info(
+                "checkpoint_uploaded",
+                step=step,
+                files=len(manifest.files),
+                bytes=manifest.total_bytes,
+                bytes_sent=sent,
+                bytes_copied=bytes_copied,
+                bytes_staged=bytes_staged,
+                seconds=round(uploaded - t0, 3),
+            )
+            remote = self.commit_manifest(step, manifest, manifest_raw)
+        except UploadCancelled:
+            self.abort_incomplete_uploads(self.step_prefix(step))
+            raise
+        seconds = time.monotonic() - t0
+        result = UploadResult(
+            step,
+            manifest.total_bytes,
+            seconds,
+            _mbps(manifest.total_bytes, seconds),
+            bytes_sent=sent,
+            bytes_copied=bytes_copied,
+            bytes_staged=bytes_staged,
+            remote=remote,
         )
+        log.info(
+            "checkpoint_committed",
+            step=step,
+            bytes=result.bytes,
+            bytes_sent=sent,
+            bytes_copied=bytes_copied,
+            bytes_staged=bytes_staged,
+            seconds=round(seconds, 3),
+            mbps=round(result.mbps, 2),
+        )
+        return result
 
-        # The server said yes to every file; check the listing agrees before committing.
+    def commit_manifest(
+        self, step: int, manifest: Manifest, manifest_raw: bytes
+    ) -> RemoteCheckpoint:
+        """Write the manifest (the commit) once the listing shows every file with its size."""
         listed = self._step_objects(step)
+        objects: dict[str, RemoteObject] = {}
         for entry in manifest.files:
             obj = listed.get(entry.path)
             if obj is None or obj.size != entry.size:
@@ -269,19 +405,11 @@ class CheckpointStore:
                     f"commit {self.location.url(self.file_key(step, entry.path))}: "
                     f"not listed with {entry.size} bytes after upload; manifest not written"
                 )
+            objects[entry.path] = obj
+        manifest_key = self.file_key(step, MANIFEST_NAME)
+        self._switch.check(f"commit {self.location.url(manifest_key)}")
         self._put_bytes(manifest_key, manifest_raw, content_type="application/json")
-        seconds = time.monotonic() - t0
-        result = UploadResult(
-            step, manifest.total_bytes, seconds, _mbps(manifest.total_bytes, seconds)
-        )
-        log.info(
-            "checkpoint_committed",
-            step=step,
-            bytes=result.bytes,
-            seconds=round(seconds, 3),
-            mbps=round(result.mbps, 2),
-        )
-        return result
+        return RemoteCheckpoint(step, manifest, manifest_key, manifest_raw, objects)
 
     def _manifest_bytes(self, ckpt_dir: Path, manifest: Manifest) -> bytes:
         # The exact local bytes when there are some, so remote and local manifests are equal.
@@ -295,35 +423,119 @@ class CheckpointStore:
             raise IntegrityError(f"{ckpt_dir / MANIFEST_NAME} differs from the manifest to commit")
         return raw
 
-    def _upload_files(self, ckpt_dir: Path, manifest: Manifest) -> None:
+    def _copy_unchanged(
+        self, manifest: Manifest, previous: RemoteCheckpoint | None, exclude: set[str]
+    ) -> set[str]:
+        """Copy server-side every file equal (size, sha256) to one of ``previous``."""
+        if previous is None or previous.step == manifest.step:
+            return set()
+        sources = {
+            (e.sha256, e.size): previous.objects[e.path]
+            for e in previous.manifest.files
+            if e.path in previous.objects
+        }
+        jobs = [
+            (e, sources[(e.sha256, e.size)])
+            for e in manifest.files
+            if e.path not in exclude
+            and e.size > 0
+            and e.size <= _MAX_COPY_BYTES
+            and (e.sha256, e.size) in sources
+        ]
+        if not jobs:
+            return set()
+        copied: set[str] = set()
+        workers = max(1, min(len(jobs), self.transfer_config.max_request_concurrency))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="copy") as pool:
+            futures = {
+                pool.submit(self.copy_file, src, self.file_key(manifest.step, e.path), e): e
+                for e, src in jobs
+            }
+            for fut in as_completed(futures):
+                if fut.result():
+                    copied.add(futures[fut].path)
+        return copied
+
+    def copy_file(self, src: RemoteObject, key: str, entry: FileEntry) -> bool:
+        """CopyObject one unchanged file; False (upload it instead) when the source is gone."""
+        self._switch.check(f"copy {self.location.url(key)}")
+        extra: dict[str, Any] = {}
+        if self._checksum_algorithm:
+            extra["ChecksumAlgorithm"] = self._checksum_algorithm
+        try:
+            self.client.copy_object(
+                Bucket=self.location.bucket,
+                Key=key,
+                CopySource={"Bucket": self.location.bucket, "Key": src.key},
+                CopySourceIfMatch=src.etag,
+                MetadataDirective="COPY",
+                **extra,
+            )
+        except (ClientError, BotoCoreError) as exc:
+            err = describe_error(exc, action="copy", location=self.location, key=key)
+            if err.code in ("NoSuchKey", "PreconditionFailed"):
+                log.info("copy_source_gone", key=key, source=src.key, code=err.code)
+                return False
+            raise err from exc
+        log.info("file_copied", key=key, source=src.key, bytes=entry.size)
+        return True
+
+    def _upload_files(self, ckpt_dir: Path, step: int, entries: list[FileEntry]) -> None:
         # Pipelined: the next file is hashed while earlier ones are on the wire.
-        bucket = self.location.bucket
         pending = []
-        with TransferManager(self.client, self.transfer_config) as tm:
-            for entry in manifest.files:
+        try:
+            for entry in entries:
                 path = ckpt_dir / entry.path
-                key = self.file_key(manifest.step, entry.path)
+                key = self.file_key(step, entry.path)
                 before = _verify_local(path, entry.size, entry.sha256)
-                extra: dict[str, Any] = {"Metadata": {"sha256": entry.sha256}}
-                if self._checksum_algorithm:
-                    extra["ChecksumAlgorithm"] = self._checksum_algorithm
-                fut = tm.upload(str(path), bucket, key, extra_args=extra)
-                pending.append((path, key, before, fut))
+                pending.append((path, key, before, self.start_upload(path, key, entry.sha256)))
             for path, key, before, fut in pending:
-                try:
-                    fut.result()
-                except FileNotFoundError:
-                    raise  # pruned between the hash and the upload: see _verify_local
-                except (ClientError, BotoCoreError, OSError) as exc:
-                    raise describe_error(
-                        exc, action="upload", location=self.location, key=key
-                    ) from exc
+                self.wait_upload(fut, key)
                 # Hashed before it was sent: a file rewritten since would commit other bytes.
                 if _stat_key(path) != before:
                     raise IntegrityError(
                         f"upload {self.location.url(key)}: {path} changed "
                         "while it was uploaded; manifest not written"
                     )
+        except BaseException:
+            for _path, _key, _before, fut in pending:
+                if not fut.done():
+                    fut.cancel()
+            for _path, _key, _before, fut in pending:
+                with contextlib.suppress(Exception):
+                    fut.result()
+                self._switch.untrack(fut)
+            raise
+
+    def abort_incomplete_uploads(self, prefix: str | None = None) -> int:
+        """Abort every unfinished multipart upload under ``prefix`` (default: the run's).
+
+        At boot, those are leftovers of a machine that went away mid-upload; after a
+        cancellation, those s3transfer could not abort itself. Either way they cost
+        storage and are never part of a commit.
+        """
+        prefix = prefix if prefix is not None else self.location.key(self.run_id) + "/"
+        bucket = self.location.bucket
+
+        def run() -> int:
+            aborted = 0
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for up in page.get("Uploads", []):
+                    key, upload_id = up.get("Key", ""), up.get("UploadId", "")
+                    # Some servers ignore Prefix: filter here too.
+                    if not key.startswith(prefix) or not upload_id:
+                        continue
+                    with contextlib.suppress(ClientError):  # finished or aborted meanwhile
+                        self.client.abort_multipart_upload(
+                            Bucket=bucket, Key=key, UploadId=upload_id
+                        )
+                        aborted += 1
+            return aborted
+
+        aborted = self._call("abort", prefix, run)
+        log.info("multipart_uploads_aborted", prefix=prefix, aborted=aborted)
+        return aborted
 
     # -- restore ----------------------------------------------------------------------
 
@@ -444,6 +656,39 @@ class CheckpointStore:
                     first.get("Code"),
                 )
         log.info("checkpoint_deleted", step=step, objects=len(keys))
+
+    def apply_retention(self, keep: int) -> list[int]:
+        """Keep the newest ``keep`` committed checkpoints; delete older ones. The deleted steps.
+
+        Runs after a commit: a checkpoint is deleted only while ``keep`` newer ones are
+        committed and verified (manifest parses, every file listed with its size), and
+        each deletion withdraws the manifest before the data. Leftovers without a
+        manifest (a cancelled upload) older than the oldest kept checkpoint go too.
+        """
+        if keep < 1:
+            raise ValueError(f"keep {keep} must be at least 1")
+        by_step: dict[int, dict[str, RemoteObject]] = {}
+        for obj in self._list(self._checkpoints_prefix):
+            step_dir, _, path = obj.key[len(self._checkpoints_prefix) :].partition("/")
+            step = parse_step_dir(step_dir)
+            if step is not None and path:
+                by_step.setdefault(step, {})[path] = obj
+        kept: list[int] = []
+        doomed: list[int] = []
+        for step in sorted(by_step, reverse=True):
+            if len(kept) < keep:
+                if self._committed(step, by_step[step]) is not None:
+                    kept.append(step)
+                continue
+            doomed.append(step)
+        if len(kept) < keep:
+            return []  # not enough verified newer ones: delete nothing
+        doomed = [s for s in doomed if s < kept[-1]]
+        for step in doomed:
+            self.delete_checkpoint(step)
+        if doomed:
+            log.info("retention_applied", keep=keep, kept=kept, deleted=doomed)
+        return doomed
 
     def check_writable(self) -> None:
         """Preflight: put and delete a small probe object under the run's prefix."""

@@ -26,11 +26,17 @@ from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_m
 from daemon.imds import ImdsClient
 from daemon.notice_watch import NoticeWatcher
 from daemon.notices import AwsRebalanceSource, AwsSpotSource, Notice
-from daemon.s3client import StoreError, make_s3_client, parse_remote
+from daemon.s3client import (
+    StoreError,
+    make_s3_client,
+    make_transfer_config,
+    parse_remote,
+    use_crt,
+)
 from daemon.sdnotify import Notifier, watchdog_interval
 from daemon.state import Phase, StateMachine, write_json_atomic
 from daemon.store import CheckpointStore
-from daemon.sync import CheckpointSync, SyncStats
+from daemon.sync import CheckpointSync, FlushHandle, SyncStats
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +57,11 @@ class Drain:
 def build_store(cfg: Config) -> CheckpointStore:
     """The S3 checkpoint store for this run, from the config."""
     location = parse_remote(cfg.checkpoints.remote)
-    client = make_s3_client(cfg.s3.endpoint_url, cfg.s3.region)
-    return CheckpointStore(client, location, cfg.run.id)
+    concurrency = cfg.s3.max_concurrency
+    # A connection per concurrent request, plus headroom for the stager and listings.
+    client = make_s3_client(cfg.s3.endpoint_url, cfg.s3.region, 2 * concurrency + 2)
+    transfer = make_transfer_config(cfg.s3.part_size_mb * 1024 * 1024, concurrency)
+    return CheckpointStore(client, location, cfg.run.id, transfer, crt=use_crt(cfg.s3.endpoint_url))
 
 
 def newest_local_bytes(local_dir: Path) -> int:
@@ -80,6 +89,7 @@ class Supervisor:
             self.throughput,
             cfg.daemon.rescan_interval,
             on_change=self._sync_changed,
+            keep_remote=cfg.checkpoints.keep_remote,
         )
         self.events: queue.Queue[Notice] = queue.Queue()
         client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
@@ -97,6 +107,7 @@ class Supervisor:
         self._restart_at: float | None = None
         self._watchdog_every = watchdog_interval()
         self._last_watchdog = 0.0
+        self._flush: FlushHandle | None = None
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -154,10 +165,19 @@ class Supervisor:
             return self._run_restored()
         finally:
             self.watcher.stop()
-            self.sync.stop()
+            if self._flush is None or self._flush.done.is_set():
+                # A flush still stuck on the network past the deadline is left behind.
+                self.sync.stop()
+                self.store.close()
 
     def _run_restored(self) -> int:
         restored = self.store.restore_newest(self.cfg.checkpoints.local_dir)
+        try:
+            # Leftovers of a machine that went away mid-upload: they cost storage and are
+            # never part of a commit. Boot time, like the restore: nothing else runs yet.
+            self.store.abort_incomplete_uploads()
+        except StoreError as exc:
+            log.warning("multipart_cleanup_failed", error=str(exc))
         self.sync.load_remote()
         self.sync.start()
         step = restored.step if restored is not None else None
@@ -254,6 +274,8 @@ class Supervisor:
             },
         )
         signalled = self.child.send(signal.SIGTERM) if self.child else False
+        # Threads only, no S3 I/O here: stage the emergency checkpoint's files as they land.
+        self.sync.begin_emergency()
         plan = plan_drain(
             wall_to_monotonic(deadline_wall),
             self.cfg.daemon.safety_margin,
@@ -272,12 +294,37 @@ class Supervisor:
         )
 
     def _finish_drain(self) -> int:
+        """The emergency commit, in the flush thread; this loop keeps the clock.
+
+        At the cancel deadline (the notice deadline less the safety margin) every upload
+        still running is cancelled and its multipart upload aborted: the newest
+        committed checkpoint then stands, and nothing is ever half committed.
+        """
         assert self.drain is not None
-        self.state.update(child_pid=None)
-        self.state.transition(Phase.UPLOADING, "emergency commit")
-        self.sync.stop()
-        committed = self.sync.flush()
         plan = self.drain.plan
+        self.state.update(child_pid=None)
+        self.state.transition(Phase.UPLOADING, "emergency commit", **plan.as_fields())
+        flush = self._flush = self.sync.flush_async()
+        cancelled_at: float | None = None
+        while not flush.done.is_set():
+            self._ping_watchdog()
+            now = time.monotonic()
+            if cancelled_at is None and plan.cancel_in(now) <= 0:
+                cancelled_at = now
+                transfers = self.sync.cancel("notice deadline less the safety margin")
+                log.warning(
+                    "upload_cancel_deadline_reached", transfers=transfers, **plan.as_fields(now)
+                )
+            if cancelled_at is not None and now >= max(plan.notice_deadline, cancelled_at + 1.0):
+                # The flush did not return even after the cancel: the machine goes anyway.
+                log.error(
+                    "emergency_flush_stuck", seconds_since_cancel=round(now - cancelled_at, 3)
+                )
+                break
+            flush.done.wait(_TICK)
+        committed = (
+            flush.committed if flush.done.is_set() else self.sync.stats.newest_committed_step
+        )
         left = plan.notice_deadline - time.monotonic()
         local = layout.list_step_dirs(self.cfg.checkpoints.local_dir)
         newest_local = local[0][0] if local else None
@@ -285,8 +332,12 @@ class Supervisor:
             "committed_step": committed,
             "newest_local_step": newest_local,
             "seconds_before_deadline": round(left, 3),
+            "uploads_cancelled": cancelled_at is not None,
+            "bytes_staged": self.sync.stager.bytes_staged,
             "action": self.drain.action,
         }
+        if flush.error is not None:
+            fields["error"] = flush.error
         if committed is not None and committed == newest_local and left >= 0:
             log.info("emergency_committed", **fields)
         else:

@@ -3,8 +3,15 @@
 inotify events are hints, rescans are truth: the watchdog handler only wakes the
 worker, and the worker rescans ``local_dir`` at start, on every hint, every
 ``rescan_interval`` seconds, and once more in the final flush, because inotify can
-drop events. The newest checkpoint goes first; one older than the newest committed
-one is superseded and skipped.
+drop events. The upload queue is the rescan's list of complete checkpoints not yet
+committed, newest first. An older one superseded by a newer checkpoint is skipped when
+bandwidth is short: when sending it would take longer than the trainer takes to write
+the next checkpoint, and always in the final flush, where the deadline is near.
+
+After each commit, remote retention keeps the newest ``keep_remote`` committed
+checkpoints (see :meth:`daemon.store.CheckpointStore.apply_retention`). During a
+drain, :meth:`CheckpointSync.begin_emergency` also starts the :class:`Stager`, which
+uploads the files of the checkpoint being written before the writer has finished it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -22,17 +29,11 @@ from watchdog.observers import Observer
 
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
-from daemon.store import RemoteCheckpoint, UploadResult
+from daemon.pipeline import Stager
+from daemon.s3client import StoreError, UploadCancelled
+from daemon.store import CheckpointStore, RemoteCheckpoint
 
 log = structlog.get_logger(__name__)
-
-
-class RemoteStore(Protocol):
-    """What the sync needs of :class:`daemon.store.CheckpointStore`."""
-
-    def list_committed(self) -> list[RemoteCheckpoint]: ...
-
-    def upload_checkpoint(self, ckpt_dir: Path, manifest: layout.Manifest) -> UploadResult: ...
 
 
 @dataclass
@@ -43,28 +44,59 @@ class SyncStats:
     newest_committed_step: int | None = None
     committed: int = 0
     bytes_uploaded: int = 0
+    bytes_copied: int = 0
     upload_seconds: float = 0.0
     last_upload_mbps: float | None = None
     failures: int = 0
 
 
 class _Wake(FileSystemEventHandler):
-    """Turns a checkpoint appearing under its final name into a rescan hint (no I/O here)."""
+    """Turns file-system events into hints (no I/O here).
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    A checkpoint appearing under its final name wakes the sync; a file appearing under
+    its final name inside a ``.tmp-step-*`` directory wakes the stager.
+    """
+
+    def __init__(self, wake: Callable[[], None], stage: Callable[[], None]) -> None:
         self._wake = wake
+        self._stage = stage
 
     def _maybe(self, path: str | bytes) -> None:
-        name = Path(path if isinstance(path, str) else path.decode()).name
-        if layout.parse_step_dir(name) is not None:
+        p = Path(path if isinstance(path, str) else path.decode())
+        if layout.parse_step_dir(p.name) is not None:
             self._wake()
+        elif not p.name.endswith(layout.PARTIAL_SUFFIX) and any(
+            layout.parse_tmp_dir(part) is not None for part in p.parts[-8:-1]
+        ):
+            self._stage()
 
     def on_moved(self, event: FileSystemEvent) -> None:
-        # The writer renames .tmp-step-N-* to step-N: that rename is the completion.
+        # The writer renames .tmp-step-N-* to step-N (the completion), and each
+        # <name>.partial to <name> (that file is final).
         self._maybe(event.dest_path)
 
     def on_created(self, event: FileSystemEvent) -> None:
         self._maybe(event.src_path)
+
+
+class FlushHandle:
+    """A final flush running in its own thread, so the main loop keeps its clock."""
+
+    def __init__(self, target: Callable[[], int | None]) -> None:
+        self.done = threading.Event()
+        self.committed: int | None = None
+        self.error: str | None = None
+        self._target = target
+        self._thread = threading.Thread(target=self._run, name="final-flush", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.committed = self._target()
+        except Exception as exc:  # reported by the caller; the flush itself logs details
+            self.error = str(exc)
+        finally:
+            self.done.set()
 
 
 class CheckpointSync:
@@ -72,24 +104,30 @@ class CheckpointSync:
 
     def __init__(
         self,
-        store: RemoteStore,
+        store: CheckpointStore,
         local_dir: Path,
         throughput: ThroughputEstimate,
         rescan_interval: float,
         on_change: Callable[[SyncStats], None] | None = None,
+        *,
+        keep_remote: int | None = None,
+        stage_rescan_interval: float = 0.25,
     ) -> None:
         self._store = store
         self._dir = local_dir
         self._throughput = throughput
         self._rescan_interval = rescan_interval
         self._on_change = on_change
+        self._keep_remote = keep_remote
         self._hint = threading.Event()
         self._stopping = threading.Event()
         # One upload pass at a time: the worker's and the final flush never overlap.
         self._pass_lock = threading.Lock()
         self._committed: set[int] = set()
+        self._remote: dict[int, RemoteCheckpoint] = {}
         self._failed_at: dict[int, float] = {}
         self.stats = SyncStats()
+        self.stager = Stager(store, local_dir, rescan_interval=stage_rescan_interval)
         self._observer: Any = None
         self._thread: threading.Thread | None = None
 
@@ -97,7 +135,9 @@ class CheckpointSync:
 
     def load_remote(self) -> None:
         """Learn what is already committed (called before the first pass)."""
-        self._committed = {c.step for c in self._store.list_committed()}
+        remote = self._store.list_committed()
+        self._remote = {c.step: c for c in remote}
+        self._committed = set(self._remote)
         self._set(newest_committed_step=max(self._committed, default=None))
 
     def start(self) -> None:
@@ -105,7 +145,8 @@ class CheckpointSync:
         self._dir.mkdir(parents=True, exist_ok=True)
         try:
             observer = Observer()
-            observer.schedule(_Wake(self.wake), str(self._dir), recursive=False)
+            # Recursive: the stager needs the files finished inside .tmp-step-* dirs.
+            observer.schedule(_Wake(self.wake, self.stager.hint), str(self._dir), recursive=True)
             observer.start()
             self._observer = observer
         except OSError as exc:
@@ -116,7 +157,21 @@ class CheckpointSync:
         self.wake()
 
     def wake(self) -> None:
+        """Rescan soon (from the watchdog handler, or anyone who knows of a new checkpoint)."""
         self._hint.set()
+
+    def begin_emergency(self) -> None:
+        """A drain began: stage the files of the checkpoint being written as they land.
+
+        Starts threads only (no S3 I/O), so the main loop may call it.
+        """
+        self.stager.previous = self._newest_remote_below(layout.MAX_STEP + 1)
+        self.stager.start()
+        self.wake()
+
+    def cancel(self, reason: str) -> int:
+        """Stop every upload now (the notice deadline less the margin has come)."""
+        return self._store.cancel_switch.cancel(reason)
 
     def stop(self) -> None:
         """Stop watching and let the worker finish its current upload."""
@@ -125,8 +180,10 @@ class CheckpointSync:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
+            self._observer = None
         if self._thread is not None:
             self._thread.join()
+        self.stager.stop()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -139,27 +196,77 @@ class CheckpointSync:
     # --- the work ------------------------------------------------------------------
 
     def flush(self, skip_superseded: bool = True) -> int | None:
-        """A final rescan and upload, in the caller's thread; the newest committed step."""
+        """A final rescan and upload, in the caller's thread; the newest committed step.
+
+        Whatever the stager holds for checkpoints that were never completed is then
+        cancelled, and their unfinished multipart uploads aborted.
+        """
+        self.stager.stop()
         self.sync_pass(skip_superseded=skip_superseded, reason="flush", retry_failed=True)
+        cancelled = self._store.cancel_switch.cancelled
+        self.stager.abandon("uploads cancelled" if cancelled else "checkpoint not completed")
         return self.stats.newest_committed_step
+
+    def flush_async(self) -> FlushHandle:
+        """Stop the worker and flush, in a thread of its own (the drain's final commit)."""
+
+        def run() -> int | None:
+            self.stop()
+            return self.flush(skip_superseded=True)
+
+        return FlushHandle(run)
 
     def sync_pass(self, skip_superseded: bool, reason: str, retry_failed: bool = False) -> None:
         """Rescan ``local_dir`` and commit what is complete and not yet remote, newest first."""
         with self._pass_lock:
             local = layout.list_step_dirs(self._dir)
             self._set(newest_local_step=local[0][0] if local else None)
-            for step, path in local:
+            queue = [(step, path) for step, path in local if step not in self._committed]
+            for i, (step, path) in enumerate(queue):
                 if self._stopping.is_set() and reason == "background":
                     return
-                if step in self._committed:
+                if self._store.cancel_switch.cancelled:
+                    log.warning(
+                        "checkpoint_upload_cancelled",
+                        step=step,
+                        error=f"not started: {self._store.cancel_switch.reason}",
+                    )
+                    return
+                if step in self._committed or self._retired(step):
                     continue
                 newest = max(self._committed, default=-1)
-                if skip_superseded and step < newest:
-                    log.info("checkpoint_superseded", step=step, newest_committed=newest)
+                superseded = i > 0 or step < newest
+                if skip_superseded and superseded and self._bandwidth_short(step, path, local):
                     continue
                 if not retry_failed and time.monotonic() - self._failed_at.get(step, -1e9) < 5:
                     continue
                 self._commit(step, path)
+
+    def _bandwidth_short(self, step: int, path: Path, local: list[tuple[int, Path]]) -> bool:
+        """Whether to skip a superseded checkpoint; logs the numbers behind the decision."""
+        try:
+            nbytes = layout.read_manifest(path).total_bytes
+        except (layout.ManifestError, OSError):
+            nbytes = 0
+        backlog = self._throughput.seconds_for(nbytes)
+        interval = _save_interval(local)
+        short = self._stopping.is_set() or interval is None or backlog > interval
+        log.info(
+            "checkpoint_superseded",
+            step=step,
+            newest_local=local[0][0] if local else None,
+            newest_committed=max(self._committed, default=None),
+            bytes=nbytes,
+            backlog_s=round(backlog, 3),
+            save_interval_s=None if interval is None else round(interval, 3),
+            throughput_mbps=round(self._throughput.bytes_per_second / 1e6, 2),
+            skipped=short,
+        )
+        return short
+
+    def _newest_remote_below(self, step: int) -> RemoteCheckpoint | None:
+        older = [s for s in self._remote if s < step]
+        return self._remote[max(older)] if older else None
 
     def _commit(self, step: int, path: Path) -> None:
         try:
@@ -171,9 +278,16 @@ class CheckpointSync:
             log.warning("local_checkpoint_invalid", step=step, path=str(path), error=str(exc))
             return
         try:
-            result = self._store.upload_checkpoint(path, manifest)
+            staged = self.stager.take(step, path, manifest)
+            result = self._store.upload_checkpoint(
+                path, manifest, previous=self._newest_remote_below(step), staged=staged
+            )
         except FileNotFoundError:
             log.info("checkpoint_vanished", step=step, path=str(path))
+            return
+        except UploadCancelled as exc:
+            self.stats.failures += 1
+            log.warning("checkpoint_upload_cancelled", step=step, error=str(exc))
             return
         except Exception as exc:  # any failure: log it, keep going, retry later
             self._failed_at[step] = time.monotonic()
@@ -181,15 +295,38 @@ class CheckpointSync:
             log.warning("checkpoint_upload_failed", step=step, error=str(exc))
             return
         self._committed.add(step)
-        self._throughput.record(result.bytes, result.seconds)
-        mbps = result.bytes / result.seconds / 1e6 if result.seconds > 0 else None
+        if result.remote is not None:
+            self._remote[step] = result.remote
+        if not result.already_committed and result.bytes_sent:
+            # Only what went over the wire in the commit says anything about bandwidth.
+            self._throughput.record(result.bytes_sent, result.seconds)
         self.stats.committed += 1
-        self.stats.bytes_uploaded += result.bytes
+        self.stats.bytes_uploaded += result.bytes_sent + result.bytes_staged
+        self.stats.bytes_copied += result.bytes_copied
         self.stats.upload_seconds += result.seconds
         self._set(
             newest_committed_step=max(self._committed),
-            last_upload_mbps=round(mbps, 2) if mbps is not None else None,
+            last_upload_mbps=round(result.mbps, 2) if result.seconds > 0 else None,
         )
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        if not self._keep_remote or self._store.cancel_switch.cancelled:
+            return
+        try:
+            deleted = self._store.apply_retention(self._keep_remote)
+        except StoreError as exc:
+            log.warning("retention_failed", keep=self._keep_remote, error=str(exc))
+            return
+        for step in deleted:
+            self._remote.pop(step, None)
+            self._committed.discard(step)
+
+    def _retired(self, step: int) -> bool:
+        """Older than every checkpoint retention keeps: uploading it would only delete it."""
+        if not self._keep_remote or len(self._committed) < self._keep_remote:
+            return False
+        return step < sorted(self._committed, reverse=True)[self._keep_remote - 1]
 
     def _set(self, **fields: Any) -> None:
         for k, v in fields.items():
@@ -199,4 +336,15 @@ class CheckpointSync:
 
     @property
     def committed_steps(self) -> set[int]:
+        """Steps committed (by this process or found committed at start)."""
         return set(self._committed)
+
+
+def _save_interval(local: list[tuple[int, Path]]) -> float | None:
+    """Seconds between the two newest local checkpoints (their directories' mtimes)."""
+    if len(local) < 2:
+        return None
+    try:
+        return max(local[0][1].stat().st_mtime - local[1][1].stat().st_mtime, 0.0)
+    except FileNotFoundError:
+        return None

@@ -343,11 +343,18 @@ def test_kill_9_of_supervisor_restarts_and_resumes_from_newest_checkpoint(
     assert booted.sandbox.sh(f"kill -0 {old_trainer}", check=False).returncode != 0
     restores = booted.events("restore_finished")
     assert len(restores) == 2, booted.tail()
-    resumed = [
-        int(e["MESSAGE"].split("=")[1])
-        for e in booted.journal()
-        if str(e.get("MESSAGE")).startswith("resumed step=")
-    ]
+
+    def resumed_steps() -> list[int]:
+        return [
+            int(e["MESSAGE"].split("=")[1])
+            for e in booted.journal()
+            if str(e.get("MESSAGE")).startswith("resumed step=")
+        ]
+
+    # The new trainer's first line reaches the journal a moment after READY=1.
+    end = time.monotonic() + 20
+    while len(resumed := resumed_steps()) < 2 and time.monotonic() < end:
+        time.sleep(0.2)
     assert len(resumed) == 2 and resumed[0] == 0
     # It resumed from the newest checkpoint, at or past every committed one.
     assert resumed[1] >= max(before), (resumed, before)

@@ -1,0 +1,378 @@
+"""The emergency pipeline: upload a checkpoint's files while the rest is still being written.
+
+CONTRACT §4: inside ``.tmp-step-N-*/`` a file under its final name (renamed from
+``<name>.partial``) is finished and never changes again. So the :class:`Stager` sends
+each such file at once to its final key under ``checkpoints/step-N/``. Nothing staged
+there is visible to restore, which trusts only manifests, and only the commit writes
+the manifest: it follows the writer's rename of the directory to ``step-N/``, and
+:meth:`Stager.take` first checks that every file the manifest lists was staged from
+that very directory with the sha256 the manifest gives. A file that was not (staged
+too late, failed, or different) is sent again by the commit.
+
+Events are hints, rescans are truth: the watchdog handler of :mod:`daemon.sync` only
+calls :meth:`Stager.hint`; the stager thread rescans every ``.tmp-step-*`` directory on
+each hint and every ``rescan_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon import layout
+from daemon.s3client import StoreError, UploadCancelled
+from daemon.store import CheckpointStore, RemoteCheckpoint
+
+log = structlog.get_logger(__name__)
+
+_HASH_CHUNK = 4 * 1024 * 1024
+# A writer's own temporary directory, not a restore's nor one set aside as invalid.
+_SKIP_MARKERS = ("-restore-", "-invalid")
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@dataclass
+class _Staged:
+    """One file being staged: its upload (or copy) and our own sha256 of the same bytes."""
+
+    rel: str
+    key: str
+    ident: tuple[int, int, int]
+    job: Future[str]  # hashes the file (and, for a copy candidate, copies or submits it)
+    transfer: Any = None  # the transfer future, once submitted
+    copied: bool = False
+
+
+@dataclass
+class _TmpDir:
+    path: Path
+    step: int
+    ino: int
+    files: dict[str, _Staged] = field(default_factory=dict)
+
+
+class Stager:
+    """Stages the files of checkpoints being written; :meth:`take` hands them to the commit."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        local_dir: Path,
+        *,
+        rescan_interval: float = 0.25,
+        hash_workers: int = 2,
+    ) -> None:
+        self._store = store
+        self._dir = local_dir
+        self._rescan_interval = rescan_interval
+        self._lock = threading.Lock()
+        self._dirs: dict[int, _TmpDir] = {}  # by step: one writer's directory per step
+        self._hash_pool = ThreadPoolExecutor(max_workers=hash_workers, thread_name_prefix="stage")
+        self._hint = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.previous: RemoteCheckpoint | None = None  # for server-side copies
+        self.bytes_staged = 0
+        store.add_path_resolver(self.resolve)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Whether the stager thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Rescan at once, then on every hint and every ``rescan_interval`` seconds."""
+        if self.active:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="stager", daemon=True)
+        self._thread.start()
+        log.info("staging_started", local_dir=str(self._dir))
+
+    def hint(self) -> None:
+        """A file may have appeared under its final name (from the watchdog handler)."""
+        self._hint.set()
+
+    def stop(self) -> None:
+        """Stop scanning; what is staged stays staged for :meth:`take`."""
+        self._stopping.set()
+        self._hint.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.scan()
+            except Exception as exc:  # a scan must never kill the thread: log, rescan later
+                log.warning("staging_scan_failed", error=str(exc))
+            self._hint.wait(timeout=self._rescan_interval)
+            self._hint.clear()
+
+    # --- scanning ----------------------------------------------------------------------
+
+    def scan(self) -> int:
+        """Stage every finished file of every ``.tmp-step-*`` directory; how many were new."""
+        if self._store.cancel_switch.cancelled:
+            return 0
+        new = 0
+        try:
+            entries = list(os.scandir(self._dir))
+        except FileNotFoundError:
+            return 0
+        for e in entries:
+            step = layout.parse_tmp_dir(e.name)
+            if step is None or any(m in e.name for m in _SKIP_MARKERS):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # renamed into place (or removed) meanwhile: the commit takes over
+            tmp = self._dir_for(step, Path(e.path), st.st_ino)
+            if tmp is not None:
+                new += self._scan_dir(tmp)
+        return new
+
+    def _dir_for(self, step: int, path: Path, ino: int) -> _TmpDir | None:
+        with self._lock:
+            cur = self._dirs.get(step)
+            if cur is not None and cur.ino == ino:
+                return cur
+        if cur is not None:
+            if cur.path.exists():
+                return None  # two writers of one step: stage the first only
+            # The writer of the first died (its directory is gone): start over with this one.
+            self._drop(cur, why="writer directory gone")
+        tmp = _TmpDir(path, step, ino)
+        with self._lock:
+            self._dirs[step] = tmp
+        log.info("staging_dir_found", step=step, path=str(path))
+        return tmp
+
+    def _scan_dir(self, tmp: _TmpDir) -> int:
+        new = 0
+        for root, _dirs, files in os.walk(tmp.path):
+            for name in files:
+                if name.endswith(layout.PARTIAL_SUFFIX):
+                    continue  # still being written
+                full = Path(root) / name
+                rel = full.relative_to(tmp.path).as_posix()
+                if rel == layout.MANIFEST_NAME or rel in tmp.files:
+                    continue
+                try:
+                    st = full.stat()
+                except FileNotFoundError:
+                    continue
+                self._stage(tmp, rel, full, _ident(st))
+                new += 1
+        return new
+
+    def _stage(self, tmp: _TmpDir, rel: str, path: Path, ident: tuple[int, int, int]) -> None:
+        key = self._store.file_key(tmp.step, rel)
+        copy_src = self._copy_candidate(rel, ident[1])
+        staged = _Staged(rel, key, ident, Future())
+        if copy_src is None:
+            # Send at once; hash the same bytes alongside (the page cache serves both reads).
+            try:
+                staged.transfer = self._store.start_upload(path, key, None)
+            except UploadCancelled:
+                return
+            staged.job = self._hash_pool.submit(self._hash, str(path))
+        else:
+            # Same path and size as a file of the previous commit: hash first, then copy
+            # server-side when the bytes are the same (often frozen weights), else send.
+            staged.job = self._hash_pool.submit(self._hash_then_copy, staged, str(path), copy_src)
+        with self._lock:
+            tmp.files[rel] = staged
+        log.info("file_staged", step=tmp.step, path=rel, bytes=ident[1], copy=copy_src is not None)
+
+    def _copy_candidate(self, rel: str, size: int) -> Any:
+        prev = self.previous
+        if prev is None or size == 0:
+            return None
+        for entry in prev.manifest.files:
+            if entry.path == rel and entry.size == size and rel in prev.objects:
+                return (prev.objects[rel], entry)
+        return None
+
+    def _hash(self, path: str) -> str:
+        h = hashlib.sha256()
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below; reopened at its new path
+        except FileNotFoundError:
+            f = open(self.resolve(path), "rb")  # noqa: SIM115
+        with f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def _hash_then_copy(self, staged: _Staged, path: str, src: Any) -> str:
+        digest = self._hash(path)
+        obj, entry = src
+        if digest == entry.sha256 and self._store.copy_file(obj, staged.key, entry):
+            staged.copied = True
+        else:
+            staged.transfer = self._store.start_upload(Path(path), staged.key, digest)
+        return digest
+
+    def resolve(self, path: str) -> str:
+        """The current path of a staged file whose ``.tmp-`` directory was renamed into place."""
+        with self._lock:
+            dirs = list(self._dirs.values())
+        for tmp in dirs:
+            prefix = str(tmp.path) + os.sep
+            if path.startswith(prefix):
+                final = self._dir / layout.step_dir_name(tmp.step)
+                try:
+                    if final.stat().st_ino == tmp.ino:
+                        return str(final / path[len(prefix) :])
+                except FileNotFoundError:
+                    pass
+        return path
+
+    # --- the commit's side -------------------------------------------------------------
+
+    def take(self, step: int, ckpt_dir: Path, manifest: layout.Manifest) -> dict[str, int]:
+        """The files of ``manifest`` staged from ``ckpt_dir`` and verified: path -> size.
+
+        Waits for their uploads. A file counts only when it was staged from the directory
+        that was renamed to ``ckpt_dir`` (same inode), still is the same file (inode, size,
+        mtime), its upload succeeded, and our sha256 of it equals the manifest's. Raises
+        :class:`UploadCancelled` when uploads were cancelled meanwhile.
+        """
+        with self._lock:
+            tmp = self._dirs.get(step)
+        if tmp is None:
+            return {}
+        try:
+            return self._take(tmp, ckpt_dir, manifest)
+        finally:
+            # Only now: until its uploads are done, resolve() must still find the directory.
+            with self._lock:
+                if self._dirs.get(step) is tmp:
+                    del self._dirs[step]
+
+    def _take(self, tmp: _TmpDir, ckpt_dir: Path, manifest: layout.Manifest) -> dict[str, int]:
+        step = tmp.step
+        try:
+            same_dir = ckpt_dir.stat().st_ino == tmp.ino
+        except FileNotFoundError:
+            same_dir = False
+        verified: dict[str, int] = {}
+        listed = {e.path: e for e in manifest.files}
+        for rel, staged in list(tmp.files.items()):
+            entry = listed.get(rel)
+            reason = self._check(staged, entry, ckpt_dir, same_dir)
+            if reason is None and entry is not None:
+                verified[rel] = entry.size
+            elif entry is not None:
+                log.warning("staged_file_resent", step=step, path=rel, reason=reason)
+        nbytes = sum(verified.values())
+        self.bytes_staged += nbytes
+        log.info(
+            "staged_files_taken",
+            step=step,
+            files=len(verified),
+            listed=len(listed),
+            bytes=nbytes,
+        )
+        return verified
+
+    def _check(
+        self, staged: _Staged, entry: layout.FileEntry | None, ckpt_dir: Path, same_dir: bool
+    ) -> str | None:
+        """Why a staged file cannot be part of the commit, or None when it can."""
+        try:
+            digest = staged.job.result()
+        except UploadCancelled:
+            raise
+        except (StoreError, OSError) as exc:
+            self._settle(staged)
+            return f"staging failed: {exc}"
+        if staged.transfer is not None:
+            try:
+                self._store.wait_upload(staged.transfer, staged.key)
+            except UploadCancelled:
+                raise
+            except (StoreError, OSError) as exc:
+                return f"upload failed: {exc}"
+        elif not staged.copied:
+            return "not uploaded"
+        if entry is None:
+            return "not in the manifest"
+        if not same_dir:
+            return "staged from another directory"
+        try:
+            now = _ident((ckpt_dir / staged.rel).stat())
+        except FileNotFoundError:
+            return "file gone"
+        if now != staged.ident:
+            return "file changed since it was staged"
+        if entry.size != staged.ident[1] or digest != entry.sha256:
+            return "sha256 differs from the manifest"
+        return None
+
+    def _settle(self, staged: _Staged) -> None:
+        if staged.transfer is not None:
+            if not staged.transfer.done():
+                staged.transfer.cancel()
+            with contextlib.suppress(StoreError, OSError):
+                self._store.wait_upload(staged.transfer, staged.key)
+
+    def _drop(self, tmp: _TmpDir, why: str) -> None:
+        with self._lock:
+            if self._dirs.get(tmp.step) is tmp:
+                del self._dirs[tmp.step]
+        for staged in tmp.files.values():
+            if staged.transfer is not None and not staged.transfer.done():
+                staged.transfer.cancel()
+        for staged in tmp.files.values():
+            with contextlib.suppress(StoreError, OSError):
+                staged.job.result()
+            self._settle(staged)
+        log.info("staging_dropped", step=tmp.step, files=len(tmp.files), why=why)
+
+    def abandon(self, why: str) -> list[int]:
+        """Cancel what is staged for checkpoints that will not be committed; their steps.
+
+        Their unfinished multipart uploads are aborted; their finished objects stay
+        invisible to restore (no manifest) until retention or a later commit of the step
+        replaces them.
+        """
+        with self._lock:
+            dirs = list(self._dirs.values())
+        steps = []
+        for tmp in dirs:
+            t0 = time.monotonic()
+            self._drop(tmp, why=why)
+            try:
+                self._store.abort_incomplete_uploads(self._store.step_prefix(tmp.step))
+            except StoreError as exc:
+                log.warning("staging_abort_failed", step=tmp.step, error=str(exc))
+            log.info(
+                "staging_abandoned",
+                step=tmp.step,
+                why=why,
+                seconds=round(time.monotonic() - t0, 3),
+            )
+            steps.append(tmp.step)
+        return steps
+
+    def close(self) -> None:
+        """Stop scanning and release the hashing threads."""
+        self.stop()
+        self._hash_pool.shutdown(wait=True)
