@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -263,6 +263,26 @@ class HashingWriter:
         return self._h.hexdigest()
 
 
+@contextlib.contextmanager
+def write_file(directory: Path, name: str) -> Iterator[HashingWriter]:
+    """Write ``<directory>/<name>`` as ``<name>.partial``, then fsync and rename it.
+
+    A file under its final name is finished (CONTRACT §4). The yielded writer's
+    ``size`` and ``sha256`` describe the file once the block is left. When the block
+    raises, the ``.partial`` file is left for the caller's clean-up of ``directory``.
+    """
+    _safe_relpath(name)
+    final = Path(directory) / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    with open(partial, "wb") as f:
+        w = HashingWriter(f)
+        yield w
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(partial, final)
+
+
 class CheckpointWriter:
     """Builds one checkpoint in a ``.tmp-`` directory and renames it into place.
 
@@ -307,17 +327,28 @@ class CheckpointWriter:
     @contextlib.contextmanager
     def open_file(self, name: str) -> Iterator[HashingWriter]:
         """Write one file as ``<name>.partial``; on success fsync and rename it to ``<name>``."""
-        _safe_relpath(name)
-        final = self.tmp_dir / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(final.name + PARTIAL_SUFFIX)
-        with open(partial, "wb") as f:
-            w = HashingWriter(f)
+        with write_file(self.tmp_dir, name) as w:
             yield w
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(partial, final)
         self._files.append(FileEntry(name, w.size, w.sha256))
+
+    def add_files(self, entries: Iterable[FileEntry]) -> None:
+        """List files another process finished in :attr:`tmp_dir` (through :func:`write_file`).
+
+        For a checkpoint written by several processes (ranks of one distributed job):
+        each writes its own files and reports their entries; the one holding this writer
+        commits. Each file must exist under its final name with the reported size.
+        """
+        for entry in entries:
+            path = self.tmp_dir / _safe_relpath(entry.path)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise ManifestError(f"{path} was reported written but is missing") from None
+            if size != entry.size:
+                raise ManifestError(f"{path} has {size} bytes, its writer reported {entry.size}")
+            if any(f.path == entry.path for f in self._files):
+                raise ManifestError(f"{entry.path} was written twice")
+            self._files.append(entry)
 
     def add_bytes(self, name: str, data: bytes) -> None:
         """Write a whole file from memory."""
@@ -339,6 +370,9 @@ class CheckpointWriter:
             f.flush()
             os.fsync(f.fileno())
         os.rename(self.tmp_dir / (MANIFEST_NAME + PARTIAL_SUFFIX), self.tmp_dir / MANIFEST_NAME)
+        # Renames inside sub-directories are durable only once those are fsynced too.
+        for sub in sorted({Path(f.path).parent for f in self._files} - {Path(".")}):
+            fsync_dir(self.tmp_dir / sub)
         fsync_dir(self.tmp_dir)
         if self.final_dir.exists():
             try:

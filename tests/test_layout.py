@@ -20,6 +20,7 @@ import pytest
 from daemon.layout import (
     MANIFEST_NAME,
     CheckpointWriter,
+    FileEntry,
     ManifestError,
     list_step_dirs,
     load_complete,
@@ -27,6 +28,7 @@ from daemon.layout import (
     parse_step_dir,
     parse_tmp_dir,
     step_dir_name,
+    write_file,
 )
 from trainer.checkpoint import CheckpointManager
 
@@ -266,3 +268,24 @@ def test_no_partial_name_survives_a_finished_file(local_dir: Path) -> None:
     finally:
         w.__exit__(None, None, None)
     assert not os.path.exists(w.tmp_dir)
+
+
+def test_files_written_by_another_process_are_listed_and_checked(local_dir: Path) -> None:
+    # A distributed save: other ranks write into the writer's .tmp- directory through
+    # write_file and report (path, size, sha256); the writer lists them and commits.
+    with CheckpointWriter(local_dir, "r", 4, "periodic") as w:
+        w.add_bytes("model.pt", b"weights")
+        with write_file(w.tmp_dir, "rng-rank00001.pt") as f:
+            f.write(b"rank one")
+        other = FileEntry("rng-rank00001.pt", f.size, f.sha256)
+        assert not (w.tmp_dir / "rng-rank00001.pt.partial").exists()
+        with pytest.raises(ManifestError, match="reported written but is missing"):
+            w.add_files([FileEntry("absent.pt", 1, "0" * 64)])
+        with pytest.raises(ManifestError, match="its writer reported 99"):
+            w.add_files([FileEntry("rng-rank00001.pt", 99, other.sha256)])
+        with pytest.raises(ManifestError, match="written twice"):
+            w.add_files([FileEntry("model.pt", 7, "0" * 64)])
+        w.add_files([other])
+        manifest = w.commit()
+    assert [f.path for f in manifest.files] == ["model.pt", "rng-rank00001.pt"]
+    assert load_complete(local_dir / "step-000000004").files == manifest.files

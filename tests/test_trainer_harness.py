@@ -16,11 +16,13 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from daemon.layout import list_step_dirs, load_complete, parse_tmp_dir
 
 REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 FINAL_RE = re.compile(r"^final_params_sha256=([0-9a-f]{64})$")
 STEP_RE = re.compile(r"^step=(\d+) loss=")
 SAVED_RE = re.compile(r"^checkpoint_saved step=(\d+) reason=(\w+) bytes=\d+$")
@@ -29,24 +31,34 @@ START_RE = re.compile(r"^(?:start step=0|resumed step=(\d+) reason=\w+)$")
 
 
 class Trainer:
-    """``python -m trainer.example`` with its stdout followed line by line."""
+    """``python -m trainer.example`` with its stdout followed line by line.
 
-    def __init__(self, ckpt_dir: Path, *args: str) -> None:
-        env = dict(os.environ)
-        env.update(
+    With ``ranks`` > 1 it runs under ``torchrun --standalone`` (gloo on CPU); stdout is
+    then rank 0's. ``env`` adds to the environment (e.g. ``SPOT_NOTICE_FILE``).
+    """
+
+    def __init__(
+        self, ckpt_dir: Path, *args: str, env: dict[str, str] | None = None, ranks: int = 1
+    ) -> None:
+        full_env = dict(os.environ)
+        full_env.update(
             SPOT_CHECKPOINT_DIR=str(ckpt_dir),
             SPOT_RUN_ID="test-run",
             # One thread: the runs are tiny, and the tests share two cores.
             OMP_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
         )
-        env.pop("SPOT_NOTICE_FILE", None)
+        full_env.pop("SPOT_NOTICE_FILE", None)
+        full_env.update(env or {})
+        launcher = [sys.executable, "-m"]
+        if ranks > 1:
+            launcher = [TORCHRUN, "--standalone", f"--nproc-per-node={ranks}", "-m"]
         self.stderr_path = ckpt_dir.parent / f"stderr-{time.monotonic_ns()}.log"
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trainer.example", "--device", "cpu", *args],
+                [*launcher, "trainer.example", "--device", "cpu", *args],
                 cwd=REPO,
-                env=env,
+                env=full_env,
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
@@ -86,6 +98,18 @@ class Trainer:
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the trainer's main process."""
         self.proc.send_signal(signum)
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of one rank's worker process under torchrun (found by its RANK)."""
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank) and "trainer.example" in " ".join(
+                    child.cmdline()
+                ):
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
+        pytest.fail(f"no worker process of rank {rank}\n{self.report()}")
 
     def saved(self) -> list[tuple[int, str]]:
         """``(step, reason)`` of every ``checkpoint_saved`` line so far."""

@@ -6,6 +6,8 @@ whose state is already saved writes nothing new and exits 0 (CONTRACT §3).
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import re
 import signal
@@ -68,6 +70,36 @@ def test_sigterm_at_a_saved_step_writes_nothing_new(tmp_path: Path) -> None:
     assert t.saved()[-1] == (stop, "periodic")
     found = reasons(ckpt_dir)
     assert max(found) == stop and set(found.values()) == {"periodic"}
+    assert tmp_dirs(ckpt_dir) == []
+
+
+def test_sigterm_too_close_to_the_deadline_skips_the_save_and_exits_0(tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "c"
+    notice = tmp_path / "notice.json"
+    t = Trainer(
+        ckpt_dir,
+        *("--steps", "200", "--save-every", "5", "--step-seconds", "0.05"),
+        env={"SPOT_NOTICE_FILE": str(notice)},
+    )
+    try:
+        t.wait_for(SAVED_RE)  # one save done: its duration is known
+        # What the supervisor writes before SIGTERM, with a deadline already past.
+        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+        doc = {"action": "terminate", "deadline": past.isoformat(), "source": "aws-imds"}
+        notice.with_suffix(".tmp").write_text(json.dumps(doc))
+        notice.with_suffix(".tmp").rename(notice)
+        t.signal(signal.SIGTERM)
+        skipped = t.wait_for(re.compile(r"^save_skipped step=(\d+) reason=deadline$"))
+        stopped = t.wait_for(STOPPED_RE)
+        assert t.finish() == 0, t.report()
+    finally:
+        t.kill()
+    stop = int(stopped[1])
+    assert int(skipped[1]) == stop
+    assert "save_skipped" in t.stderr_tail() and "deadline" in t.stderr_tail()
+    # Nothing of the skipped save: no checkpoint of that step, no partial directory.
+    assert max(reasons(ckpt_dir)) < stop
+    assert set(reasons(ckpt_dir).values()) == {"periodic"}
     assert tmp_dirs(ckpt_dir) == []
 
 

@@ -9,11 +9,15 @@
         train_one_step()
         step += 1
 
-Imports torch, never boto3: uploading is the supervisor's job (``daemon``).
+Periodic saves are written in a background thread (the loop waits only for a copy of
+the state into CPU memory); large values are split into files of at most ~1 GB; under
+``torch.distributed`` the ranks agree on every stop and save. Imports torch, never
+boto3: uploading is the supervisor's job (``daemon``).
 """
 
 from daemon.layout import Manifest, ManifestError
 from trainer.checkpoint import (
+    DEFAULT_SHARD_BYTES,
     Checkpoint,
     CheckpointError,
     CheckpointManager,
@@ -24,6 +28,7 @@ from trainer.rng import capture_rng, restore_rng
 from trainer.signals import Notice, SignalFlags, notice_deadline, read_notice
 
 __all__ = [
+    "DEFAULT_SHARD_BYTES",
     "Checkpoint",
     "CheckpointError",
     "CheckpointManager",

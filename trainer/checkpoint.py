@@ -2,21 +2,38 @@
 
 One checkpoint is one ``step-<9 digits>/`` directory built by
 :class:`daemon.layout.CheckpointWriter`: one ``torch.save`` file per top-level key of
-the state (``model.pt``, ``optimizer.pt``, ``rng.pt``, ``progress.pt`` ...) and a
+the state (``model.pt``, ``optimizer.pt``, ``rng.pt``, ``progress.pt`` ...), a large
+value split into shards of at most ``shard_bytes`` (:mod:`trainer.shards`), and a
 manifest with the sha256 of each, written last. Loading walks checkpoints newest first,
 verifies every hash, and reads each file with ``torch.load(weights_only=True)``; a
 checkpoint that fails either is skipped with a warning and the next older one is used.
+
+Saving is asynchronous by default: at a periodic or requested save the training
+thread only copies the state into CPU memory (:mod:`trainer.snapshot`) and a
+background thread writes it. At most one save is in flight: a save due while another
+is being written waits for it (saves are never skipped, so which steps have a
+checkpoint does not depend on disk speed). The save made because the loop stops
+(SIGTERM, or the final step) is written at once and waited for, and so is any save in
+flight, before :meth:`CheckpointManager.step_done` returns True.
+
+Under ``torch.distributed`` (two or more ranks) each rank saves its own RNG state as
+``rng-rank<5 digits>.pt`` into rank 0's temporary directory; rank 0 writes everything
+else and the manifest, which lists every rank's files (:mod:`trainer.distributed`).
+All ranks share one ``local_dir`` (one machine).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +45,8 @@ from daemon.layout import (
     REASONS,
     TMP_PREFIX,
     CheckpointWriter,
+    FileEntry,
+    HashingWriter,
     Manifest,
     ManifestError,
     list_step_dirs,
@@ -35,21 +54,30 @@ from daemon.layout import (
     parse_tmp_dir,
     read_manifest,
     step_dir_name,
+    write_file,
 )
+from trainer import shards
+from trainer.distributed import Ranks, detect, rank_suffix
 from trainer.rng import capture_rng, restore_rng
-from trainer.signals import SignalFlags
+from trainer.signals import SignalFlags, notice_deadline
+from trainer.snapshot import SnapshotPool
 
 log = logging.getLogger("trainer.checkpoint")
 
 CHECKPOINT_DIR_ENV = "SPOT_CHECKPOINT_DIR"
 RUN_ID_ENV = "SPOT_RUN_ID"
 DEFAULT_RUN_ID = "local"
-FILE_SUFFIX = ".pt"
+FILE_SUFFIX = shards.FILE_SUFFIX
+DEFAULT_SHARD_BYTES = shards.DEFAULT_SHARD_BYTES
 # Keys the manager fills itself in every snapshot; tracked objects may not use them.
 RNG_KEY = "rng"
 PROGRESS_KEY = "progress"
+# How much longer than the last save an interrupt save is assumed to take (a loaded
+# disk, a larger state), on top of ``deadline_margin``.
+SAVE_TIME_FACTOR = 1.25
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+_RANK_FILE_RE = re.compile(r"-rank(\d{5})(?:-\d{5})?\.pt$")
 
 # Temporary directories this process is writing right now. The stale-directory sweep
 # skips them even though they carry our own pid (a second manager in one process).
@@ -181,6 +209,23 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _nothing() -> None:
+    """A snapshot that needs no waiting for (the state is already in CPU memory)."""
+
+
+@dataclass
+class _Job:
+    """One save written by the background thread."""
+
+    step: int
+    reason: str
+    previous_step: int | None
+    thread: threading.Thread | None = None
+    manifest: Manifest | None = None
+    written: bool = False
+    error: BaseException | None = None
+
+
 class CheckpointManager:
     """Saves and restores a training run's state in ``$SPOT_CHECKPOINT_DIR``.
 
@@ -203,7 +248,17 @@ class CheckpointManager:
         keep: how many complete checkpoints to keep locally (None keeps all).
         save_every: save with reason ``periodic`` at every step divisible by this.
         handle_signals: install the SIGTERM / SIGUSR1 handlers (main thread only).
-        on_save: called with the manifest after each checkpoint written.
+        on_save: called with the manifest after each checkpoint written, on the
+            training thread (for a background save: at the first ``step_done``,
+            :meth:`wait` or :meth:`close` after it finished); on rank 0 only.
+        async_save: write periodic and requested saves in a background thread; the
+            loop then waits only for the copy of the state into CPU memory.
+        shard_bytes: a state value whose tensors hold more than this is written as
+            several files of at most about this size (``<key>-00000.pt`` ...).
+        notice_file: the supervisor's notice (default ``$SPOT_NOTICE_FILE``): when
+            stopping, a save that cannot finish before its deadline is skipped.
+        deadline_margin: seconds kept free before the notice deadline, on top of
+            ``1.25 x`` the duration of the last save.
     """
 
     def __init__(
@@ -215,6 +270,10 @@ class CheckpointManager:
         save_every: int | None = None,
         handle_signals: bool = True,
         on_save: Callable[[Manifest], None] | None = None,
+        async_save: bool = True,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        notice_file: str | os.PathLike[str] | None = None,
+        deadline_margin: float = 5.0,
     ) -> None:
         if directory is None:
             env = os.environ.get(CHECKPOINT_DIR_ENV)
@@ -227,13 +286,29 @@ class CheckpointManager:
             raise ValueError(f"keep must be at least 1 (or None to keep all), got {keep}")
         if save_every is not None and save_every < 1:
             raise ValueError(f"save_every must be at least 1 (or None), got {save_every}")
+        if shard_bytes < 1:
+            raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
+        if deadline_margin < 0:
+            raise ValueError(f"deadline_margin must not be negative, got {deadline_margin}")
         self.directory = Path(directory)
         self.run_id = run_id or os.environ.get(RUN_ID_ENV) or DEFAULT_RUN_ID
         self.keep = keep
         self.save_every = save_every
         self.on_save = on_save
+        self.async_save = async_save
+        self.shard_bytes = shard_bytes
+        self.notice_file = notice_file
+        self.deadline_margin = deadline_margin
+        self.skipped_step: int | None = None
         self._tracked: dict[str, Stateful] = {}
         self._last_step: int | None = None
+        self._last_save_seconds: float | None = None
+        self._job: _Job | None = None
+        self._pool = SnapshotPool()
+        self._warmup: threading.Thread | None = None
+        self._warmed = False
+        self._ranks: Ranks | None = None
+        self._ranks_final = False
         # Checkpoints whose hashes we checked (or wrote) and whose files loaded, and
         # ones whose files did not: saves and pruning use both instead of re-hashing.
         self._known_good: set[Path] = set()
@@ -247,8 +322,16 @@ class CheckpointManager:
     # -- lifecycle -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Put back the signal handlers that were there before this manager."""
-        self.signals.uninstall()
+        """Wait for the save in flight, then put back the previous signal handlers.
+
+        Raises :class:`CheckpointError` when that save failed.
+        """
+        try:
+            self.wait()
+        finally:
+            self._join_warmup()
+            self.signals.uninstall()
+            self._pool.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -259,14 +342,37 @@ class CheckpointManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as save_error:  # the exception already raised wins
+            log.error("%s", save_error)
 
     # -- state ---------------------------------------------------------------------
 
     @property
     def latest_step(self) -> int | None:
-        """The step of the newest checkpoint this manager restored from or wrote."""
+        """The step of the newest checkpoint this manager restored, wrote or is writing."""
         return self._last_step
+
+    @property
+    def in_flight_step(self) -> int | None:
+        """The step of a background save not yet reported (being written, or just done)."""
+        job = self._job
+        return job.step if job is not None and job.thread is not None else None
+
+    @property
+    def last_save_seconds(self) -> float | None:
+        """How long the last save took, snapshot to commit (from the manifest after restore)."""
+        return self._last_save_seconds
+
+    @property
+    def rank(self) -> int:
+        """This process's rank under ``torch.distributed`` (0 when not distributed)."""
+        ranks = self._dist()
+        return ranks.rank if ranks is not None else 0
 
     @property
     def stop_requested(self) -> bool:
@@ -293,15 +399,31 @@ class CheckpointManager:
     def snapshot(self, step: int, **progress: Any) -> dict[str, Any]:
         """The state to save at ``step``: tracked objects, RNG and ``progress`` (plain values).
 
-        The result references live tensors (``state_dict()`` does not copy), so it must
-        be written before training continues; a background writer would copy it first.
+        The result references live tensors (``state_dict()`` does not copy): a
+        synchronous :meth:`save` writes it before training continues, and a background
+        save copies it into CPU memory first. Under ``torch.distributed`` ranks other
+        than 0 contribute only their RNG state, as ``rng-rank<5 digits>``.
         """
         if "step" in progress:
             raise ValueError("progress may not contain 'step'; it is the step argument")
+        ranks = self._dist()
+        if ranks is not None and not ranks.is_writer:
+            return {RNG_KEY + rank_suffix(ranks.rank): capture_rng()}
         state: dict[str, Any] = {name: obj.state_dict() for name, obj in self._tracked.items()}
         state[RNG_KEY] = capture_rng()
         state[PROGRESS_KEY] = {"step": step, **progress}
         return state
+
+    def _dist(self) -> Ranks | None:
+        """The job's ranks, found (and its process groups made) on first use."""
+        if not self._ranks_final:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                # Decided once: every rank reaches this at the same call.
+                self._ranks = detect()
+                self._ranks_final = True
+        return self._ranks
 
     # -- saving --------------------------------------------------------------------
 
@@ -310,72 +432,331 @@ class CheckpointManager:
 
         Saves with reason ``final`` when ``final``, ``periodic`` every ``save_every``
         steps, ``requested`` after SIGUSR1 and ``interrupt`` after SIGTERM; writes
-        nothing when this step's state is already in a checkpoint. ``progress`` holds
-        plain values (epoch, index within the epoch, ...) returned by :meth:`restore`.
-        Also safe to call at the boundary training resumed from, before the first step.
+        nothing when this step's state is already in a checkpoint or in the one being
+        written. ``progress`` holds plain values (epoch, index within the epoch, ...)
+        returned by :meth:`restore`. Also safe to call at the boundary training resumed
+        from, before the first step.
+
+        A periodic or requested save is written in the background (``async_save``);
+        the save made when stopping is written at once, unless the notice deadline
+        leaves too little time for it (then it is skipped, and said so in the log).
+        Before returning True every save is finished. Raises :class:`CheckpointError`
+        when a background save failed. Under ``torch.distributed`` every rank must
+        call it at every boundary: one all_reduce agrees on stop and save.
         """
-        reason: str | None = None
+        self._collect()
+        if self.async_save and not self._warmed:
+            self._warm(self.snapshot(step, **progress))
+        ranks = self._dist()
+        stop = self.signals.stop_requested
+        save_request = self.signals.take_save_request()
+        saved = step == self._last_step  # in a complete checkpoint, or the one being written
+        reason = self._reason(step, final, stop, save_request)
+        doomed = bool(stop and reason is not None and not saved and self._doomed(step))
+        if ranks is not None:
+            agreed = ranks.agree_max([int(stop), int(save_request), int(doomed)])
+            if agreed[0] and not stop:
+                log.info("stop agreed at step %d: another rank received SIGTERM", step)
+                self.signals.stop_requested = True
+            stop, save_request, doomed = (bool(v) for v in agreed)
+            reason = self._reason(step, final, stop, save_request)
+        if reason is not None and not saved:
+            if stop and doomed:
+                self._skip(step, reason)
+            elif stop or final or not self.async_save:
+                self.save(step, self.snapshot(step, **progress), reason)
+            else:
+                self.save_async(step, self.snapshot(step, **progress), reason)
+        if stop or final:
+            self.wait()
+        if stop and not final:
+            saved_now = self.skipped_step != step
+            log.info(
+                "stopping at step %d: SIGTERM received%s",
+                step,
+                " and the state is saved" if saved_now else "; its save was skipped",
+            )
+        return final or stop
+
+    def _reason(self, step: int, final: bool, stop: bool, save_request: bool) -> str | None:
         if final:
-            reason = "final"
-        elif self.save_every and step > 0 and step % self.save_every == 0:
-            reason = "periodic"
-        if reason is None and self.signals.stop_requested:
-            reason = "interrupt"  # SIGTERM wins over SIGUSR1: the save is the last one
-        # Consumed even when the step is already saved: that save answers the request.
-        if self.signals.take_save_request() and reason is None:
-            reason = "requested"
-        if reason is not None and step != self._last_step:
-            self.save(step, self.snapshot(step, **progress), reason)
-        if self.signals.stop_requested and not final:
-            log.info("stopping at step %d: SIGTERM received and the state is saved", step)
-        return final or self.signals.stop_requested
+            return "final"
+        if self.save_every and step > 0 and step % self.save_every == 0:
+            return "periodic"
+        if stop:
+            return "interrupt"  # SIGTERM wins over SIGUSR1: the save is the last one
+        # A request at a step already saved is answered by that save.
+        return "requested" if save_request else None
 
-    def save(self, step: int, state: Mapping[str, Any], reason: str = "periodic") -> Manifest:
-        """Write ``state`` as checkpoint ``step``: one ``<key>.pt`` file per top-level key.
+    def _doomed(self, step: int) -> bool:
+        """Whether the notice deadline leaves less time than a save needs."""
+        deadline = notice_deadline(self.notice_file)
+        if deadline is None:
+            return False
+        left = (deadline - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        took = self._last_save_seconds or 0.0
+        needed = took * SAVE_TIME_FACTOR + self.deadline_margin
+        if left >= needed:
+            return False
+        log.warning(
+            "save_skipped: not saving step %d: the notice deadline is %.1f s away and the "
+            "last save took %.1f s (%.1f s needed with the margin); a save cut off by the "
+            "kill would leave only a partial directory. Newest checkpoint: step %s",
+            step,
+            left,
+            took,
+            needed,
+            self._last_step,
+        )
+        return True
 
-        Atomic: a crash at any point leaves either no ``step-*`` directory or a complete
-        one. When a complete checkpoint of ``step`` already exists nothing is written
-        and its manifest is returned.
-        """
+    def _skip(self, step: int, reason: str) -> None:
+        self.skipped_step = step
+        log.warning(
+            "save_skipped: the %s save at step %d is skipped (deadline); exiting with the "
+            "newest checkpoint at step %s",
+            reason,
+            step,
+            self._last_step,
+        )
+
+    def _validate(self, state: Mapping[str, Any], reason: str) -> None:
         if reason not in REASONS:
             raise ValueError(f"reason {reason!r} is not one of {', '.join(REASONS)}")
+        names: set[str] = set()
         for key, value in state.items():
             if not _KEY_RE.match(key):
                 raise ValueError(f"state key {key!r} cannot name a checkpoint file")
             _check_plain(value, key)
-        final_dir = self.directory / step_dir_name(step)
-        existing = self._existing_complete(final_dir, step)
-        if existing is not None:
-            log.info("checkpoint %s already complete; nothing new written", final_dir.name)
-            self._last_step = step
-            return existing
+            for name in shards.file_names(key, value, self.shard_bytes):
+                if name in names:
+                    raise ValueError(f"two state keys would both write {name}")
+                names.add(name)
+
+    def save(self, step: int, state: Mapping[str, Any], reason: str = "periodic") -> Manifest:
+        """Write ``state`` as checkpoint ``step`` now: one ``<key>.pt`` per top-level key.
+
+        Waits for a save in flight first. Atomic: a crash at any point leaves either no
+        ``step-*`` directory or a complete one. When a complete checkpoint of ``step``
+        already exists nothing is written and its manifest is returned.
+        """
+        self.wait()
+        self._validate(state, reason)
         started = time.monotonic()
-        # Split in two (validate above, write below) so a later background writer can
-        # take a copied snapshot and run only this part off the training thread.
-        with CheckpointWriter(self.directory, self.run_id, step, reason) as writer:
-            _ACTIVE_TMP_DIRS.add(writer.tmp_dir)
-            try:
-                for key, value in state.items():
-                    with writer.open_file(key + FILE_SUFFIX) as f:
-                        # torch.save only calls write() on a file object; the writer
-                        # hashes and counts the bytes on their way to disk.
-                        torch.save(value, cast("IO[bytes]", f))
-                manifest = writer.commit()
-            finally:
-                _ACTIVE_TMP_DIRS.discard(writer.tmp_dir)
-        self._known_good.add(final_dir)
+        manifest, written = self._write(step, state, reason, started, _nothing)
         self._last_step = step
+        self._finished(manifest, written, started)
+        if written and self.on_save is not None and self.rank == 0:
+            self.on_save(manifest)
+        return manifest
+
+    def save_async(self, step: int, state: Mapping[str, Any], reason: str = "periodic") -> None:
+        """Copy ``state`` into CPU memory and write it as checkpoint ``step`` in the background.
+
+        Returns once the copy is made (training may then change the live tensors).
+        Waits first for a save in flight: at most one is written at a time. The files
+        and manifest are those :meth:`save` would write. Its outcome is reported by
+        the next :meth:`step_done`, :meth:`wait` or :meth:`close`.
+        """
+        self.wait()
+        self._validate(state, reason)
+        started = time.monotonic()
+        self._join_warmup()
+        copy, ready = self._pool.copy(state)
+        job = _Job(step, reason, self._last_step)
+        self._last_step = step
+
+        def run() -> None:
+            try:
+                job.manifest, job.written = self._write(step, copy, reason, started, ready)
+                self._finished(job.manifest, job.written, started)
+            except BaseException as exc:  # reported on the training thread by wait()
+                job.error = exc
+
+        # Not a daemon thread: an interpreter that exits while it writes waits for it,
+        # so a checkpoint is finished rather than cut off.
+        job.thread = threading.Thread(target=run, name=f"checkpoint-{step_dir_name(step)}")
+        self._job = job
+        job.thread.start()
+        log.debug("step %d: state copied in %.3f s", step, time.monotonic() - started)
+
+    def _warm(self, state: Mapping[str, Any]) -> None:
+        """Allocate the snapshot buffers in the background, before the first save needs them.
+
+        Fresh memory costs a page fault per 4 KiB on first touch (pinning on CUDA costs
+        more): done here, off the loop, the first save stalls no longer than later ones.
+        """
+        self._warmed = True
+        sizes = SnapshotPool.sizes(state)
+        self._warmup = threading.Thread(
+            target=self._pool.allocate, args=(sizes,), name="checkpoint-warmup", daemon=True
+        )
+        self._warmup.start()
+
+    def _join_warmup(self) -> None:
+        if self._warmup is not None:
+            self._warmup.join()
+            self._warmup = None
+
+    def wait(self) -> Manifest | None:
+        """Block until background work is done; the manifest of the save in flight, if any.
+
+        Calls ``on_save`` for it, or raises :class:`CheckpointError` when it failed
+        (its temporary directory is gone: a failed save never leaves a ``step-*``).
+        """
+        self._join_warmup()
+        job = self._job
+        if job is None or job.thread is None:
+            return None
+        job.thread.join()
+        self._job = None
+        if job.error is not None:
+            if self._last_step == job.step:
+                self._last_step = job.previous_step
+            raise CheckpointError(
+                f"the background save of checkpoint {step_dir_name(job.step)} "
+                f"(reason {job.reason}) failed: {_first_line(job.error)}; "
+                f"nothing was written for step {job.step}"
+            ) from job.error
+        if job.written and job.manifest is not None and self.on_save and self.rank == 0:
+            self.on_save(job.manifest)
+        return job.manifest
+
+    def _collect(self) -> None:
+        """Report a background save that has finished (without waiting for one that has not)."""
+        job = self._job
+        if job is not None and job.thread is not None and not job.thread.is_alive():
+            self.wait()
+
+    def _finished(self, manifest: Manifest, written: bool, started: float) -> None:
+        """Bookkeeping after a save, on whichever thread wrote it."""
+        final_dir = self.directory / step_dir_name(manifest.step)
+        if not written:
+            log.info("checkpoint %s already complete; nothing new written", final_dir.name)
+            return
+        self._last_save_seconds = time.monotonic() - started
+        self._known_good.add(final_dir)
+        if self.rank != 0:
+            return
         log.info(
             "checkpoint %s saved (reason %s, %.1f MB in %.2f s)",
             final_dir.name,
-            reason,
+            manifest.reason,
             manifest.total_bytes / 1e6,
-            time.monotonic() - started,
+            self._last_save_seconds,
         )
         self.prune()
-        if self.on_save is not None:
-            self.on_save(manifest)
-        return manifest
+
+    def _write(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        reason: str,
+        started: float,
+        ready: Callable[[], None],
+    ) -> tuple[Manifest, bool]:
+        """Write one checkpoint (any thread); its manifest, and False when it already existed."""
+        ready()
+        ranks = self._ranks
+        if ranks is not None:
+            return self._write_distributed(ranks, step, state, reason, started)
+        final_dir = self.directory / step_dir_name(step)
+        existing = self._existing_complete(final_dir, step)
+        if existing is not None:
+            return existing, False
+        with CheckpointWriter(self.directory, self.run_id, step, reason) as writer:
+            _ACTIVE_TMP_DIRS.add(writer.tmp_dir)
+            try:
+                self._write_files(writer.open_file, state)
+                writer.extra["save_seconds"] = round(time.monotonic() - started, 3)
+                return writer.commit(), True
+            finally:
+                _ACTIVE_TMP_DIRS.discard(writer.tmp_dir)
+
+    def _write_files(
+        self,
+        open_file: Callable[[str], AbstractContextManager[HashingWriter]],
+        state: Mapping[str, Any],
+    ) -> list[FileEntry]:
+        """torch.save every value of ``state`` through ``open_file``; the entries written."""
+        entries = []
+        for key, value in state.items():
+            for name, make in shards.files_for(key, value, self.shard_bytes):
+                with open_file(name) as f:
+                    # torch.save only calls write() on a file object; the writer hashes
+                    # and counts the bytes on their way to disk.
+                    torch.save(make(), cast("IO[bytes]", f))
+                entries.append(FileEntry(name, f.size, f.sha256))
+        return entries
+
+    def _write_distributed(
+        self, ranks: Ranks, step: int, state: Mapping[str, Any], reason: str, started: float
+    ) -> tuple[Manifest, bool]:
+        """The multi-rank protocol, on the io group; every rank runs it for the same step.
+
+        1. rank 0 makes the ``.tmp-`` directory (or finds the step complete) and
+           broadcasts its name;
+        2. every rank writes its files into it (``.partial``, fsync, rename);
+        3. all_gather of each rank's (path, size, sha256) list, or its error;
+        4. rank 0 lists them all in the manifest and commits, or removes the directory
+           when any rank failed; it broadcasts the outcome, so all ranks agree.
+        """
+        final_dir = self.directory / step_dir_name(step)
+        writer: CheckpointWriter | None = None
+        opening: tuple[str, Any] | None = None
+        if ranks.is_writer:
+            try:
+                existing = self._existing_complete(final_dir, step)
+                if existing is not None:
+                    opening = ("exists", existing)
+                else:
+                    writer = CheckpointWriter(self.directory, self.run_id, step, reason)
+                    writer.__enter__()
+                    _ACTIVE_TMP_DIRS.add(writer.tmp_dir)
+                    opening = ("tmp", writer.tmp_dir.name)
+            except Exception as exc:
+                opening = ("error", f"rank 0: {_first_line(exc)}")
+        try:
+            kind, value = ranks.broadcast(opening)
+            if kind == "exists":
+                return cast(Manifest, value), False
+            if kind == "error":
+                raise CheckpointError(f"saving {final_dir.name} failed: {value}")
+            tmp_dir = self.directory / str(value)
+            entries: list[FileEntry] = []
+            problem: str | None = None
+            try:
+                if writer is not None:
+                    self._write_files(writer.open_file, state)
+                else:
+                    entries = self._write_files(lambda n: write_file(tmp_dir, n), state)
+            except Exception as exc:
+                problem = f"rank {ranks.rank}: {_first_line(exc)}"
+            reports = ranks.gather((entries, problem))
+            outcome: tuple[str, Any] | None = None
+            if writer is not None:
+                try:
+                    problems = [p for _, p in reports if p]
+                    if problems:
+                        raise CheckpointError("; ".join(problems))
+                    for other in reports[1:]:
+                        writer.add_files(other[0])
+                    writer.extra["save_seconds"] = round(time.monotonic() - started, 3)
+                    writer.extra["world_size"] = ranks.world_size
+                    outcome = ("ok", writer.commit())
+                except Exception as exc:
+                    outcome = ("error", _first_line(exc))
+                finally:
+                    writer.__exit__(None, None, None)  # removes the directory unless committed
+            kind, value = ranks.broadcast(outcome)
+            if kind == "error":
+                raise CheckpointError(f"saving {final_dir.name} failed: {value}")
+            return cast(Manifest, value), True
+        finally:
+            if writer is not None:
+                _ACTIVE_TMP_DIRS.discard(writer.tmp_dir)
+                if not writer.committed:
+                    shutil.rmtree(writer.tmp_dir, ignore_errors=True)
 
     def _existing_complete(self, final_dir: Path, step: int) -> Manifest | None:
         """The manifest of a usable checkpoint already at ``final_dir``; clears a broken one."""
@@ -447,46 +828,93 @@ class CheckpointManager:
 
     # -- loading -------------------------------------------------------------------
 
+    # -- loading -------------------------------------------------------------------
+
     def load_latest(self, map_location: Any = "cpu") -> Checkpoint | None:
         """The newest checkpoint that verifies and loads; None when there is none.
 
         Each one skipped (bad manifest, wrong size or sha256, a file torch.load refuses)
-        is logged as a WARNING naming the file and the reason.
+        is logged as a WARNING naming the file and the reason. Sharded values come back
+        reassembled. Under ``torch.distributed`` all ranks agree on one checkpoint (the
+        newest every rank could load) and each loads its own ``rng-rank*`` file only.
         """
-        for _step, path in list_step_dirs(self.directory):
-            try:
-                manifest = load_complete(path, hash_files=True)
-            except (ManifestError, OSError) as exc:
-                log.warning("skipping checkpoint %s: %s", path.name, exc)
-                continue
-            state: dict[str, Any] = {}
-            failed = False
-            for entry in manifest.files:
-                if not entry.path.endswith(FILE_SUFFIX) or "/" in entry.path:
-                    continue  # not one of ours; another tool may add files
-                file = path / entry.path
-                try:
-                    # weights_only: a checkpoint can come from a bucket; unpickling
-                    # arbitrary objects from it would run arbitrary code.
-                    state[entry.path[: -len(FILE_SUFFIX)]] = torch.load(
-                        file, map_location=map_location, weights_only=True
-                    )
-                except Exception as exc:  # any failure to deserialize: use an older one
-                    log.warning(
-                        "skipping checkpoint %s: %s could not be loaded: %s",
-                        path.name,
-                        file,
-                        _first_line(exc),
-                    )
-                    failed = True
-                    break
-            if failed:
-                self._unloadable.add(path)
-                continue
-            self._known_good.add(path)
-            log.info("loaded checkpoint %s (reason %s)", path.name, manifest.reason)
-            return Checkpoint(path, manifest, state)
-        return None
+        candidates = list_step_dirs(self.directory)
+        ranks = self._dist()
+        if ranks is None:
+            for _step, path in candidates:
+                ckpt = self._load_dir(path, map_location, 0)
+                if ckpt is not None:
+                    return ckpt
+            return None
+        while True:
+            # The newest step every rank has; then whether every rank could load it.
+            step = ranks.agree_min(candidates[0][0] if candidates else -1)
+            if step < 0:
+                return None
+            found = dict(candidates).get(step)
+            ckpt = self._load_dir(found, map_location, ranks.rank) if found else None
+            if ranks.agree_min(int(ckpt is not None)) == 1:
+                return ckpt
+            if ckpt is not None:
+                log.warning("skipping checkpoint %s: another rank could not load it", found)
+            candidates = [(s, p) for s, p in candidates if s < step]
+
+    def _load_dir(self, path: Path, map_location: Any, rank: int) -> Checkpoint | None:
+        """One checkpoint verified and loaded, or None (and a warning) when it fails."""
+        try:
+            manifest = load_complete(path, hash_files=True)
+        except (ManifestError, OSError) as exc:
+            log.warning("skipping checkpoint %s: %s", path.name, exc)
+            return None
+        names = []
+        for entry in manifest.files:
+            if not entry.path.endswith(FILE_SUFFIX) or "/" in entry.path:
+                continue  # not one of ours; another tool may add files
+            m = _RANK_FILE_RE.search(entry.path)
+            if m is not None and int(m.group(1)) != rank:
+                continue  # another rank's own state
+            names.append(entry.path)
+        present = set(names)
+        # A file named like a shard of a key that has a file too: decided by that file.
+        maybe_shard = {
+            n for n in names if (k := shards.shard_key(n)) and k + FILE_SUFFIX in present
+        }
+        current = ""
+
+        def load(name: str) -> Any:
+            nonlocal current
+            if name not in present:
+                raise ManifestError(f"{path / name} is referenced but not in the manifest")
+            current = name
+            # weights_only: a checkpoint can come from a bucket; unpickling arbitrary
+            # objects from it would run arbitrary code.
+            return torch.load(path / name, map_location=map_location, weights_only=True)
+
+        state: dict[str, Any] = {}
+        try:
+            claimed: set[str] = set()
+            for name in names:
+                if name in maybe_shard:
+                    continue
+                obj = load(name)
+                if shards.is_index(obj):
+                    claimed.update(shards.index_files(obj))
+                    obj = shards.assemble(obj, load)
+                state[name[: -len(FILE_SUFFIX)]] = obj
+            for name in sorted(maybe_shard - claimed):
+                state[name[: -len(FILE_SUFFIX)]] = load(name)
+        except Exception as exc:  # any failure to deserialize: use an older one
+            log.warning(
+                "skipping checkpoint %s: %s could not be loaded: %s",
+                path.name,
+                path / current,
+                _first_line(exc),
+            )
+            self._unloadable.add(path)
+            return None
+        self._known_good.add(path)
+        log.info("loaded checkpoint %s (reason %s)", path.name, manifest.reason)
+        return Checkpoint(path, manifest, state)
 
     def restore(
         self,
@@ -501,8 +929,10 @@ class CheckpointManager:
         """Track the given objects and load the newest good checkpoint into them.
 
         Objects are saved as ``model.pt``, ``optimizer.pt``, ``scheduler.pt`` and
-        ``<keyword>.pt`` for each of ``others``. Also restores the RNG states (unless
-        ``rng=False``). Returns the step to continue from and the saved progress.
+        ``<keyword>.pt`` for each of ``others`` (an AMP ``scaler=torch.amp.GradScaler``,
+        a data loader's state, ...). Also restores the RNG states (unless ``rng=False``;
+        each rank its own under ``torch.distributed``). Returns the step to continue
+        from and the saved progress.
         """
         self.track(model=model, optimizer=optimizer, scheduler=scheduler, **others)
         ckpt = self.load_latest(map_location)
@@ -516,9 +946,19 @@ class CheckpointManager:
             )
         for name, obj in self._tracked.items():
             obj.load_state_dict(ckpt.state[name])
-        if rng and RNG_KEY in ckpt.state:
-            restore_rng(ckpt.state[RNG_KEY])
+        if rng:
+            rank = self.rank
+            rng_key = RNG_KEY + rank_suffix(rank) if rank else RNG_KEY
+            if rng_key in ckpt.state:
+                restore_rng(ckpt.state[rng_key])
+            else:
+                log.warning(
+                    "%s has no %s%s; RNG state not restored", ckpt.path, rng_key, FILE_SUFFIX
+                )
         progress = dict(ckpt.state.get(PROGRESS_KEY) or {})
         progress.pop("step", None)  # the directory's step is authoritative
         self._last_step = ckpt.step
+        took = ckpt.manifest.extra.get("save_seconds")
+        if isinstance(took, (int, float)) and not isinstance(took, bool):
+            self._last_save_seconds = float(took)
         return Resume(ckpt.step, progress, ckpt.path, ckpt.reason)

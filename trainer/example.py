@@ -6,12 +6,18 @@ per-epoch permutation drawn from a generator seeded by (seed, epoch), so resumin
 only (epoch, index within the epoch), never a replay of earlier batches. Interrupted
 and resumed any number of times on CPU, it ends with the same parameters, bit for bit.
 
+Periodic saves are written in the background (``--sync-save`` writes them in the loop).
+Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins a gloo process group, wraps the model
+in DistributedDataParallel and gives each rank its slice of every batch; only rank 0
+prints, and each rank's RNG (its own dropout stream) is saved and restored.
+
 stdout, one line per event, flushed (supervisors and tests follow it):
 
     start step=0                       | resumed step=N reason=R
     step=N loss=F                      after each optimizer step
     checkpoint_saved step=N reason=R bytes=B
-    stopped step=N                     after SIGTERM, state saved; exit 0
+    save_skipped step=N reason=deadline   after SIGTERM, too close to the notice deadline
+    stopped step=N                     after SIGTERM (state saved unless skipped); exit 0
     final_params_sha256=<64 hex>       after the last step; exit 0
 """
 
@@ -26,6 +32,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from daemon.layout import Manifest
@@ -38,6 +45,8 @@ IN_DIM = 16
 HIDDEN = 64
 BATCH = 32
 MIB = 1 << 20
+# Only rank 0 prints: torchrun merges every rank's stdout into one.
+_QUIET = int(os.environ.get("RANK", "0")) != 0
 
 
 def out(line: str) -> None:
@@ -46,6 +55,8 @@ def out(line: str) -> None:
     One write() with its newline: the supervisor shares this stdout, and a line split
     across two writes could have one of its events land inside it.
     """
+    if _QUIET:
+        return
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -133,6 +144,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
+        "--sync-save", action="store_true", help="write periodic saves in the loop, not behind it"
+    )
+    p.add_argument(
+        "--shard-mb",
+        type=int,
+        default=1024,
+        help="largest file of a checkpoint, MiB; larger state is split (default 1024)",
+    )
+    p.add_argument(
         "--checkpoint-dir",
         default=os.environ.get(CHECKPOINT_DIR_ENV),
         help=f"default ${CHECKPOINT_DIR_ENV}",
@@ -143,8 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("steps", "state_mb", "seed"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must not be negative")
-    if args.save_every < 1 or args.keep < 1:
-        p.error("--save-every and --keep must be at least 1")
+    if args.save_every < 1 or args.keep < 1 or args.shard_mb < 1:
+        p.error("--save-every, --keep and --shard-mb must be at least 1")
     if args.step_seconds < 0:
         p.error("--step-seconds must not be negative")
     return args
@@ -159,13 +179,24 @@ def train(args: argparse.Namespace) -> int:
 
     # First, so the SIGTERM / SIGUSR1 handlers are in place as early as possible.
     ckpt = CheckpointManager(
-        args.checkpoint_dir, keep=args.keep, save_every=args.save_every, on_save=saved
+        args.checkpoint_dir,
+        keep=args.keep,
+        save_every=args.save_every,
+        on_save=saved,
+        async_save=not args.sync_save,
+        shard_bytes=args.shard_mb * MIB,
     )
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # gloo: CPU tensors, and what the tests can run; NCCL would serve CUDA as well.
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+    # Per rank: each rank's dropout draws its own stream (its own RNG state to restore).
+    torch.manual_seed(args.seed + rank)
     x_all, y_all = (t.to(device) for t in make_data(args.seed))
     model = make_model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -189,14 +220,16 @@ def train(args: argparse.Namespace) -> int:
     steps_per_epoch = N_SAMPLES // BATCH
     loss_fn = nn.MSELoss()
     order, order_epoch = epoch_order(args.seed, epoch).to(device), epoch
-    model.train()
+    # After restore: every rank holds the same parameters, which DDP checks on entry.
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net.train()
     # The boundary we start from counts too: a SIGTERM during startup stops here.
     while not ckpt.step_done(step, final=step >= args.steps, epoch=epoch, index=index):
         if order_epoch != epoch:
             order, order_epoch = epoch_order(args.seed, epoch).to(device), epoch
-        batch = order[index * BATCH : (index + 1) * BATCH]
+        batch = order[index * BATCH : (index + 1) * BATCH][rank::world]
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x_all[batch]), y_all[batch])
+        loss = loss_fn(net(x_all[batch]), y_all[batch])
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -213,7 +246,11 @@ def train(args: argparse.Namespace) -> int:
     if step >= args.steps:
         out(f"final_params_sha256={params_sha256(model)}")
     else:
+        if ckpt.skipped_step == step:
+            out(f"save_skipped step={step} reason=deadline")
         out(f"stopped step={step}")
+    if world > 1:
+        dist.destroy_process_group()
     return 0
 
 
