@@ -52,6 +52,8 @@ class S3Config:
     region: str | None = None
     part_size_mb: int = 64  # multipart part size (S3: at least 5 MiB)
     max_concurrency: int = 8  # parallel requests of one transfer (and connections)
+    # The additional checksum S3 verifies on every upload: SHA256, CRC32, CRC32C or none.
+    checksum_algorithm: str = "CRC32"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,11 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -80,6 +87,7 @@ class Config:
     s3: S3Config
     imds: ImdsConfig
     daemon: DaemonConfig
+    metrics: MetricsConfig = MetricsConfig()
     source: str = "<defaults>"
 
     @property
@@ -133,6 +141,32 @@ def _path(key: str, v: Any) -> Path:
     if not p.is_absolute():
         raise ConfigError(f"{key}: {s!r} must be an absolute path")
     return p
+
+
+def _prom_path(key: str, v: Any) -> Path:
+    p = _path(key, v)
+    if p.suffix != ".prom":
+        raise ConfigError(f"{key}: {p} must end in .prom (node_exporter reads only those)")
+    return p
+
+
+CHECKSUM_ALGORITHMS = ("SHA256", "CRC32", "CRC32C", "none")
+
+
+def _checksum_algorithm(key: str, v: Any) -> str:
+    s = _string(key, v)
+    name = "none" if s.lower() == "none" else s.upper()
+    if name not in CHECKSUM_ALGORITHMS:
+        raise ConfigError(f"{key}: {s!r} must be one of {', '.join(CHECKSUM_ALGORITHMS)}")
+    if name == "CRC32C":
+        from botocore.compat import HAS_CRT  # only here: config loads without boto
+
+        if not HAS_CRT:
+            raise ConfigError(
+                f"{key}: CRC32C needs awscrt (pip install 'botocore[crt]'), which is not"
+                " installed; use CRC32 or SHA256"
+            )
+    return name
 
 
 def _remote(key: str, v: Any) -> str:
@@ -198,6 +232,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "region": (_nonempty_string, None),
         "part_size_mb": (_integer(5, 5120), 64),
         "max_concurrency": (_integer(1, 64), 8),
+        "checksum_algorithm": (_checksum_algorithm, "CRC32"),
     },
     "imds": {
         "url": (_url, "http://169.254.169.254"),
@@ -211,6 +246,10 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "rescan_interval": (_number(0.1, 3600.0), 30.0),
         "max_restarts": (_integer(0, 1000), 5),
         "restart_window": (_number(1.0, 86400.0), 600.0),
+    },
+    "metrics": {
+        # A Prometheus textfile for node_exporter's textfile collector (*.prom).
+        "textfile": (_prom_path, None),
     },
 }
 
@@ -303,6 +342,7 @@ def build(
         s3=S3Config(**values["s3"]),
         imds=ImdsConfig(**values["imds"]),
         daemon=DaemonConfig(**values["daemon"]),
+        metrics=MetricsConfig(**values["metrics"]),
         source=source,
     )
 

@@ -11,8 +11,11 @@ import contextlib
 import datetime as dt
 import os
 import queue
+import select
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -24,8 +27,9 @@ from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_env
 from daemon.config import Config
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
 from daemon.imds import ImdsClient
+from daemon.metrics import Metrics, TextfileWriter
 from daemon.notice_watch import NoticeWatcher
-from daemon.notices import AwsRebalanceSource, AwsSpotSource, Notice
+from daemon.notices import AwsMaintenanceSource, AwsRebalanceSource, AwsSpotSource, Notice
 from daemon.s3client import (
     StoreError,
     make_s3_client,
@@ -41,7 +45,14 @@ from daemon.sync import CheckpointSync, FlushHandle, SyncStats
 log = structlog.get_logger(__name__)
 
 _TICK = 0.05
+# The longest the main loop sleeps when nothing wakes it: a signal, a notice or the
+# trainer's exit all wake it at once, so idle it costs next to no CPU.
+_IDLE_WAIT = 1.0
 _MAX_BACKOFF = 60.0
+# A scheduled maintenance event is acted on this long before its NotBefore (plus the
+# upload reserve): the same warning a spot notice gives.
+MAINTENANCE_LEAD_S = 120.0
+_METRICS_EVERY = 15.0
 
 
 @dataclass(frozen=True)
@@ -92,14 +103,24 @@ class Supervisor:
             keep_remote=cfg.checkpoints.keep_remote,
         )
         self.events: queue.Queue[Notice] = queue.Queue()
+        # Written to by signals (set_wakeup_fd) and by the notice watcher: wakes the loop.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
         self.watcher = NoticeWatcher(
-            # instance-action every poll; the rebalance hint is slower news, so every 5th.
-            [AwsSpotSource(client), (AwsRebalanceSource(client), 5)],
-            on_notice=self.events.put,
+            # instance-action every poll; rebalance and maintenance are slower news: every 5th.
+            [
+                AwsSpotSource(client),
+                (AwsRebalanceSource(client), 5),
+                (AwsMaintenanceSource(client), 5),
+            ],
+            on_notice=self._on_notice,
             poll_interval=cfg.imds.poll_interval,
             request_counter=lambda: client.stats.requests,
         )
+        self.metrics = Metrics(run_id=cfg.run.id)
+        self.textfile = TextfileWriter(cfg.metrics.textfile, self.metrics)
+        self._metrics_at = 0.0
+        self._scheduled: Notice | None = None
         self.child: TrainerProcess | None = None
         self.drain: Drain | None = None
         self._stop_signal: int | None = None
@@ -122,12 +143,90 @@ class Supervisor:
         )
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        # Only record: the main loop acts on it at its next tick.
+        # Only record: the main loop acts on it (the wakeup fd has already woken it).
         self._stop_signal = signum
+
+    def _on_child_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        """SIGCHLD: nothing to record; its byte on the wakeup fd wakes the loop to reap."""
+
+    def _on_notice(self, notice: Notice) -> None:
+        # The watcher's thread: hand over, then wake the main loop.
+        self.events.put(notice)
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"n")
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGCHLD, self._on_child_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until woken (signal, notice, child exit) or ``timeout`` seconds pass."""
+        if timeout > 0:
+            ready, _, _ = select.select([self._wake_r], [], [], timeout)
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+
+    def _next_wakeup(self) -> float:
+        """Seconds until the loop must look again even if nothing wakes it."""
+        now = time.monotonic()
+        due = [now + _IDLE_WAIT]
+        if self._watchdog_every:
+            due.append(self._last_watchdog + self._watchdog_every)
+        if self.drain is not None:
+            due.append(now + _TICK)  # the drain clock and the trainer's exit, closely
+        if self._restart_at is not None:
+            due.append(self._restart_at)
+        return max(0.0, min(due) - now)
+
+    def _write_metrics(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.textfile.path is None or (not force and now - self._metrics_at < _METRICS_EVERY):
+            return
+        stats = self.sync.stats
+        m = self.metrics
+        m.phase = self.state.phase.value
+        m.checkpoints_committed = stats.committed
+        m.bytes_uploaded = stats.bytes_uploaded
+        m.upload_seconds = stats.upload_seconds
+        if stats.newest_committed_step != m.newest_committed_step:
+            m.newest_committed_step = stats.newest_committed_step
+            m.newest_committed_at = time.time() if stats.newest_committed_step is not None else None
+        m.trainer_restarts = self.state.snapshot().restarts
+        m.metadata_failures = self.watcher.stats().failures
+        self.textfile.write()
+        self._metrics_at = now
+
+    @contextlib.contextmanager
+    def _start_keepalive(self, every: float = 20.0, extend: float = 60.0) -> Iterator[None]:
+        """Until READY=1: keep systemd's start timeout ahead of a long restore."""
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(every):
+                self.notifier.extend_timeout(extend)
+
+        t = threading.Thread(target=tick, name="start-keepalive", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
+
+    def _await_flush(self, why: str) -> int | None:
+        """A final flush off the main loop, which keeps systemd's watchdog fed meanwhile."""
+        flush = self._flush = self.sync.flush_async()
+        while not flush.done.wait(min(_IDLE_WAIT, self._watchdog_every or _IDLE_WAIT)):
+            self._ping_watchdog()
+        if flush.error is not None:
+            log.error("final_flush_failed", why=why, error=flush.error)
+        return flush.committed
 
     def _ping_watchdog(self) -> None:
         now = time.monotonic()
@@ -165,20 +264,22 @@ class Supervisor:
             return self._run_restored()
         finally:
             self.watcher.stop()
+            self._write_metrics(force=True)
             if self._flush is None or self._flush.done.is_set():
                 # A flush still stuck on the network past the deadline is left behind.
                 self.sync.stop()
                 self.store.close()
 
     def _run_restored(self) -> int:
-        restored = self.store.restore_newest(self.cfg.checkpoints.local_dir)
-        try:
-            # Leftovers of a machine that went away mid-upload: they cost storage and are
-            # never part of a commit. Boot time, like the restore: nothing else runs yet.
-            self.store.abort_incomplete_uploads()
-        except StoreError as exc:
-            log.warning("multipart_cleanup_failed", error=str(exc))
-        self.sync.load_remote()
+        with self._start_keepalive():
+            restored = self.store.restore_newest(self.cfg.checkpoints.local_dir)
+            try:
+                # Leftovers of a machine that went away mid-upload: they cost storage and
+                # are never part of a commit. Boot time, like the restore: nothing else runs.
+                self.store.abort_incomplete_uploads()
+            except StoreError as exc:
+                log.warning("multipart_cleanup_failed", error=str(exc))
+            self.sync.load_remote()
         self.sync.start()
         step = restored.step if restored is not None else None
         log.info("restore_finished", step=step)
@@ -201,8 +302,16 @@ class Supervisor:
             try:
                 notice = self.events.get_nowait()
             except queue.Empty:
-                return None
+                break
             self.state.update(last_notice=notice.to_dict())
+            self.metrics.notices[notice.action] = self.metrics.notices.get(notice.action, 0) + 1
+            if notice.kind == "interruption" and notice.action == "hibernate":
+                # Hibernation starts at once and keeps the trainer's memory: killing it
+                # would lose what hibernation saves. Checkpoint now, in case the instance
+                # never resumes, and keep training.
+                sent = self.child.send(signal.SIGUSR1) if self.child else False
+                log.warning("hibernate_checkpoint_requested", id=notice.id, child_signalled=sent)
+                continue
             if notice.kind == "interruption":
                 return (notice.action, notice.source, notice.deadline)
             if notice.kind == "rebalance":
@@ -210,7 +319,28 @@ class Supervisor:
                 sent = self.child.send(signal.SIGUSR1) if self.child else False
                 log.info("early_checkpoint_requested", id=notice.id, child_signalled=sent)
                 continue
-            log.info("notice_ignored", id=notice.id, kind=notice.kind, action=notice.action)
+            if notice.kind == "maintenance":
+                if self._scheduled is None or notice.deadline < self._scheduled.deadline:
+                    self._scheduled = notice
+                    log.info(
+                        "maintenance_scheduled",
+                        id=notice.id,
+                        action=notice.action,
+                        not_before=notice.deadline.isoformat(),
+                        act_in_s=round(self._maintenance_due_in(notice), 1),
+                    )
+            else:
+                log.info("notice_ignored", id=notice.id, kind=notice.kind, action=notice.action)
+        scheduled = self._scheduled
+        if scheduled is not None and self._maintenance_due_in(scheduled) <= 0:
+            return (scheduled.action, scheduled.source, scheduled.deadline)
+        return None
+
+    def _maintenance_due_in(self, notice: Notice) -> float:
+        """Seconds until a scheduled event must be handled like a spot notice."""
+        reserve = self.throughput.seconds_for(newest_local_bytes(self.cfg.checkpoints.local_dir))
+        left = (notice.deadline - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        return left - MAINTENANCE_LEAD_S - reserve - self.cfg.daemon.safety_margin
 
     def _start_child(self) -> bool:
         cfg = self.cfg
@@ -251,15 +381,18 @@ class Supervisor:
                     return self._finish_drain()
             elif self.state.phase is Phase.BACKOFF:
                 due = self._restart_at is not None and time.monotonic() >= self._restart_at
-                if due and not self._start_child():
-                    return self._give_up("training command could not be restarted")
+                if due:
+                    self._restart_at = None
+                    if not self._start_child():
+                        return self._give_up("training command could not be restarted")
             elif exit_status is not None:
                 if exit_status.success:
                     return self._complete()
                 code = self._crashed(exit_status)
                 if code is not None:
                     return code
-            time.sleep(_TICK)
+            self._write_metrics()
+            self._wait(self._next_wakeup())
 
     # --- drain: notice or stop -----------------------------------------------------------
 
@@ -351,8 +484,7 @@ class Supervisor:
     def _complete(self) -> int:
         self.state.update(child_pid=None)
         self.state.transition(Phase.UPLOADING, "training command finished")
-        self.sync.stop()
-        committed = self.sync.flush(skip_superseded=True)
+        committed = self._await_flush("run complete")
         local = layout.list_step_dirs(self.cfg.checkpoints.local_dir)
         newest_local = local[0][0] if local else None
         if newest_local is None or committed is None:
@@ -402,8 +534,7 @@ class Supervisor:
 
     def _give_up(self, why: str) -> int:
         """Commit what is complete, then exit non-zero with a clear final event."""
-        self.sync.stop()
-        committed = self.sync.flush()
+        committed = self._await_flush("giving up")
         log.error("supervisor_gave_up", why=why, committed_step=committed)
         self.state.transition(Phase.FAILED, why)
         self.notifier.stopping("failed")

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
 
-from daemon.standins import LocalS3, start_local_s3, use_fake_aws_credentials
+from daemon.demo import SupervisorProcess, write_config
+from daemon.emulator import MetadataEmulator
+from daemon.standins import FAKE_AWS_ENV, LocalS3, start_local_s3, use_fake_aws_credentials
 
 # Before anything builds a boto3 client: fake credentials, and no real metadata lookups.
 use_fake_aws_credentials()
 
 REPO = Path(__file__).resolve().parent.parent
+SCRIPTED_TRAINER = str(REPO / "tests" / "scripted_trainer.py")
+SUPERVISOR_RUN_ID = "sup-run"
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +43,43 @@ def bucket(s3_client) -> str:  # type: ignore[no-untyped-def]
     name = f"t-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def emulator() -> Iterator[MetadataEmulator]:
+    """The IMDSv2 emulator on a free loopback port."""
+    with MetadataEmulator() as md:
+        yield md
+
+
+@pytest.fixture
+def boot(
+    tmp_path: Path, s3_server: LocalS3, bucket: str, emulator: MetadataEmulator
+) -> Iterator[Any]:
+    """Start real supervisor processes running the scripted trainer; killed at teardown."""
+    procs: list[SupervisorProcess] = []
+
+    def start(*trainer_args: str, **daemon: Any) -> SupervisorProcess:
+        cfg = write_config(
+            tmp_path / "config.toml",
+            run_id=SUPERVISOR_RUN_ID,
+            command=[sys.executable, SCRIPTED_TRAINER, *trainer_args],
+            local_dir=tmp_path / "ckpt",
+            remote=f"s3://{bucket}/runs",
+            endpoint_url=s3_server.endpoint_url,
+            imds_url=emulator.url,
+            runtime_dir=tmp_path / "run",
+            poll_interval=0.2,
+            extra={"daemon": daemon},
+        )
+        env = {**os.environ, **FAKE_AWS_ENV, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = str(REPO)
+        proc = SupervisorProcess(cfg, env).start()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()

@@ -20,11 +20,17 @@ from pathlib import Path
 from daemon import layout
 
 stop = False
+requested = False
 
 
 def on_term(_signum: int, _frame: object) -> None:
     global stop
     stop = True
+
+
+def on_usr1(_signum: int, _frame: object) -> None:
+    global requested
+    requested = True
 
 
 def save(d: Path, step: int, reason: str) -> None:
@@ -35,15 +41,18 @@ def save(d: Path, step: int, reason: str) -> None:
 
 
 def main() -> int:
+    global requested
     p = argparse.ArgumentParser()
     p.add_argument("steps", type=int)
     p.add_argument("--crash-at", type=int)
     p.add_argument("--always-crash", action="store_true")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--step-seconds", type=float, default=0.05)
+    p.add_argument("--save-every", type=int, default=1)
     a = p.parse_args()
     d = Path(os.environ["SPOT_CHECKPOINT_DIR"])
     signal.signal(signal.SIGTERM, signal.SIG_IGN if a.ignore_sigterm else on_term)
+    signal.signal(signal.SIGUSR1, on_usr1)
     step = 0
     for s, path in layout.list_step_dirs(d):
         try:
@@ -67,7 +76,11 @@ def main() -> int:
         if stop:
             save(d, step, "interrupt")
             return 0
-        save(d, step, "final" if step == a.steps else "periodic")
+        if requested:
+            requested = False
+            save(d, step, "requested")
+        elif step == a.steps or step % a.save_every == 0:
+            save(d, step, "final" if step == a.steps else "periodic")
     print("final_params_sha256=" + "0" * 64, flush=True)
     return 0
 

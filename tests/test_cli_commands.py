@@ -6,11 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from daemon import layout
 from daemon.demo import write_config
@@ -19,12 +16,6 @@ from daemon.standins import FAKE_AWS_ENV, LocalS3
 from daemon.state import Phase, StateMachine
 
 RUN_ID = "cli-run"
-
-
-@pytest.fixture
-def emulator() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator() as md:
-        yield md
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -69,7 +69,7 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
     ("text", "env", "names"),
     [
         (GOOD + "\n[imds]\npoll_intervall = 2\n", {}, "imds.poll_intervall: unknown key"),
-        (GOOD + "\n[metrics]\nx = 1\n", {}, "[metrics]: unknown section"),
+        (GOOD + "\n[prometheus]\nx = 1\n", {}, "[prometheus]: unknown section"),
         (GOOD + '\n[imds]\npoll_interval = "fast"\n', {}, "imds.poll_interval: expected a number"),
         (GOOD + "\n[daemon]\nstop_budget = -1\n", {}, "daemon.stop_budget"),
         (GOOD.replace('id = "llama-ft-001"', 'id = "bad id!"'), {}, "run.id"),
@@ -158,6 +158,7 @@ WRONG_TYPE: dict[str, tuple[object, str]] = {
     "s3.region": (1, "expected a string"),
     "s3.part_size_mb": (6.5, "expected an integer"),
     "s3.max_concurrency": ("8", "expected an integer"),
+    "s3.checksum_algorithm": (32, "expected a string"),
     "imds.url": (None, "expected a string"),
     "imds.poll_interval": ("1s", "expected a number"),
     "imds.token_ttl": (1.5, "expected an integer"),
@@ -167,6 +168,7 @@ WRONG_TYPE: dict[str, tuple[object, str]] = {
     "daemon.rescan_interval": (True, "expected a number"),
     "daemon.max_restarts": (2.0, "expected an integer"),
     "daemon.restart_window": ("10m", "expected a number"),
+    "metrics.textfile": (1, "expected a string"),
 }
 
 WRONG_VALUE: dict[str, tuple[object, str]] = {
@@ -181,6 +183,7 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "s3.region": ("  ", "must not be empty"),
     "s3.part_size_mb": (1, "must be between 5 and 5120"),
     "s3.max_concurrency": (0, "must be between 1 and 64"),
+    "s3.checksum_algorithm": ("MD5", "must be one of SHA256, CRC32, CRC32C, none"),
     "imds.url": ("169.254.169.254", "must be an http:// or https:// URL"),
     "imds.poll_interval": (0, "must be between"),
     "imds.token_ttl": (21601, "must be between 1 and 21600"),
@@ -190,6 +193,7 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "daemon.rescan_interval": (float("inf"), "must be between"),
     "daemon.max_restarts": (-1, "must be between 0 and 1000"),
     "daemon.restart_window": (0.5, "must be between"),
+    "metrics.textfile": ("/var/lib/node_exporter/spot.txt", "must end in .prom"),
 }
 
 
@@ -256,3 +260,21 @@ def test_cli_run_with_a_missing_workdir_exits_2(tmp_path: Path) -> None:
     r = run_cli("run", "--config", str(write(tmp_path, text)))
     assert r.returncode == 2
     assert f"run.workdir: {tmp_path}/nope does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["CRC32", "crc32", "SHA256", "none", "None"])
+def test_checksum_algorithm_values(value: str) -> None:
+    cfg = config.build(with_key("s3.checksum_algorithm", value))
+    assert cfg.s3.checksum_algorithm == ("none" if value.lower() == "none" else value.upper())
+    assert config.build(BASE).s3.checksum_algorithm == "CRC32"  # the default
+
+
+def test_checksum_algorithm_crc32c_without_awscrt_names_the_key() -> None:
+    from botocore.compat import HAS_CRT
+
+    if HAS_CRT:
+        assert config.build(with_key("s3.checksum_algorithm", "CRC32C")).s3.checksum_algorithm
+        return
+    with pytest.raises(ConfigError) as exc:
+        config.build(with_key("s3.checksum_algorithm", "CRC32C"))
+    assert str(exc.value).startswith("s3.checksum_algorithm: CRC32C needs awscrt")

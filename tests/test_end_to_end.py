@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ pytestmark = pytest.mark.slow
 
 RUN_ID = "e2e-run"
 POLL = 0.5
-
-
-@pytest.fixture
-def emulator() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator() as md:
-        yield md
 
 
 def committed_manifests(s3_client: Any, bucket: str, prefix: str) -> dict[int, dict[str, Any]]:

@@ -9,56 +9,15 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from conftest import SCRIPTED_TRAINER as SCRIPT
+from conftest import SUPERVISOR_RUN_ID as RUN_ID
 
 from daemon.demo import SupervisorProcess, write_config
 from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV, LocalS3
-
-SCRIPT = str(Path(__file__).with_name("scripted_trainer.py"))
-RUN_ID = "sup-run"
-
-
-@pytest.fixture
-def emulator() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator() as md:
-        yield md
-
-
-@pytest.fixture
-def boot(
-    tmp_path: Path, s3_server: LocalS3, bucket: str, emulator: MetadataEmulator
-) -> Iterator[Any]:
-    procs: list[SupervisorProcess] = []
-
-    def start(*trainer_args: str, **daemon: Any) -> SupervisorProcess:
-        cfg = write_config(
-            tmp_path / "config.toml",
-            run_id=RUN_ID,
-            command=[sys.executable, SCRIPT, *trainer_args],
-            local_dir=tmp_path / "ckpt",
-            remote=f"s3://{bucket}/runs",
-            endpoint_url=s3_server.endpoint_url,
-            imds_url=emulator.url,
-            runtime_dir=tmp_path / "run",
-            poll_interval=0.2,
-            extra={"daemon": daemon},
-        )
-        env = {**os.environ, **FAKE_AWS_ENV, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-        proc = SupervisorProcess(cfg, env).start()
-        procs.append(proc)
-        return proc
-
-    yield start
-    for p in procs:
-        if p.proc is not None and p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
 
 
 def committed_steps(s3_client: Any, bucket: str) -> list[int]:
