@@ -39,13 +39,14 @@ TARGET = 0.1
 class Weights:
     """A stand-in model: a dict of float32 tensors totalling ``size`` bytes."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, device: str = "cpu") -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         left, i = size, 0
         while left > 0:
             n = min(TENSOR_BYTES, left)
             # fill_ touches every page, as trained weights would have.
-            self.tensors[f"layer{i}.weight"] = torch.empty(n // 4).fill_(float(i) + 0.5)
+            t = torch.empty(n // 4, device=device).fill_(float(i) + 0.5)
+            self.tensors[f"layer{i}.weight"] = t
             left -= n
             i += 1
 
@@ -81,10 +82,19 @@ def _sync_save(state: dict[str, Any], path: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _device() -> str:
+    """``SPOT_BENCH_DEVICE=cuda`` (bench/cuda.sh) measures a GPU's state; default CPU."""
+    dev = os.environ.get("SPOT_BENCH_DEVICE", "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("SPOT_BENCH_DEVICE=cuda but torch sees no CUDA device")
+    return dev
+
+
 def _measure(ctx: Context, size: int, repeats: int) -> Row:
     work = Path(ctx.workdir) / f"stall-{size // MiB}"
     work.mkdir(parents=True, exist_ok=True)
-    weights = Weights(size)
+    device = _device()
+    weights = Weights(size, device)
     ckpt = CheckpointManager(
         work / "async", run_id="bench", keep=1, save_every=1, handle_signals=False
     )
@@ -116,7 +126,8 @@ def _measure(ctx: Context, size: int, repeats: int) -> Row:
     ours, base = statistics.median(async_s), statistics.median(sync_s)
     return Row(
         group="stall",
-        name=f"loop stall per checkpoint, {size / GiB:g} GiB state",
+        name=f"loop stall per checkpoint, {size / GiB:g} GiB state"
+        + ("" if device == "cpu" else f" on {device}"),
         unit="s",
         ours=ours,
         baseline=base,
@@ -131,6 +142,8 @@ def _measure(ctx: Context, size: int, repeats: int) -> Row:
             "first_async_stall_s": async_s[0],
             "async_time_to_commit_s": commit_s,
             "files_per_checkpoint": files,
+            "device": device,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         },
     )
 
@@ -139,6 +152,10 @@ def run(ctx: Context) -> list[Row]:
     """Stall at 1 GiB (and 4 GiB when it fits); ``--quick``: 64 MiB."""
     if ctx.quick:
         return [_measure(ctx, 64 * MiB, 2)]
+    if os.environ.get("SPOT_BENCH_STALL_GIB"):
+        # bench/cuda.sh: explicit sizes (e.g. 8 GiB of GPU state), no fitting heuristics.
+        sizes = [int(float(x) * GiB) for x in os.environ["SPOT_BENCH_STALL_GIB"].split(",")]
+        return [_measure(ctx, size, 2) for size in sizes]
     rows = [_measure(ctx, GiB, 3)]
     big = 4 * GiB
     free_disk = shutil.disk_usage(ctx.workdir).free
