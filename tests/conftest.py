@@ -59,7 +59,7 @@ def boot(
     """Start real supervisor processes running the scripted trainer; killed at teardown."""
     procs: list[SupervisorProcess] = []
 
-    def start(*trainer_args: str, **daemon: Any) -> SupervisorProcess:
+    def start(*trainer_args: str, metrics: str | None = None, **daemon: Any) -> SupervisorProcess:
         cfg = write_config(
             tmp_path / "config.toml",
             run_id=SUPERVISOR_RUN_ID,
@@ -70,7 +70,7 @@ def boot(
             imds_url=emulator.url,
             runtime_dir=tmp_path / "run",
             poll_interval=0.2,
-            extra={"daemon": daemon},
+            extra={"daemon": daemon, **({"metrics": {"textfile": metrics}} if metrics else {})},
         )
         env = {**os.environ, **FAKE_AWS_ENV, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = str(REPO)

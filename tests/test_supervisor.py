@@ -29,8 +29,11 @@ def committed_steps(s3_client: Any, bucket: str) -> list[int]:
     )
 
 
-def test_crashed_trainer_is_restarted_and_resumes(boot: Any, s3_client: Any, bucket: str) -> None:
-    sup = boot("8", "--crash-at", "5", max_restarts=3)
+def test_crashed_trainer_is_restarted_and_resumes(
+    boot: Any, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    prom = tmp_path / "textfile" / "spot.prom"
+    sup = boot("8", "--crash-at", "5", max_restarts=3, metrics=str(prom))
     assert sup.wait_exit(60) == 0
     starts = sup.find("child_started")
     assert len(starts) == 2
@@ -40,6 +43,13 @@ def test_crashed_trainer_is_restarted_and_resumes(boot: Any, s3_client: Any, buc
     assert resumed == ["resumed step=0", "resumed step=4"]
     assert sup.find("run_completed")[0]["step"] == 8
     assert 8 in committed_steps(s3_client, bucket)
+    # The Prometheus textfile, as node_exporter would read it after the run.
+    text = prom.read_text()
+    assert f'spot_supervisor_trainer_restarts_total{{run_id="{RUN_ID}"}} 1' in text
+    assert f'spot_supervisor_newest_committed_step{{run_id="{RUN_ID}"}} 8' in text
+    assert f'spot_supervisor_phase{{run_id="{RUN_ID}",phase="done"}} 1' in text
+    committed = [ln for ln in text.splitlines() if ln.startswith("spot_supervisor_checkpoints_")]
+    assert committed and float(committed[0].split()[-1]) >= 1
 
 
 def test_gives_up_after_too_many_failures(boot: Any, s3_client: Any, bucket: str) -> None:
