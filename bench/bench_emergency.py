@@ -12,11 +12,17 @@ shape of checkpoint (>= 512 MB in 8 files; ``--quick``: 64 MB):
   renamed, the commit follows the directory's rename (what ``run`` does on a notice).
 
 The physical limit is max(write alone, upload alone); the target is pipelined <= 1.15x it.
+
+Each way also reports the CPU seconds per GB of each party (the writer process, moto's
+process, and ours), and ``cpu_floor_s``: their sum over the machine's cores, the shortest
+time the pipelined way could take when all three are CPU-bound at once. On a machine
+with few cores that floor, not max(write, upload), is the real limit.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -26,6 +32,7 @@ import uuid
 from pathlib import Path
 
 import boto3
+import psutil
 from structlog.testing import capture_logs
 
 from bench.bench_transfer import MotoProcess, make_store, moto_process
@@ -52,6 +59,31 @@ with layout.CheckpointWriter(layout.Path(local_dir), run_id, step, "interrupt") 
                 left -= n
     w.commit()
 """
+
+
+PARTIES = ("writer", "moto", "ours")
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of the writer (reaped children), moto, and this process."""
+
+    def __init__(self, moto: MotoProcess) -> None:
+        self._moto = psutil.Process(moto.proc.pid)
+        self._self = psutil.Process()
+
+    def snapshot(self) -> dict[str, float]:
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        m = self._moto.cpu_times()
+        me = self._self.cpu_times()
+        return {
+            "writer": kids.ru_utime + kids.ru_stime,
+            "moto": m.user + m.system,
+            "ours": me.user + me.system,
+        }
+
+    @staticmethod
+    def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        return {k: b[k] - a[k] for k in PARTIES}
 
 
 def _writer(local_dir: Path, run_id: str, step: int, shard_bytes: int) -> subprocess.Popen[bytes]:
@@ -91,13 +123,14 @@ def _upload(moto: MotoProcess, bucket: str, run_id: str, ckpt: Path) -> float:
 
 
 def _pipelined(
-    moto: MotoProcess, bucket: str, run_id: str, local: Path, shard_bytes: int
-) -> tuple[float, int]:
+    moto: MotoProcess, bucket: str, run_id: str, local: Path, shard_bytes: int, meter: CpuMeter
+) -> tuple[float, int, dict[str, float]]:
     store = make_store(moto.endpoint_url, bucket, run_id)
     sync = CheckpointSync(store, local, ThroughputEstimate(), rescan_interval=60)
     try:
         with capture_logs() as logs:
             sync.start()  # the daemon's watch, running before the notice
+            cpu0 = meter.snapshot()
             t0 = time.perf_counter()  # the notice: SIGTERM, and staging begins
             sync.begin_emergency()
             proc = _writer(local, run_id, 1, shard_bytes)
@@ -106,10 +139,14 @@ def _pipelined(
             sync.stop()  # the child exited: the final flush commits
             committed = sync.flush()
             seconds = time.perf_counter() - t0
+            cpu = CpuMeter.delta(cpu0, meter.snapshot())
+            # The sha256 of the staged files, after the commit (retention waits for it).
+            if not sync.wait_verified(600):
+                raise RuntimeError("the pending commit was not verified")
         if committed != 1:
             raise RuntimeError(f"pipelined run committed {committed}, not step 1")
         staged = sum(e["bytes"] for e in logs if e["event"] == "staged_files_taken")
-        return seconds, staged
+        return seconds, staged, cpu
     finally:
         sync.stager.close()
         store.close()
@@ -131,31 +168,41 @@ def run(ctx: Context) -> list[Row]:
     work = Path(ctx.workdir) / "emergency"
     samples: dict[str, list[float]] = {"write": [], "upload": [], "sequential": [], "pipelined": []}
     staged_fraction: list[float] = []
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in samples}
     with moto_process() as moto:
+        meter = CpuMeter(moto)
         client = boto3.client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
         bucket = f"bench-{uuid.uuid4().hex[:12]}"
         client.create_bucket(Bucket=bucket)
         for r in range(repeats):
             # Write alone, then upload alone (of the same checkpoint).
             d = work / f"alone-{r}"
+            c0 = meter.snapshot()
             samples["write"].append(_write(d, f"alone-{r}", 1, shard))
+            c1 = meter.snapshot()
             samples["upload"].append(
                 _upload(moto, bucket, f"alone-{r}", d / layout.step_dir_name(1))
             )
+            c2 = meter.snapshot()
+            cpu["write"].append(CpuMeter.delta(c0, c1))
+            cpu["upload"].append(CpuMeter.delta(c1, c2))
             _clean(client, bucket)
             shutil.rmtree(d, ignore_errors=True)
             # Sequential: save, then upload, timed from the notice.
             d = work / f"seq-{r}"
+            c0 = meter.snapshot()
             t0 = time.perf_counter()
             _write(d, f"seq-{r}", 1, shard)
             _upload(moto, bucket, f"seq-{r}", d / layout.step_dir_name(1))
             samples["sequential"].append(time.perf_counter() - t0)
+            cpu["sequential"].append(CpuMeter.delta(c0, meter.snapshot()))
             _clean(client, bucket)
             shutil.rmtree(d, ignore_errors=True)
             # Pipelined.
             d = work / f"pipe-{r}"
-            seconds, staged = _pipelined(moto, bucket, f"pipe-{r}", d, shard)
+            seconds, staged, used = _pipelined(moto, bucket, f"pipe-{r}", d, shard, meter)
             samples["pipelined"].append(seconds)
+            cpu["pipelined"].append(used)
             staged_fraction.append(staged / (shard * SHARDS))
             _clean(client, bucket)
             shutil.rmtree(d, ignore_errors=True)
@@ -163,10 +210,23 @@ def run(ctx: Context) -> list[Row]:
     med = {k: statistics.median(v) for k, v in samples.items()}
     limit = max(med["write"], med["upload"])
     size = f"{SHARDS} files, {total / 1e6:,.0f} MB"
+    gb = total / 1e9
+    cpu_per_gb = {
+        way: {p: round(statistics.median(c[p] for c in runs) / gb, 2) for p in PARTIES}
+        for way, runs in cpu.items()
+    }
+    cores = os.cpu_count() or 1
+    cpu_floor = {way: round(sum(per.values()) * gb / cores, 3) for way, per in cpu_per_gb.items()}
     extra = {
         "seconds": {k: [round(x, 3) for x in v] for k, v in samples.items()},
         "median_seconds": {k: round(v, 3) for k, v in med.items()},
         "staged_fraction": [round(x, 3) for x in staged_fraction],
+        "cpu_s_per_gb": cpu_per_gb,
+        "cores": cores,
+        "cpu_floor_s": cpu_floor,
+        "pipelined_vs_cpu_floor": round(med["pipelined"] / cpu_floor["pipelined"], 3)
+        if cpu_floor["pipelined"]
+        else None,
     }
     ratio_limit = med["pipelined"] / limit
     return [

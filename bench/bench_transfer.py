@@ -5,9 +5,10 @@ Two shapes, each uploaded and restored in the same run by both sides:
 * large: several files of a few hundred MB (>= 1 GB in all; ``--quick``: 128 MB);
 * small: 1,000 files of 64 KB (``--quick``: 200).
 
-Ours: :meth:`CheckpointStore.upload_checkpoint` (hash, upload with a SHA256 checksum,
-manifest last) and :meth:`CheckpointStore.restore_newest` (parallel ranged GETs hashed
-while they land, fsync, rename). Baseline: boto3's default ``upload_file`` /
+Ours: :meth:`CheckpointStore.upload_checkpoint` (sha256 and MD5 in one pass, upload with
+a CRC32 checksum, ETags checked, manifest last) and
+:meth:`CheckpointStore.restore_newest` (parallel ranged GETs hashed while they land,
+fsync, rename). Baseline: boto3's default ``upload_file`` /
 ``download_file`` for each file in turn, which neither hashes nor fsyncs.
 """
 

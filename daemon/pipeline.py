@@ -6,8 +6,18 @@ each such file at once to its final key under ``checkpoints/step-N/``. Nothing s
 there is visible to restore, which trusts only manifests, and only the commit writes
 the manifest: it follows the writer's rename of the directory to ``step-N/``, and
 :meth:`Stager.take` first checks that every file the manifest lists was staged from
-that very directory with the sha256 the manifest gives. A file that was not (staged
-too late, failed, or different) is sent again by the commit.
+that very directory, is still the same file (inode, size, mtime) and has the size the
+manifest gives. A file that was not (staged too late, failed, or different) is sent
+again by the commit.
+
+What the server stored is checked without a second pass over the bytes: s3transfer's
+reads of each part feed an MD5 (:class:`~daemon.s3client.EtagDigest`), whose ETag the
+commit compares with the stored object's before it writes the manifest. Our own sha256
+of staged files is not computed before the commit (a file under its final name never
+changes, and the CPU is the bottleneck while the trainer is still writing): the commit
+is ``pending``, and :class:`daemon.sync.CheckpointSync` hashes its files afterwards
+before it may count as verified for retention. Files that may be copied server-side
+from the previous commit are still hashed first (the sha256 decides the copy).
 
 Events are hints, rescans are truth: the watchdog handler of :mod:`daemon.sync` only
 calls :meth:`Stager.hint`; the stager thread rescans every ``.tmp-step-*`` directory on
@@ -29,8 +39,8 @@ from typing import Any
 import structlog
 
 from daemon import layout
-from daemon.s3client import StoreError, UploadCancelled
-from daemon.store import CheckpointStore, RemoteCheckpoint
+from daemon.s3client import EtagDigest, StoreError, UploadCancelled
+from daemon.store import CheckpointStore, RemoteCheckpoint, StagedFile, copy_etag
 
 log = structlog.get_logger(__name__)
 
@@ -45,14 +55,18 @@ def _ident(st: os.stat_result) -> tuple[int, int, int]:
 
 @dataclass
 class _Staged:
-    """One file being staged: its upload (or copy) and our own sha256 of the same bytes."""
+    """One file being staged: its upload (or copy), and what its stored bytes must be."""
 
     rel: str
     key: str
     ident: tuple[int, int, int]
-    job: Future[str]  # hashes the file (and, for a copy candidate, copies or submits it)
+    # Our sha256 of the file ("" when not hashed: the upload's digest checks it instead);
+    # for a copy candidate it also copies the file or submits its upload.
+    job: Future[str]
     transfer: Any = None  # the transfer future, once submitted
     copied: bool = False
+    digest: EtagDigest | None = None  # fed by the upload's own reads
+    etag: str | None = None  # the stored object's ETag must be this (copies, hashed files)
 
 
 @dataclass
@@ -186,12 +200,19 @@ class Stager:
         copy_src = self._copy_candidate(rel, ident[1])
         staged = _Staged(rel, key, ident, Future())
         if copy_src is None:
-            # Send at once; hash the same bytes alongside (the page cache serves both reads).
+            # Send at once. The upload's reads feed the MD5 of the ETag check; when the
+            # part boundaries are unknown (CRT), hash alongside instead (sha256).
+            checkable = self._store.etag_checkable(ident[1])
+            digest = self._store.etag_digest(ident[1]) if checkable else None
             try:
-                staged.transfer = self._store.start_upload(path, key, None)
+                staged.transfer = self._store.start_upload(path, key, None, digest)
             except UploadCancelled:
                 return
-            staged.job = self._hash_pool.submit(self._hash, str(path))
+            if digest is not None:
+                staged.digest = digest
+                staged.job.set_result("")
+            else:
+                staged.job = self._hash_pool.submit(self._hash, str(path))
         else:
             # Same path and size as a file of the previous commit: hash first, then copy
             # server-side when the bytes are the same (often frozen weights), else send.
@@ -209,7 +230,7 @@ class Stager:
                 return (prev.objects[rel], entry)
         return None
 
-    def _hash(self, path: str) -> str:
+    def _hash(self, path: str, digest: EtagDigest | None = None) -> str:
         h = hashlib.sha256()
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below; reopened at its new path
@@ -218,16 +239,23 @@ class Stager:
         with f:
             while chunk := f.read(_HASH_CHUNK):
                 h.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
         return h.hexdigest()
 
     def _hash_then_copy(self, staged: _Staged, path: str, src: Any) -> str:
-        digest = self._hash(path)
+        size = staged.ident[1]
+        etag_digest = self._store.etag_digest(size)
+        sha = self._hash(path, etag_digest)
         obj, entry = src
-        if digest == entry.sha256 and self._store.copy_file(obj, staged.key, entry):
+        if sha == entry.sha256 and self._store.copy_file(obj, staged.key, entry):
             staged.copied = True
+            staged.etag = copy_etag(obj)
         else:
-            staged.transfer = self._store.start_upload(Path(path), staged.key, digest)
-        return digest
+            if self._store.etag_checkable(size):
+                staged.etag = etag_digest.etag()
+            staged.transfer = self._store.start_upload(Path(path), staged.key, sha)
+        return sha
 
     def resolve(self, path: str) -> str:
         """The current path of a staged file whose ``.tmp-`` directory was renamed into place."""
@@ -246,13 +274,14 @@ class Stager:
 
     # --- the commit's side -------------------------------------------------------------
 
-    def take(self, step: int, ckpt_dir: Path, manifest: layout.Manifest) -> dict[str, int]:
-        """The files of ``manifest`` staged from ``ckpt_dir`` and verified: path -> size.
+    def take(self, step: int, ckpt_dir: Path, manifest: layout.Manifest) -> dict[str, StagedFile]:
+        """The files of ``manifest`` staged from ``ckpt_dir``, usable for the commit.
 
         Waits for their uploads. A file counts only when it was staged from the directory
         that was renamed to ``ckpt_dir`` (same inode), still is the same file (inode, size,
-        mtime), its upload succeeded, and our sha256 of it equals the manifest's. Raises
-        :class:`UploadCancelled` when uploads were cancelled meanwhile.
+        mtime) of the size the manifest gives, its upload succeeded and read every byte
+        (so its expected ETag is known), and, where we hashed it, our sha256 equals the
+        manifest's. Raises :class:`UploadCancelled` when uploads were cancelled meanwhile.
         """
         with self._lock:
             tmp = self._dirs.get(step)
@@ -266,36 +295,39 @@ class Stager:
                 if self._dirs.get(step) is tmp:
                     del self._dirs[step]
 
-    def _take(self, tmp: _TmpDir, ckpt_dir: Path, manifest: layout.Manifest) -> dict[str, int]:
+    def _take(
+        self, tmp: _TmpDir, ckpt_dir: Path, manifest: layout.Manifest
+    ) -> dict[str, StagedFile]:
         step = tmp.step
         try:
             same_dir = ckpt_dir.stat().st_ino == tmp.ino
         except FileNotFoundError:
             same_dir = False
-        verified: dict[str, int] = {}
+        usable: dict[str, StagedFile] = {}
         listed = {e.path: e for e in manifest.files}
         for rel, staged in list(tmp.files.items()):
             entry = listed.get(rel)
-            reason = self._check(staged, entry, ckpt_dir, same_dir)
-            if reason is None and entry is not None:
-                verified[rel] = entry.size
+            checked = self._check(staged, entry, ckpt_dir, same_dir)
+            if isinstance(checked, StagedFile):
+                usable[rel] = checked
             elif entry is not None:
-                log.warning("staged_file_resent", step=step, path=rel, reason=reason)
-        nbytes = sum(verified.values())
+                log.warning("staged_file_resent", step=step, path=rel, reason=checked)
+        nbytes = sum(f.size for f in usable.values())
         self.bytes_staged += nbytes
         log.info(
             "staged_files_taken",
             step=step,
-            files=len(verified),
+            files=len(usable),
             listed=len(listed),
             bytes=nbytes,
+            sha256_pending=sum(not f.sha256_checked for f in usable.values()),
         )
-        return verified
+        return usable
 
     def _check(
         self, staged: _Staged, entry: layout.FileEntry | None, ckpt_dir: Path, same_dir: bool
-    ) -> str | None:
-        """Why a staged file cannot be part of the commit, or None when it can."""
+    ) -> StagedFile | str:
+        """What the commit needs of a staged file, or why it cannot be part of it."""
         try:
             digest = staged.job.result()
         except UploadCancelled:
@@ -322,9 +354,16 @@ class Stager:
             return "file gone"
         if now != staged.ident:
             return "file changed since it was staged"
-        if entry.size != staged.ident[1] or digest != entry.sha256:
+        if entry.size != staged.ident[1]:
+            return "size differs from the manifest"
+        if digest and digest != entry.sha256:
             return "sha256 differs from the manifest"
-        return None
+        etag = staged.etag
+        if staged.digest is not None:
+            etag = staged.digest.etag()
+            if etag is None:
+                return "the upload did not read every byte once in order (ETag unknown)"
+        return StagedFile(entry.size, etag, sha256_checked=bool(digest))
 
     def _settle(self, staged: _Staged) -> None:
         if staged.transfer is not None:

@@ -8,17 +8,20 @@ that line is what an operator reads in the journal.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import math
 import os
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import boto3
 import structlog
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.compat import HAS_CRT
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -32,9 +35,10 @@ from botocore.exceptions import (
 from s3transfer.exceptions import CancelledError
 from s3transfer.futures import BaseTransferFuture
 from s3transfer.manager import TransferManager
-from s3transfer.utils import OSUtils
+from s3transfer.utils import ChunksizeAdjuster, OSUtils
 
 if TYPE_CHECKING:
+    from botocore.config import _S3Dict
     from mypy_boto3_s3 import S3Client
 
 log = structlog.get_logger(__name__)
@@ -45,7 +49,15 @@ MiB = 1024 * 1024
 # low while still spreading one large file over several connections.
 DEFAULT_PART_SIZE = 64 * MiB
 DEFAULT_MAX_CONCURRENCY = 8
+# Attempts in all, the first one included (botocore's ``total_max_attempts``).
 DEFAULT_MAX_ATTEMPTS = 5
+# The additional checksum every upload carries, which S3 verifies on arrival. CRC32 costs
+# a fraction of SHA256's CPU (zlib's CRC32 runs at GB/s; SHA256 at ~200 MB/s per core
+# without SHA instructions) and catches the same transport corruption.
+DEFAULT_CHECKSUM_ALGORITHM = "CRC32"
+CHECKSUM_ALGORITHMS = ("SHA256", "CRC32", "CRC32C", "none")
+# Those botocore computes only with awscrt installed.
+_CRT_ONLY_CHECKSUMS = frozenset({"CRC32C"})
 # A short connect timeout: during a drain every second counts, and a dead endpoint should
 # fail fast into a retry rather than hang. Reads get longer, for parts under load.
 DEFAULT_CONNECT_TIMEOUT = 3.0
@@ -132,6 +144,39 @@ def parse_remote(value: str) -> RemoteLocation:
     return RemoteLocation(bucket, prefix)
 
 
+def checksum_algorithm(value: str) -> str | None:
+    """The ``ChecksumAlgorithm`` for a configured ``s3.checksum_algorithm`` (None: ``none``).
+
+    ValueError, naming the value, when it is unknown or this botocore cannot compute it
+    (CRC32C needs ``awscrt``).
+    """
+    if value not in CHECKSUM_ALGORITHMS:
+        raise ValueError(f"{value!r} is not one of {', '.join(CHECKSUM_ALGORITHMS)}")
+    if value == "none":
+        return None
+    if value in _CRT_ONLY_CHECKSUMS and not HAS_CRT:
+        raise ValueError(
+            f"{value} needs awscrt (pip install 'botocore[crt]'), which is not installed;"
+            " use CRC32 or SHA256"
+        )
+    return value
+
+
+def _s3_options(endpoint_url: str | None, request_checksums: bool) -> _S3Dict | None:
+    options: _S3Dict = {}
+    if endpoint_url:
+        # Custom endpoints (MinIO, moto, ...) rarely serve virtual-hosted buckets.
+        options["addressing_style"] = "path"
+        if request_checksums and endpoint_url.startswith("http://"):
+            # Over https botocore already sends UNSIGNED-PAYLOAD when a checksum header
+            # covers the body. Over plain http it would also hash every byte with SHA256
+            # for the signature (~4 s of CPU per GB without SHA instructions). The
+            # additional checksum (verified by the server) and our ETag check before each
+            # commit cover the body instead; headers are still signed.
+            options["payload_signing_enabled"] = False
+    return options or None
+
+
 def make_s3_client(
     endpoint_url: str | None,
     region: str | None,
@@ -140,25 +185,34 @@ def make_s3_client(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    request_checksums: bool = True,
 ) -> S3Client:
     """A boto3 S3 client with standard retries, short timeouts and enough connections.
 
-    ``max_pool_connections`` must be at least the transfer concurrency, or transfer
-    threads queue for a connection (it is raised to :data:`DEFAULT_MAX_CONCURRENCY`
-    + 2 when given lower). With a custom ``endpoint_url`` (MinIO, moto, ...)
-    path-style addressing is used, since such servers rarely serve virtual hosts.
+    ``max_attempts`` is the number of attempts of one request in all, the first one
+    included (botocore's ``total_max_attempts``; its ``retries.max_attempts`` would
+    count retries only): 1 means no retry. ``max_pool_connections`` must be at least
+    the transfer concurrency, or transfer threads queue for a connection (it is raised
+    to :data:`DEFAULT_MAX_CONCURRENCY` + 2 when given lower). With a custom
+    ``endpoint_url`` (MinIO, moto, ...) path-style addressing is used, since such
+    servers rarely serve virtual hosts. ``request_checksums=False`` (for
+    ``s3.checksum_algorithm = "none"``) stops botocore adding its default CRC32 to
+    uploads that ask for no checksum. With checksums, a plain-``http://`` endpoint gets
+    unsigned payloads as https ones already do (see :func:`_s3_options`).
     """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts {max_attempts} must be at least 1")
     max_pool_connections = max(max_pool_connections, DEFAULT_MAX_CONCURRENCY + 2)
     config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        request_checksum_calculation="when_supported" if request_checksums else "when_required",
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_pool_connections=max_pool_connections,
         # Restore hashes every byte with the manifest's sha256 itself, end to end; botocore's
         # own check of a response checksum would hash the same bytes a second time.
         response_checksum_validation="when_required",
-        # Custom endpoints (MinIO, moto, ...) rarely serve virtual-hosted buckets.
-        s3={"addressing_style": "path"} if endpoint_url else None,
+        s3=_s3_options(endpoint_url, request_checksums),
     )
     client: S3Client = boto3.client(
         "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
@@ -195,6 +249,126 @@ def use_crt(endpoint_url: str | None) -> bool:
     return not endpoint_url and crt_available()
 
 
+_MD5_ETAG_RE = re.compile(r"^[0-9a-f]{32}(-[0-9]+)?$")
+
+
+def multipart_part_size(config: TransferConfig, size: int) -> int | None:
+    """The part size s3transfer uses for a file of ``size`` bytes; None for one PutObject.
+
+    The same rule as s3transfer's upload: multipart from ``multipart_threshold`` on,
+    with the configured chunk size adjusted to S3's limits (5 MiB to 5 GiB, at most
+    10,000 parts) by s3transfer's own :class:`ChunksizeAdjuster`.
+    """
+    if size < config.multipart_threshold:
+        return None
+    chunk: int = ChunksizeAdjuster().adjust_chunksize(config.multipart_chunksize, size)
+    return chunk
+
+
+def normalize_etag(etag: str) -> str:
+    """An ETag without its quotes, lower case."""
+    return etag.strip().strip('"').lower()
+
+
+def is_md5_etag(etag: str) -> bool:
+    """Whether ``etag`` has the shape of an MD5 (or multipart MD5-of-MD5s) ETag.
+
+    Shape only: SSE-KMS and SSE-C ETags also look like 32 hex digits but are not MD5s;
+    :meth:`daemon.store.CheckpointStore.commit_manifest` asks the object's encryption
+    before it calls a mismatch corruption.
+    """
+    return bool(_MD5_ETAG_RE.match(normalize_etag(etag)))
+
+
+class EtagDigest:
+    """The ETag S3 gives an object of these bytes: MD5, or for multipart the MD5 of the
+    parts' MD5s and ``-N``, with the part boundaries s3transfer uses.
+
+    Fed either in order (:meth:`update`, one reading pass that also computes a sha256) or
+    by offset (:meth:`feed`, from the readers of parts sent concurrently). Bytes read
+    again (botocore's checksum pass, a retried part) are hashed once: each part is hashed
+    only while read from its next unhashed offset on.
+    """
+
+    def __init__(self, size: int, part_size: int | None) -> None:
+        self.size = size
+        self.multipart = part_size is not None
+        self._part = part_size if part_size is not None else max(size, 1)
+        count = max(1, math.ceil(size / self._part))
+        self._md5 = [hashlib.md5(usedforsecurity=False) for _ in range(count)]
+        self._next = [i * self._part for i in range(count)]
+        self._locks = [threading.Lock() for _ in range(count)]
+        self._pos = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        """Feed the next bytes of the file, in order."""
+        self.feed(self._pos, data)
+        self._pos += len(data)
+
+    def feed(self, offset: int, data: bytes | memoryview) -> None:
+        """Feed bytes read at ``offset`` (parts in any order; re-reads are ignored)."""
+        view = memoryview(data)
+        end = offset + len(view)
+        pos = offset
+        while pos < end:
+            i = pos // self._part
+            if i >= len(self._md5):
+                return
+            stop = min(end, (i + 1) * self._part, self.size)
+            if stop <= pos:
+                return
+            with self._locks[i]:
+                nxt = self._next[i]
+                if pos <= nxt < stop:
+                    self._md5[i].update(view[nxt - offset : stop - offset])
+                    self._next[i] = stop
+            pos = stop
+
+    def etag(self) -> str | None:
+        """The expected ETag (no quotes), or None when some bytes were never read."""
+        for i, nxt in enumerate(self._next):
+            if nxt != min((i + 1) * self._part, self.size):
+                return None
+        if not self.multipart:
+            return self._md5[0].hexdigest()
+        joined = b"".join(m.digest() for m in self._md5)
+        return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(self._md5)}"
+
+
+class _DigestingFile:
+    """A file opened by s3transfer, feeding an :class:`EtagDigest` with what it reads."""
+
+    def __init__(self, f: IO[bytes], digest: EtagDigest) -> None:
+        self._f = f
+        self._digest = digest
+        self._pos = 0
+
+    def read(self, amount: int | None = None) -> bytes:
+        data = self._f.read(amount) if amount is not None else self._f.read()
+        self._digest.feed(self._pos, data)
+        self._pos += len(data)
+        return data
+
+    def seek(self, where: int, whence: int = 0) -> int:
+        self._pos = self._f.seek(where, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> _DigestingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 class RenameTolerantOSUtils(OSUtils):
     """s3transfer's file access, opening a file at its *current* path.
 
@@ -202,11 +376,25 @@ class RenameTolerantOSUtils(OSUtils):
     checkpoint is being written lives in ``.tmp-step-N-*/``, which the writer renames to
     ``step-N/`` while later parts may still be read; ``resolve`` maps the old path to
     the new one, so the upload goes on instead of failing half-way.
+
+    A file :meth:`watch`-ed feeds an :class:`EtagDigest` with the bytes s3transfer reads
+    to send, so the upload's expected ETag costs one MD5 and no second read.
     """
 
     def __init__(self, resolve: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self._resolve = resolve
+        self._watched: dict[str, EtagDigest] = {}
+        self._watch_lock = threading.Lock()
+
+    def watch(self, filename: str, digest: EtagDigest) -> None:
+        """Feed ``digest`` with every read of ``filename`` (the name given to upload)."""
+        with self._watch_lock:
+            self._watched[filename] = digest
+
+    def unwatch(self, filename: str) -> None:
+        with self._watch_lock:
+            self._watched.pop(filename, None)
 
     def _retry(self, fn: Callable[[str], Any], filename: str) -> Any:
         try:
@@ -224,7 +412,10 @@ class RenameTolerantOSUtils(OSUtils):
         return size
 
     def open(self, filename: str, mode: str) -> Any:
-        return self._retry(lambda f: open(f, mode), filename)
+        f = self._retry(lambda f: open(f, mode), filename)  # noqa: SIM115 - s3transfer closes it
+        with self._watch_lock:
+            digest = self._watched.get(filename)
+        return f if digest is None else _DigestingFile(f, digest)
 
 
 def make_transfer_manager(
@@ -233,12 +424,14 @@ def make_transfer_manager(
     *,
     crt: bool = False,
     resolve: Callable[[str], str] | None = None,
+    osutil: RenameTolerantOSUtils | None = None,
 ) -> Any:
     """A transfer manager: CRT when ``crt`` (see :func:`use_crt`), else the classic one.
 
     The classic one is tuned by ``config`` (part size, concurrency) and reads files
-    through :class:`RenameTolerantOSUtils`. Returns ``Any`` because the CRT manager
-    shares no base class with the classic one; both offer ``upload``/``shutdown``.
+    through ``osutil`` (default: a :class:`RenameTolerantOSUtils` with ``resolve``).
+    Returns ``Any`` because the CRT manager shares no base class with the classic one;
+    both offer ``upload``/``shutdown``.
     """
     if crt:
         crt_config = TransferConfig(
@@ -248,7 +441,7 @@ def make_transfer_manager(
             preferred_transfer_client="crt",
         )
         return create_transfer_manager(client, crt_config)
-    return TransferManager(client, config, osutil=RenameTolerantOSUtils(resolve))
+    return TransferManager(client, config, osutil=osutil or RenameTolerantOSUtils(resolve))
 
 
 # Requests that write: refused once uploads are cancelled. Aborts, deletes, listings and

@@ -9,7 +9,16 @@ Keys, under ``<prefix>/<run_id>/`` (the prefix may be empty)::
 A remote checkpoint exists exactly when its manifest exists and parses and every file
 it lists is there with the listed size; restore then checks every sha256 while it
 downloads. We never trust the server to have checked anything: moto and some
-S3-compatible servers do not verify checksums.
+S3-compatible servers do not verify checksums. So before the manifest is written, the
+ETag of every object is compared with the MD5 of the local bytes (see
+:meth:`CheckpointStore.commit_manifest`): bytes corrupted on the way up are sent again,
+or nothing is committed.
+
+The manifest object carries ``x-amz-meta-verified``: ``sha256`` when every file was
+checked against the manifest's sha256 before the commit (or since, by
+:meth:`CheckpointStore.mark_verified`), ``pending`` for an emergency commit whose staged
+files were checked only against the server (ETag) and not yet hashed with sha256.
+Retention counts only verified commits as the newer ones that make older ones redundant.
 """
 
 from __future__ import annotations
@@ -48,15 +57,21 @@ from daemon.layout import (
 )
 from daemon.restore import download_checkpoint
 from daemon.s3client import (
+    DEFAULT_CHECKSUM_ALGORITHM,
     CancelSwitch,
+    EtagDigest,
     IntegrityError,
     RemoteLocation,
     RemoteObject,
+    RenameTolerantOSUtils,
     StoreError,
     UploadCancelled,
     describe_error,
+    is_md5_etag,
     make_transfer_config,
     make_transfer_manager,
+    multipart_part_size,
+    normalize_etag,
 )
 
 if TYPE_CHECKING:
@@ -73,6 +88,26 @@ _HASH_CHUNK = 4 * 1024 * 1024
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
 # CopyObject takes objects up to 5 GiB; a larger unchanged file is simply uploaded again.
 _MAX_COPY_BYTES = 5 * 1024**3
+VERIFIED_META = "verified"  # x-amz-meta-verified on the manifest object
+_SHA256_VERIFIED = "sha256"
+_PENDING = "pending"
+# Server-side encryption whose ETags are not MD5s of the bytes.
+_NON_MD5_SSE = frozenset({"aws:kms", "aws:kms:dsse"})
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file the emergency pipeline uploaded before the commit began.
+
+    ``etag`` is the ETag its bytes must have on the server (None: unknown, the check
+    is skipped and says so); ``sha256_checked`` whether our own sha256 of the bytes
+    sent equals the manifest's (if not, the commit is ``pending`` until
+    :meth:`CheckpointStore.mark_verified`).
+    """
+
+    size: int
+    etag: str | None
+    sha256_checked: bool
 
 
 @dataclass(frozen=True)
@@ -84,6 +119,8 @@ class RemoteCheckpoint:
     manifest_key: str
     manifest_raw: bytes = field(repr=False)
     objects: dict[str, RemoteObject] = field(repr=False)
+    # Every file checked against the manifest's sha256 (before the commit, or since).
+    verified: bool = True
 
     @property
     def keys(self) -> dict[str, str]:
@@ -110,6 +147,8 @@ class UploadResult:
     bytes_copied: int = 0
     bytes_staged: int = 0
     remote: RemoteCheckpoint | None = field(default=None, repr=False)
+    # Files committed without our sha256 check (staged, checked by ETag only).
+    unverified: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,12 +181,15 @@ class CheckpointStore:
         run_id: str,
         transfer_config: TransferConfig | None = None,
         *,
-        checksum_algorithm: str | None = "SHA256",
+        checksum_algorithm: str | None = DEFAULT_CHECKSUM_ALGORITHM,
         crt: bool = False,
     ) -> None:
-        """``checksum_algorithm`` asks the server to verify each upload on arrival too
-        (None for S3-compatible servers that reject ``x-amz-checksum-*`` headers).
-        ``crt`` uploads through the CRT client (see :func:`daemon.s3client.use_crt`)."""
+        """``checksum_algorithm`` (``CRC32``, ``SHA256``, ``CRC32C``; see
+        :func:`daemon.s3client.checksum_algorithm`) asks the server to verify each
+        upload on arrival too (None for S3-compatible servers that reject
+        ``x-amz-checksum-*`` headers; build the client with ``request_checksums=False``
+        then). ``crt`` uploads through the CRT client (see
+        :func:`daemon.s3client.use_crt`)."""
         if not _RUN_ID_RE.match(run_id):
             raise ValueError(f"run id {run_id!r} does not match [A-Za-z0-9._-]{{1,128}}")
         self.client = client
@@ -160,6 +202,8 @@ class CheckpointStore:
         self._switch = CancelSwitch()
         self._switch.install(client)
         self._resolvers: list[Callable[[str], str]] = []
+        self._osutil = RenameTolerantOSUtils(self._resolve_path)
+        self._watching: dict[int, str] = {}  # id(transfer future) -> watched filename
         self._tm: Any = None
         self._tm_lock = threading.Lock()
 
@@ -208,10 +252,11 @@ class CheckpointStore:
             # Normal while an upload is in flight, or after one that died before its commit.
             log.info("remote_checkpoint_ignored", step=step, reason="no manifest")
             return None
-        raw = self._get_bytes(manifest_obj.key, missing_ok=True)
-        if raw is None:
+        got = self._get_object(manifest_obj.key, missing_ok=True)
+        if got is None:
             log.info("remote_checkpoint_ignored", step=step, reason="manifest vanished")
             return None
+        raw, metadata = got
         try:
             manifest = parse_manifest(raw, expect_step=step)
         except ManifestError as exc:
@@ -239,7 +284,9 @@ class CheckpointStore:
                 )
                 return None
             files[entry.path] = obj
-        return RemoteCheckpoint(step, manifest, manifest_obj.key, raw, files)
+        # Manifests written before the field existed were all sha256-checked: verified.
+        verified = metadata.get(VERIFIED_META, _SHA256_VERIFIED) == _SHA256_VERIFIED
+        return RemoteCheckpoint(step, manifest, manifest_obj.key, raw, files, verified)
 
     # -- upload -----------------------------------------------------------------------
 
@@ -265,7 +312,7 @@ class CheckpointStore:
         with self._tm_lock:
             if self._tm is None:
                 self._tm = make_transfer_manager(
-                    self.client, self.transfer_config, crt=self._crt, resolve=self._resolve_path
+                    self.client, self.transfer_config, crt=self._crt, osutil=self._osutil
                 )
             return self._tm
 
@@ -284,14 +331,52 @@ class CheckpointStore:
             extra["ChecksumAlgorithm"] = self._checksum_algorithm
         return extra
 
-    def start_upload(self, path: Path, key: str, sha256: str | None) -> Any:
-        """Submit one file to the transfer manager; its future, cancelled with the switch."""
+    def etag_digest(self, size: int) -> EtagDigest:
+        """A digest of the ETag a file of ``size`` bytes gets from this store's uploads."""
+        return EtagDigest(size, multipart_part_size(self.transfer_config, size))
+
+    def etag_checkable(self, size: int) -> bool:
+        """Whether we know the part boundaries of an upload of ``size`` bytes.
+
+        The classic transfer manager's we know (s3transfer's own rule); the CRT client
+        splits files its own way, so its multipart ETags are not checked (AWS S3, the
+        only endpoint it is used with, verifies the additional checksum itself).
+        """
+        return not self._crt or multipart_part_size(self.transfer_config, size) is None
+
+    def start_upload(
+        self, path: Path, key: str, sha256: str | None, digest: EtagDigest | None = None
+    ) -> Any:
+        """Submit one file to the transfer manager; its future, cancelled with the switch.
+
+        ``digest`` (classic transfer manager only) is fed with the bytes as they are read
+        to be sent: its :meth:`~daemon.s3client.EtagDigest.etag` is then the ETag the
+        object must have, at no extra read.
+        """
         self._switch.check(f"upload {self.location.url(key)}")
-        future = self.transfer_manager.upload(
-            str(path), self.location.bucket, key, extra_args=self.upload_args(sha256)
-        )
+        watch = digest is not None and not self._crt
+        if watch and digest is not None:
+            self._osutil.watch(str(path), digest)
+        try:
+            future = self.transfer_manager.upload(
+                str(path), self.location.bucket, key, extra_args=self.upload_args(sha256)
+            )
+        except BaseException:
+            if watch:
+                self._osutil.unwatch(str(path))
+            raise
+        if watch:
+            with self._tm_lock:
+                self._watching[id(future)] = str(path)
         self._switch.track(future)
         return future
+
+    def _release(self, future: Any) -> None:
+        self._switch.untrack(future)
+        with self._tm_lock:
+            path = self._watching.pop(id(future), None)
+        if path is not None:
+            self._osutil.unwatch(path)
 
     def wait_upload(self, future: Any, key: str) -> None:
         """Wait for one submitted upload; its failure as :class:`StoreError`."""
@@ -302,7 +387,7 @@ class CheckpointStore:
         except (ClientError, BotoCoreError, OSError, CancelledError, UploadCancelled) as exc:
             raise describe_error(exc, action="upload", location=self.location, key=key) from exc
         finally:
-            self._switch.untrack(future)
+            self._release(future)
 
     def upload_checkpoint(
         self,
@@ -310,7 +395,7 @@ class CheckpointStore:
         manifest: Manifest,
         *,
         previous: RemoteCheckpoint | None = None,
-        staged: Mapping[str, int] | None = None,
+        staged: Mapping[str, StagedFile] | None = None,
     ) -> UploadResult:
         """Commit a complete local checkpoint: every file, then the manifest last.
 
@@ -318,8 +403,12 @@ class CheckpointStore:
         must not change while it is sent; otherwise nothing is committed
         (:class:`IntegrityError`). A file whose size and sha256 equal those of a file of
         ``previous`` (the newest committed checkpoint) is copied server-side instead of
-        sent. ``staged`` names files already uploaded and verified (by the emergency
-        pipeline), with their sizes: they are not sent again. A step already committed
+        sent. ``staged`` names files already uploaded (by the emergency pipeline): they
+        are not sent again. Before the manifest is written every object's ETag is
+        compared with the local bytes' MD5 (:meth:`commit_manifest`); a mismatch is sent
+        again once, then :class:`IntegrityError`. Staged files not checked against the
+        manifest's sha256 make the commit ``pending`` (``unverified`` in the result) until
+        :meth:`mark_verified`. A step already committed
         remotely is left alone (``already_committed``). Any failure leaves no manifest
         behind; a cancellation (:class:`UploadCancelled`) also aborts this step's
         unfinished multipart uploads. Raises :class:`StoreError`, or
@@ -347,10 +436,20 @@ class CheckpointStore:
                 lambda: self.client.delete_object(Bucket=self.location.bucket, Key=manifest_key),
             )
         staged = dict(staged or {})
+        entries = {e.path: e for e in manifest.files}
         try:
             copied = self._copy_unchanged(manifest, previous, exclude=set(staged))
             to_send = [e for e in manifest.files if e.path not in staged and e.path not in copied]
-            self._upload_files(ckpt_dir, step, to_send)
+            expected: dict[str, str | None] = {p: f.etag for p, f in staged.items()}
+            expected.update(copied)
+            expected.update(self._upload_files(ckpt_dir, step, to_send))
+            unverified = {p for p, f in staged.items() if not f.sha256_checked and p in entries}
+
+            def resend(path: str) -> str | None:
+                etag = self._upload_files(ckpt_dir, step, [entries[path]])[path]
+                unverified.discard(path)  # hashed with sha256 on the way
+                return etag
+
             sent = sum(e.size for e in to_send)
             bytes_copied = sum(e.size for e in manifest.files if e.path in copied)
             bytes_staged = sum(e.size for e in manifest.files if e.path in staged)
@@ -365,7 +464,9 @@ class CheckpointStore:
                 bytes_staged=bytes_staged,
                 seconds=round(uploaded - t0, 3),
             )
-            remote = self.commit_manifest(step, manifest, manifest_raw)
+            remote = self.commit_manifest(
+                step, manifest, manifest_raw, expected, resend=resend, pending=unverified
+            )
         except UploadCancelled:
             self.abort_incomplete_uploads(self.step_prefix(step))
             raise
@@ -379,6 +480,7 @@ class CheckpointStore:
             bytes_copied=bytes_copied,
             bytes_staged=bytes_staged,
             remote=remote,
+            unverified=tuple(sorted(unverified)),
         )
         log.info(
             "checkpoint_committed",
@@ -389,15 +491,82 @@ class CheckpointStore:
             bytes_staged=bytes_staged,
             seconds=round(seconds, 3),
             mbps=round(result.mbps, 2),
+            verified=remote.verified,
         )
         return result
 
     def commit_manifest(
-        self, step: int, manifest: Manifest, manifest_raw: bytes
+        self,
+        step: int,
+        manifest: Manifest,
+        manifest_raw: bytes,
+        expected: Mapping[str, str | None] | None = None,
+        *,
+        resend: Callable[[str], str | None] | None = None,
+        pending: set[str] | None = None,
     ) -> RemoteCheckpoint:
-        """Write the manifest (the commit) once the listing shows every file with its size."""
+        """Write the manifest (the commit) once the server holds the bytes we sent.
+
+        The listing must show every file with its size, and with the ETag ``expected``
+        gives for it (the MD5 of the local bytes, or for multipart the MD5 of the parts'
+        MD5s and ``-N``). A file whose ETag differs is sent again once with ``resend``
+        (which returns its new expected ETag), then :class:`IntegrityError`. ETags that
+        are not MD5s (SSE-KMS, SSE-C, a non-MD5 shape) and files without an expected ETag
+        are not compared: ``checkpoint_etags_checked`` names them with the reason.
+        ``pending`` (files not yet checked against the manifest's sha256; read again
+        after ``resend``) makes the commit ``pending`` instead of ``sha256``-verified.
+        """
+        expected = dict(expected or {})
         listed = self._step_objects(step)
+        objects, bad, skipped = self._check_listing(step, manifest, listed, expected)
+        if bad and resend is not None:
+            for path in bad:
+                log.warning(
+                    "uploaded_bytes_differ",
+                    step=step,
+                    path=path,
+                    expected_etag=expected.get(path),
+                    etag=normalize_etag(objects[path].etag),
+                    action="sending again",
+                )
+                self._switch.check(f"commit step {step}")
+                expected[path] = resend(path)
+            listed = self._step_objects(step)
+            objects, bad, skipped = self._check_listing(step, manifest, listed, expected)
+        if bad:
+            url = self.location.url(self.file_key(step, bad[0]))
+            raise IntegrityError(
+                f"commit {url}: stored ETag {normalize_etag(objects[bad[0]].etag)} is not the"
+                f" MD5 of the local bytes ({expected.get(bad[0])}); manifest not written"
+            )
+        log.info(
+            "checkpoint_etags_checked",
+            step=step,
+            checked=len(manifest.files) - len(skipped),
+            unchecked=skipped,
+        )
+        verified = not (pending or set())
+        manifest_key = self.file_key(step, MANIFEST_NAME)
+        self._switch.check(f"commit {self.location.url(manifest_key)}")
+        self._put_bytes(
+            manifest_key,
+            manifest_raw,
+            content_type="application/json",
+            metadata={VERIFIED_META: _SHA256_VERIFIED if verified else _PENDING},
+        )
+        return RemoteCheckpoint(step, manifest, manifest_key, manifest_raw, objects, verified)
+
+    def _check_listing(
+        self,
+        step: int,
+        manifest: Manifest,
+        listed: Mapping[str, RemoteObject],
+        expected: Mapping[str, str | None],
+    ) -> tuple[dict[str, RemoteObject], list[str], dict[str, str]]:
+        """The objects of ``manifest``, the paths whose ETag differs, and the unchecked."""
         objects: dict[str, RemoteObject] = {}
+        bad: list[str] = []
+        skipped: dict[str, str] = {}
         for entry in manifest.files:
             obj = listed.get(entry.path)
             if obj is None or obj.size != entry.size:
@@ -406,10 +575,52 @@ class CheckpointStore:
                     f"not listed with {entry.size} bytes after upload; manifest not written"
                 )
             objects[entry.path] = obj
-        manifest_key = self.file_key(step, MANIFEST_NAME)
-        self._switch.check(f"commit {self.location.url(manifest_key)}")
-        self._put_bytes(manifest_key, manifest_raw, content_type="application/json")
-        return RemoteCheckpoint(step, manifest, manifest_key, manifest_raw, objects)
+            want = expected.get(entry.path)
+            if want is None:
+                skipped[entry.path] = "no expected ETag (part boundaries or source unknown)"
+            elif not is_md5_etag(obj.etag):
+                skipped[entry.path] = f"ETag {obj.etag!r} is not an MD5"
+            elif normalize_etag(obj.etag) != normalize_etag(want):
+                sse = self._non_md5_encryption(obj.key)
+                if sse is None:
+                    bad.append(entry.path)
+                else:
+                    skipped[entry.path] = f"ETag of an {sse} object is not an MD5"
+        return objects, bad, skipped
+
+    def _non_md5_encryption(self, key: str) -> str | None:
+        """The object's encryption when it makes its ETag something other than an MD5."""
+        head = self._call(
+            "head", key, lambda: self.client.head_object(Bucket=self.location.bucket, Key=key)
+        )
+        sse = str(head.get("ServerSideEncryption") or "")
+        if sse in _NON_MD5_SSE:
+            return f"SSE {sse}"
+        if head.get("SSECustomerAlgorithm"):
+            return "SSE-C"
+        return None
+
+    def mark_verified(self, remote: RemoteCheckpoint) -> RemoteCheckpoint:
+        """Record that every file of a ``pending`` commit now checked out against the
+        manifest's sha256: the same manifest bytes are written again, ``verified``."""
+        if remote.verified:
+            return remote
+        self._switch.check(f"verify {self.location.url(remote.manifest_key)}")
+        self._put_bytes(
+            remote.manifest_key,
+            remote.manifest_raw,
+            content_type="application/json",
+            metadata={VERIFIED_META: _SHA256_VERIFIED},
+        )
+        log.info("checkpoint_verified", step=remote.step, key=remote.manifest_key)
+        return RemoteCheckpoint(
+            remote.step,
+            remote.manifest,
+            remote.manifest_key,
+            remote.manifest_raw,
+            remote.objects,
+            verified=True,
+        )
 
     def _manifest_bytes(self, ckpt_dir: Path, manifest: Manifest) -> bytes:
         # The exact local bytes when there are some, so remote and local manifests are equal.
@@ -425,10 +636,15 @@ class CheckpointStore:
 
     def _copy_unchanged(
         self, manifest: Manifest, previous: RemoteCheckpoint | None, exclude: set[str]
-    ) -> set[str]:
-        """Copy server-side every file equal (size, sha256) to one of ``previous``."""
+    ) -> dict[str, str | None]:
+        """Copy server-side every file equal (size, sha256) to one of ``previous``.
+
+        The copied paths, each with the ETag its copy must have: the source's, when that
+        is a single-part MD5 (a copy of a multipart source gets a new, whole-object MD5,
+        which only a read of the bytes could tell: None, not checked).
+        """
         if previous is None or previous.step == manifest.step:
-            return set()
+            return {}
         sources = {
             (e.sha256, e.size): previous.objects[e.path]
             for e in previous.manifest.files
@@ -443,17 +659,18 @@ class CheckpointStore:
             and (e.sha256, e.size) in sources
         ]
         if not jobs:
-            return set()
-        copied: set[str] = set()
+            return {}
+        copied: dict[str, str | None] = {}
         workers = max(1, min(len(jobs), self.transfer_config.max_request_concurrency))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="copy") as pool:
             futures = {
-                pool.submit(self.copy_file, src, self.file_key(manifest.step, e.path), e): e
+                pool.submit(self.copy_file, src, self.file_key(manifest.step, e.path), e): (e, src)
                 for e, src in jobs
             }
             for fut in as_completed(futures):
                 if fut.result():
-                    copied.add(futures[fut].path)
+                    entry, src = futures[fut]
+                    copied[entry.path] = copy_etag(src)
         return copied
 
     def copy_file(self, src: RemoteObject, key: str, entry: FileEntry) -> bool:
@@ -480,14 +697,20 @@ class CheckpointStore:
         log.info("file_copied", key=key, source=src.key, bytes=entry.size)
         return True
 
-    def _upload_files(self, ckpt_dir: Path, step: int, entries: list[FileEntry]) -> None:
+    def _upload_files(
+        self, ckpt_dir: Path, step: int, entries: list[FileEntry]
+    ) -> dict[str, str | None]:
+        """Send ``entries``, each checked against its sha256 first: the ETag each must get."""
         # Pipelined: the next file is hashed while earlier ones are on the wire.
         pending = []
+        etags: dict[str, str | None] = {}
         try:
             for entry in entries:
                 path = ckpt_dir / entry.path
                 key = self.file_key(step, entry.path)
-                before = _verify_local(path, entry.size, entry.sha256)
+                digest = self.etag_digest(entry.size)
+                before = _verify_local(path, entry.size, entry.sha256, digest)
+                etags[entry.path] = digest.etag() if self.etag_checkable(entry.size) else None
                 pending.append((path, key, before, self.start_upload(path, key, entry.sha256)))
             for path, key, before, fut in pending:
                 self.wait_upload(fut, key)
@@ -504,8 +727,9 @@ class CheckpointStore:
             for _path, _key, _before, fut in pending:
                 with contextlib.suppress(Exception):
                     fut.result()
-                self._switch.untrack(fut)
+                self._release(fut)
             raise
+        return etags
 
     def abort_incomplete_uploads(self, prefix: str | None = None) -> int:
         """Abort every unfinished multipart upload under ``prefix`` (default: the run's).
@@ -661,8 +885,10 @@ class CheckpointStore:
         """Keep the newest ``keep`` committed checkpoints; delete older ones. The deleted steps.
 
         Runs after a commit: a checkpoint is deleted only while ``keep`` newer ones are
-        committed and verified (manifest parses, every file listed with its size), and
-        each deletion withdraws the manifest before the data. Leftovers without a
+        committed (manifest parses, every file listed with its size) and at least one of
+        them is verified (every file checked against the manifest's sha256, not a
+        ``pending`` emergency commit), and each deletion withdraws the manifest before
+        the data. Leftovers without a
         manifest (a cancelled upload) older than the oldest kept checkpoint go too.
         """
         if keep < 1:
@@ -675,15 +901,21 @@ class CheckpointStore:
                 by_step.setdefault(step, {})[path] = obj
         kept: list[int] = []
         doomed: list[int] = []
+        newest_verified: int | None = None
         for step in sorted(by_step, reverse=True):
             if len(kept) < keep:
-                if self._committed(step, by_step[step]) is not None:
+                ckpt = self._committed(step, by_step[step])
+                if ckpt is not None:
                     kept.append(step)
+                    if ckpt.verified and newest_verified is None:
+                        newest_verified = step
                 continue
             doomed.append(step)
-        if len(kept) < keep:
-            return []  # not enough verified newer ones: delete nothing
-        doomed = [s for s in doomed if s < kept[-1]]
+        if len(kept) < keep or newest_verified is None:
+            # Not enough newer ones, or none of them checked against its sha256 yet (an
+            # emergency commit still pending): delete nothing.
+            return []
+        doomed = [s for s in doomed if s < kept[-1] and s < newest_verified]
         for step in doomed:
             self.delete_checkpoint(step)
         if doomed:
@@ -723,16 +955,27 @@ class CheckpointStore:
         return {o.key[len(prefix) :]: o for o in self._list(prefix)}
 
     def _get_bytes(self, key: str, *, missing_ok: bool) -> bytes | None:
+        got = self._get_object(key, missing_ok=missing_ok)
+        return None if got is None else got[0]
+
+    def _get_object(self, key: str, *, missing_ok: bool) -> tuple[bytes, dict[str, str]] | None:
         try:
             resp = self.client.get_object(Bucket=self.location.bucket, Key=key)
-            return resp["Body"].read()
+            return resp["Body"].read(), dict(resp.get("Metadata", {}))
         except (ClientError, BotoCoreError) as exc:
             err = describe_error(exc, action="read", location=self.location, key=key)
             if missing_ok and err.code == "NoSuchKey":
                 return None
             raise err from exc
 
-    def _put_bytes(self, key: str, body: bytes, *, content_type: str) -> None:
+    def _put_bytes(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         extra: dict[str, Any] = {}
         if self._checksum_algorithm:
             extra["ChecksumAlgorithm"] = self._checksum_algorithm
@@ -745,7 +988,7 @@ class CheckpointStore:
                 Key=key,
                 Body=body,
                 ContentType=content_type,
-                Metadata={"sha256": sha},
+                Metadata={"sha256": sha, **(metadata or {})},
                 **extra,
             ),
         )
@@ -782,8 +1025,18 @@ def _stat_key(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _verify_local(path: Path, size: int, sha256: str) -> tuple[int, int, int]:
-    """Check a local file against its manifest entry; its stat identity for later."""
+def copy_etag(src: RemoteObject) -> str | None:
+    """The ETag a CopyObject of ``src`` gets: the source's when it is a single-part MD5."""
+    etag = normalize_etag(src.etag)
+    return etag if is_md5_etag(etag) and "-" not in etag else None
+
+
+def _verify_local(
+    path: Path, size: int, sha256: str, digest: EtagDigest | None = None
+) -> tuple[int, int, int]:
+    """Check a local file against its manifest entry; its stat identity for later.
+
+    ``digest`` is fed with the same bytes (the upload's expected ETag, same pass)."""
     try:
         before = _stat_key(path)
         if before[1] != size:
@@ -794,6 +1047,8 @@ def _verify_local(path: Path, size: int, sha256: str) -> tuple[int, int, int]:
         with open(path, "rb") as f:
             while chunk := f.read(_HASH_CHUNK):
                 h.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
     except FileNotFoundError:
         # Plain FileNotFoundError on purpose: the usual cause is the trainer pruning an old
         # checkpoint (keep-K) under us, which the sync treats as "gone", not as a failure.

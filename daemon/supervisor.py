@@ -32,6 +32,7 @@ from daemon.notice_watch import NoticeWatcher
 from daemon.notices import AwsMaintenanceSource, AwsRebalanceSource, AwsSpotSource, Notice
 from daemon.s3client import (
     StoreError,
+    checksum_algorithm,
     make_s3_client,
     make_transfer_config,
     parse_remote,
@@ -69,10 +70,23 @@ def build_store(cfg: Config) -> CheckpointStore:
     """The S3 checkpoint store for this run, from the config."""
     location = parse_remote(cfg.checkpoints.remote)
     concurrency = cfg.s3.max_concurrency
+    algo = checksum_algorithm(cfg.s3.checksum_algorithm)
     # A connection per concurrent request, plus headroom for the stager and listings.
-    client = make_s3_client(cfg.s3.endpoint_url, cfg.s3.region, 2 * concurrency + 2)
+    client = make_s3_client(
+        cfg.s3.endpoint_url,
+        cfg.s3.region,
+        2 * concurrency + 2,
+        request_checksums=algo is not None,
+    )
     transfer = make_transfer_config(cfg.s3.part_size_mb * 1024 * 1024, concurrency)
-    return CheckpointStore(client, location, cfg.run.id, transfer, crt=use_crt(cfg.s3.endpoint_url))
+    return CheckpointStore(
+        client,
+        location,
+        cfg.run.id,
+        transfer,
+        checksum_algorithm=algo,
+        crt=use_crt(cfg.s3.endpoint_url),
+    )
 
 
 def newest_local_bytes(local_dir: Path) -> int:

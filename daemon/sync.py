@@ -8,14 +8,20 @@ committed, newest first. An older one superseded by a newer checkpoint is skippe
 bandwidth is short: when sending it would take longer than the trainer takes to write
 the next checkpoint, and always in the final flush, where the deadline is near.
 
-After each commit, remote retention keeps the newest ``keep_remote`` committed
-checkpoints (see :meth:`daemon.store.CheckpointStore.apply_retention`). During a
-drain, :meth:`CheckpointSync.begin_emergency` also starts the :class:`Stager`, which
+After each verified commit, remote retention keeps the newest ``keep_remote``
+committed checkpoints (see :meth:`daemon.store.CheckpointStore.apply_retention`). During
+a drain, :meth:`CheckpointSync.begin_emergency` also starts the :class:`Stager`, which
 uploads the files of the checkpoint being written before the writer has finished it.
+Such a commit is checked against the server (ETags) but not yet against the manifest's
+sha256: it is ``pending``, and a verifier thread hashes its staged files afterwards;
+only then is it marked verified and may retention delete older checkpoints for it.
+Server-side copies come only from verified commits.
 """
 
 from __future__ import annotations
 
+import hashlib
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +38,8 @@ from daemon.deadline import ThroughputEstimate
 from daemon.pipeline import Stager
 from daemon.s3client import StoreError, UploadCancelled
 from daemon.store import CheckpointStore, RemoteCheckpoint
+
+_HASH_CHUNK = 4 * 1024 * 1024
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +138,10 @@ class CheckpointSync:
         self.stager = Stager(store, local_dir, rescan_interval=stage_rescan_interval)
         self._observer: Any = None
         self._thread: threading.Thread | None = None
+        # Pending commits whose staged files still need our sha256: (remote, dir, paths).
+        self._to_verify: queue.Queue[tuple[RemoteCheckpoint, Path, tuple[str, ...]]] = queue.Queue()
+        self._verifier: threading.Thread | None = None
+        self._verifier_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -265,7 +277,9 @@ class CheckpointSync:
         return short
 
     def _newest_remote_below(self, step: int) -> RemoteCheckpoint | None:
-        older = [s for s in self._remote if s < step]
+        """The newest verified commit older than ``step``: the source of server-side copies
+        (a pending one's bytes are not yet known to match its manifest's sha256)."""
+        older = [s for s, c in list(self._remote.items()) if s < step and c.verified]
         return self._remote[max(older)] if older else None
 
     def _commit(self, step: int, path: Path) -> None:
@@ -308,7 +322,94 @@ class CheckpointSync:
             newest_committed_step=max(self._committed),
             last_upload_mbps=round(result.mbps, 2) if result.seconds > 0 else None,
         )
+        if result.remote is not None and not result.remote.verified:
+            self._verify_later(result.remote, path, result.unverified)
+            return
         self._apply_retention()
+
+    # --- verifying pending (emergency) commits ---------------------------------------
+
+    def _verify_later(self, remote: RemoteCheckpoint, path: Path, files: tuple[str, ...]) -> None:
+        log.info("checkpoint_verification_queued", step=remote.step, files=len(files))
+        self._to_verify.put((remote, path, files))
+        with self._verifier_lock:
+            if self._verifier is None or not self._verifier.is_alive():
+                # A daemon thread: a supervisor that exits does not wait for the hashing
+                # (the commit then simply stays pending, and retention keeps older ones).
+                self._verifier = threading.Thread(
+                    target=self._verify_loop, name="checkpoint-verify", daemon=True
+                )
+                self._verifier.start()
+
+    def wait_verified(self, timeout: float | None = None) -> bool:
+        """Wait until every queued pending commit has been hashed; whether all were."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._to_verify.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _verify_loop(self) -> None:
+        while True:
+            try:
+                remote, path, files = self._to_verify.get(timeout=1.0)
+            except queue.Empty:
+                return
+            try:
+                self._verify(remote, path, files)
+            except Exception as exc:  # never kill the thread; the commit stays pending
+                log.warning("checkpoint_verification_failed", step=remote.step, error=str(exc))
+            finally:
+                self._to_verify.task_done()
+
+    def _verify(self, remote: RemoteCheckpoint, path: Path, files: tuple[str, ...]) -> None:
+        t0 = time.monotonic()
+        entries = {e.path: e for e in remote.manifest.files}
+        for rel in files:
+            entry = entries[rel]
+            h = hashlib.sha256()
+            try:
+                with open(path / rel, "rb") as f:
+                    while chunk := f.read(_HASH_CHUNK):
+                        h.update(chunk)
+            except FileNotFoundError:
+                # Pruned locally (keep-K): cannot tell; restore still checks every sha256.
+                log.warning(
+                    "checkpoint_verification_skipped",
+                    step=remote.step,
+                    path=rel,
+                    reason="local file gone; the commit stays pending",
+                )
+                return
+            if h.hexdigest() != entry.sha256:
+                # The bytes sent (the server's ETag matched them) are not the manifest's:
+                # this commit would fail every restore. Withdraw it, manifest first.
+                log.error(
+                    "checkpoint_verification_failed",
+                    step=remote.step,
+                    path=rel,
+                    reason="sha256 of the committed file differs from the manifest;"
+                    " commit withdrawn",
+                )
+                with self._pass_lock:
+                    self._store.delete_checkpoint(remote.step)
+                    self._committed.discard(remote.step)
+                    self._remote.pop(remote.step, None)
+                    self._set(newest_committed_step=max(self._committed, default=None))
+                return
+        verified = self._store.mark_verified(remote)
+        log.info(
+            "checkpoint_sha256_verified",
+            step=remote.step,
+            files=len(files),
+            bytes=sum(entries[r].size for r in files),
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        with self._pass_lock:
+            if remote.step in self._remote:
+                self._remote[remote.step] = verified
+            self._apply_retention()
 
     def _apply_retention(self) -> None:
         if not self._keep_remote or self._store.cancel_switch.cancelled:

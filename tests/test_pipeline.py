@@ -331,3 +331,73 @@ def test_supervisor_stages_the_emergency_checkpoint_while_it_is_written(
     ).list_committed()
     assert [c.step for c in committed] == [2, 1]
     assert open_uploads(s3_client, bucket) == []
+
+
+def test_emergency_commit_is_pending_until_hashed_then_retention_runs(
+    s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """Staged files are checked by ETag at the commit, not by sha256: the commit is
+    pending, the verifier hashes them afterwards, and only then does retention delete."""
+    store = make_store(s3_server, bucket)
+    local = tmp_path / "ckpt"
+    sync = CheckpointSync(store, local, ThroughputEstimate(), rescan_interval=60, keep_remote=1)
+    try:
+        make_checkpoint(local, 1)
+        sync.sync_pass(skip_superseded=True, reason="background")
+        (first,) = store.list_committed()
+        assert first.verified  # sent by the background path: sha256-checked before
+
+        w = SlowWriter(local, 2)
+        w.write("shard-0.bin", os.urandom(3 * PART + 1))  # multipart: ETag of part MD5s
+        w.write("model.pt", os.urandom(300_000))  # single PUT: plain MD5
+        sync.stager.scan()
+        w.finish()
+        with capture_logs() as logs:
+            assert sync.flush() == 2
+            assert sync.wait_verified(60)
+        (taken,) = events(logs, "staged_files_taken")
+        assert (taken["files"], taken["sha256_pending"]) == (2, 2)
+        (checked,) = events(logs, "checkpoint_etags_checked")
+        assert checked["checked"] == 2 and checked["unchecked"] == {}
+        (committed,) = events(logs, "checkpoint_committed")
+        assert committed["verified"] is False and committed["bytes_staged"] > 3 * PART
+        names = [e["event"] for e in logs]
+        # Retention waited for the sha256 of the pending commit.
+        assert names.index("checkpoint_sha256_verified") < names.index("retention_applied")
+        (applied,) = events(logs, "retention_applied")
+        assert applied["deleted"] == [1]
+        (ckpt,) = store.list_committed()
+        assert ckpt.step == 2 and ckpt.verified
+    finally:
+        sync.stager.close()
+        store.close()
+
+
+def test_emergency_commit_whose_bytes_do_not_match_its_manifest_is_withdrawn(
+    s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A writer whose manifest names another sha256 than the bytes it wrote: the server
+    holds the bytes we read (ETag), the verifier finds the sha256 wrong and withdraws the
+    commit; the older one was never deleted for it."""
+    store = make_store(s3_server, bucket)
+    local = tmp_path / "ckpt"
+    sync = CheckpointSync(store, local, ThroughputEstimate(), rescan_interval=60, keep_remote=1)
+    try:
+        make_checkpoint(local, 1)
+        sync.sync_pass(skip_superseded=True, reason="background")
+        w = SlowWriter(local, 2)
+        w.write("shard-0.bin", os.urandom(PART + 1))
+        sync.stager.scan()
+        w.files["shard-0.bin"] = os.urandom(PART + 1)  # the manifest's sha256 lies
+        w.finish()
+        with capture_logs() as logs:
+            sync.flush()
+            assert sync.wait_verified(60)
+        (failed,) = events(logs, "checkpoint_verification_failed")
+        assert failed["step"] == 2 and failed["log_level"] == "error"
+        assert not events(logs, "retention_applied")
+        assert [c.step for c in store.list_committed()] == [1]
+        assert 2 not in sync.committed_steps
+    finally:
+        sync.stager.close()
+        store.close()

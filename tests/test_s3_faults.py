@@ -10,7 +10,6 @@ a store with a direct client (no proxy) checks what is really in the bucket.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from test_store import PART, events, make_checkpoint, make_store, same_tree
 from daemon.faultproxy import FaultProxy, RequestRecord
 from daemon.layout import MANIFEST_NAME, list_step_dirs
 from daemon.s3client import (
+    IntegrityError,
     RemoteLocation,
     StoreError,
     make_s3_client,
@@ -128,8 +128,8 @@ def test_slowdown_that_does_not_stop_fails_with_a_clear_message(
     src, manifest = make_checkpoint(tmp_path / "src", 10, big=True)
     rule = proxy.error(503, "SlowDown", method="PUT", path=r"state\.bin\?")
     with pytest.raises(StoreError) as caught:
-        # max_attempts=1: one retry (botocore's retries.max_attempts counts retries).
-        proxied_store(proxy, bucket, max_attempts=1).upload_checkpoint(src, manifest)
+        # max_attempts=2: the first attempt and one retry (attempts in all).
+        proxied_store(proxy, bucket, max_attempts=2).upload_checkpoint(src, manifest)
 
     err = caught.value
     assert err.code == "Throttled"
@@ -281,7 +281,7 @@ def test_stall_that_does_not_end_fails_with_a_timeout_message(
 
     dest = tmp_path / "dest"
     with pytest.raises(StoreError) as caught:
-        proxied_store(proxy, bucket, max_attempts=1, read_timeout=1).restore_newest(dest)
+        proxied_store(proxy, bucket, max_attempts=2, read_timeout=1).restore_newest(dest)
 
     err = caught.value
     assert err.code == "Timeout"
@@ -387,57 +387,60 @@ def test_body_corrupted_on_download_falls_back_to_the_older_checkpoint(
 def test_body_corrupted_on_upload_is_never_restored(
     proxy: FaultProxy, bucket: str, s3_server: LocalS3, s3_client: Any, tmp_path: Path, victim: str
 ) -> None:
-    """Bytes flipped on the way up: moto stores them (it checks no checksum); restore's
-    own sha256 refuses the checkpoint and falls back to the older one."""
+    """Bytes flipped on the way up, and again when sent once more: moto stores them (it
+    checks no checksum); the ETag check refuses to commit. Committed anyway (as a store
+    that checks nothing would), restore's own sha256 refuses it and falls back."""
     store = proxied_store(proxy, bucket)
     src10, m10 = make_checkpoint(tmp_path / "src", 10, big=True)
     src20, m20 = make_checkpoint(tmp_path / "src", 20, big=True)
     store.upload_checkpoint(src10, m10)
     path = STEP20 + (r"state\.bin\?.*partNumber=2" if victim == "state.bin" else r"model\.pt$")
-    rule = proxy.corrupt("request", after_bytes=1000, method="PUT", path=path, count=1)
-    with contextlib.suppress(StoreError):  # the upload noticing is better still (xfail below)
+    rule = proxy.corrupt("request", after_bytes=1000, method="PUT", path=path, count=2)
+    with capture_logs() as logs, pytest.raises(IntegrityError) as caught:
         store.upload_checkpoint(src20, m20)
-    assert rule.applied == 1
+    assert rule.applied == 2  # the upload, and the one retry of the file
+    assert victim in str(caught.value) and "manifest not written" in str(caught.value)
+    (differ,) = events(logs, "uploaded_bytes_differ")
+    assert differ["path"] == victim and differ["step"] == 20
+    assert committed_steps(s3_server, bucket) == [10]
     stored = s3_client.get_object(
         Bucket=bucket, Key=f"spot-runs/{RUN}/{STEP20}{victim}", ChecksumMode="DISABLED"
     )["Body"].read()
     assert stored != (src20 / victim).read_bytes()  # the server did keep the bad bytes
 
+    # A commit over those bytes without the check: restore never installs it.
+    store.commit_manifest(20, m20, (src20 / MANIFEST_NAME).read_bytes())
+    assert committed_steps(s3_server, bucket) == [20, 10]
     dest = tmp_path / "dest"
     with capture_logs() as logs:
         result = make_store(s3_server, bucket).restore_newest(dest)
     assert result is not None and result.step == 10
     same_tree(src10, result.path)
     assert [s for s, _ in list_step_dirs(dest)] == [10]
-    skipped = events(logs, "restore_skipped")
-    assert [e["step"] for e in skipped] in ([20], [])  # [] when the upload refused to commit
+    assert [e["step"] for e in events(logs, "restore_skipped")] == [20]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "upload_checkpoint commits a checkpoint whose stored bytes differ from the local "
-        "file: it trusts the server to verify x-amz-checksum-sha256 (moto and some "
-        "S3-compatible servers do not) and commit_manifest compares listed sizes only, "
-        "never the listed ETag with the file's MD5 (or multipart MD5-of-MD5s)"
-    ),
-)
 @pytest.mark.parametrize("victim", ["model.pt", "state.bin"])
 def test_body_corrupted_on_upload_is_caught_before_the_commit(
     proxy: FaultProxy, bucket: str, s3_server: LocalS3, s3_client: Any, tmp_path: Path, victim: str
 ) -> None:
+    """Bytes flipped once on the way up: the stored ETag is not the local MD5 (multipart:
+    MD5 of the parts' MD5s), so the file is sent again and only then committed."""
     src, manifest = make_checkpoint(tmp_path / "src", 10, big=True)
     path = STEP10 + (r"state\.bin\?.*partNumber=2" if victim == "state.bin" else r"model\.pt$")
-    proxy.corrupt("request", after_bytes=1000, method="PUT", path=path, count=1)
-    try:
-        proxied_store(proxy, bucket).upload_checkpoint(src, manifest)
-    except StoreError as exc:
-        assert victim in str(exc)  # refused to commit, naming the file: fine
-    # Either nothing is committed, or what is committed holds the manifest's bytes (a
-    # store that verifies and sends the file again is fine too).
-    for ckpt in make_store(s3_server, bucket).list_committed():
-        for entry in ckpt.manifest.files:
-            body = s3_client.get_object(
-                Bucket=bucket, Key=ckpt.keys[entry.path], ChecksumMode="DISABLED"
-            )["Body"].read()
-            assert hashlib.sha256(body).hexdigest() == entry.sha256, entry.path
+    rule = proxy.corrupt("request", after_bytes=1000, method="PUT", path=path, count=1)
+    with capture_logs() as logs:
+        result = proxied_store(proxy, bucket).upload_checkpoint(src, manifest)
+    assert rule.applied == 1 and result.step == 10
+    (differ,) = events(logs, "uploaded_bytes_differ")
+    assert differ["path"] == victim
+    (checked,) = events(logs, "checkpoint_etags_checked")
+    assert checked["checked"] == len(manifest.files) and checked["unchecked"] == {}
+    # What is committed holds the manifest's bytes.
+    (ckpt,) = make_store(s3_server, bucket).list_committed()
+    assert ckpt.verified
+    for entry in ckpt.manifest.files:
+        body = s3_client.get_object(
+            Bucket=bucket, Key=ckpt.keys[entry.path], ChecksumMode="DISABLED"
+        )["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry.sha256, entry.path

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.compat import HAS_CRT
 from structlog.testing import capture_logs
 
 from daemon.layout import MANIFEST_NAME, CheckpointWriter, Manifest, step_dir_name
@@ -17,6 +18,7 @@ from daemon.s3client import (
     IntegrityError,
     RemoteLocation,
     StoreError,
+    checksum_algorithm,
     make_s3_client,
     make_transfer_config,
     parse_remote,
@@ -278,3 +280,89 @@ def test_malformed_complete_json_is_an_error(
     s3_client.put_object(Bucket=bucket, Key=store.complete_key, Body=b"{not json")
     with pytest.raises(IntegrityError, match=r"complete\.json"):
         store.read_complete()
+
+
+def test_retention_waits_for_a_verified_newer_commit(
+    s3_server: LocalS3, bucket: str, tmp_path: Path
+) -> None:
+    """A pending commit (staged, not yet sha256-checked) never lets an older one go."""
+    store = make_store(s3_server, bucket)
+    store.upload_checkpoint(*make_checkpoint(tmp_path / "src", 1))
+    newer = store.upload_checkpoint(*make_checkpoint(tmp_path / "src", 2)).remote
+    assert newer is not None and newer.verified
+    # Mark step 2 pending, as an emergency commit of staged files is.
+    store._put_bytes(
+        newer.manifest_key,
+        newer.manifest_raw,
+        content_type="application/json",
+        metadata={"verified": "pending"},
+    )
+    pending = store.list_committed()[0]
+    assert (pending.step, pending.verified) == (2, False)
+    assert store.apply_retention(1) == []
+    assert [c.step for c in store.list_committed()] == [2, 1]
+    assert store.mark_verified(pending).verified
+    assert store.apply_retention(1) == [1]
+
+
+@pytest.mark.parametrize("algorithm", ["CRC32", "SHA256", None])
+def test_checksum_algorithm_choices_upload_and_verify(
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path, algorithm: str | None
+) -> None:
+    client = make_s3_client(
+        s3_server.endpoint_url, "us-east-1", 8, request_checksums=bool(algorithm)
+    )
+    store = CheckpointStore(
+        client,
+        RemoteLocation(bucket, "p"),
+        RUN,
+        make_transfer_config(part_size=PART, max_concurrency=4),
+        checksum_algorithm=algorithm,
+    )
+    src, manifest = make_checkpoint(tmp_path / "src", 1, big=True)
+    store.upload_checkpoint(src, manifest)
+    head = s3_client.head_object(
+        Bucket=bucket, Key=store.file_key(1, "model.pt"), ChecksumMode="ENABLED"
+    )
+    checksums = {k for k in head if k.startswith("Checksum") and k != "ChecksumType"}
+    assert checksums == ({f"Checksum{algorithm}"} if algorithm else set())
+    result = store.restore_newest(tmp_path / "dest")
+    assert result is not None and result.step == 1
+    same_tree(src, result.path)
+
+
+def test_checksum_algorithm_names() -> None:
+    assert checksum_algorithm("CRC32") == "CRC32"
+    assert checksum_algorithm("none") is None
+    with pytest.raises(ValueError, match="'MD5' is not one of"):
+        checksum_algorithm("MD5")
+    if not HAS_CRT:
+        with pytest.raises(ValueError, match="CRC32C needs awscrt"):
+            checksum_algorithm("CRC32C")
+
+
+@pytest.mark.parametrize("size", [0, 1, PART - 1, PART, 3 * PART + 7])
+def test_etag_digest_matches_the_server(
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path, size: int
+) -> None:
+    """The expected ETag (s3transfer's part boundaries) is the one moto computes, fed
+    in order or by offset with re-reads (as botocore's checksum pass and retries do)."""
+    store = make_store(s3_server, bucket)
+    data = os.urandom(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    in_order = store.etag_digest(size)
+    for i in range(0, size, 1_000_003):
+        in_order.update(data[i : i + 1_000_003])
+    by_offset = store.etag_digest(size)
+    for start in reversed(range(0, max(size, 1), PART)):
+        part = data[start : start + PART]
+        by_offset.feed(start, part[: len(part) // 2])
+        by_offset.feed(start, part)  # read again from the start of the part
+        by_offset.feed(start + len(part) // 2, part[len(part) // 2 :])
+    fut = store.start_upload(path, "k", None)
+    store.wait_upload(fut, "k")
+    etag = s3_client.head_object(Bucket=bucket, Key="k")["ETag"].strip('"')
+    assert in_order.etag() == by_offset.etag() == etag
+    assert ("-" in etag) == (size >= PART)
+    store.close()
