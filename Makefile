@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench chaos clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# One training run under 60 seeded faults (kills, notices, S3 faults); docs/reliability.md.
+chaos: install
+	$(BIN)/python tests/chaos_run.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

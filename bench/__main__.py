@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(available)
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}; have: {', '.join(available)}")
+    from daemon import log
+
+    log.configure(level="warning", stream=sys.stderr)  # the stand-ins' events are noise here
     rows: list[Row] = []
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="spot-bench-") as work:

@@ -167,6 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from daemon.s3client import StoreError
+
+        if not isinstance(exc, StoreError):
+            raise
+        # Object storage said no (or the local side of a transfer failed): one clear line.
+        print(f"spot-supervisor {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

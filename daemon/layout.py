@@ -244,10 +244,17 @@ class HashingWriter:
         self._f = f
         self._h = hashlib.sha256()
         self.size = 0
+        # The OS error a write hit: serializers (torch.save's zip writer) may report it
+        # as something else entirely, so the caller can name the real cause (ENOSPC).
+        self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` through to the file, hashing and counting its bytes."""
-        n = self._f.write(data)
+        try:
+            n = self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
         self._h.update(data)
         # nbytes, not len(): a memoryview of a typed buffer has len() in items, not bytes.
         self.size += memoryview(data).nbytes

@@ -796,6 +796,13 @@ class CheckpointStore:
                     "restore_skipped", step=remote.step, key=remote.manifest_key, reason=str(exc)
                 )
                 continue
+            except OSError as exc:
+                # The local side (read-only, full, gone): no older checkpoint would fare
+                # better, so stop and say where.
+                raise StoreError(
+                    f"cannot restore step {remote.step} into {local_dir}: {exc.strerror or exc}",
+                    "LocalIO",
+                ) from exc
             seconds = time.monotonic() - t0
             nbytes = remote.manifest.total_bytes
             result = RestoreResult(
@@ -980,17 +987,31 @@ class CheckpointStore:
         if self._checksum_algorithm:
             extra["ChecksumAlgorithm"] = self._checksum_algorithm
         sha = hashlib.sha256(body).hexdigest()
-        self._call(
-            "write",
-            key,
-            lambda: self.client.put_object(
-                Bucket=self.location.bucket,
-                Key=key,
-                Body=body,
-                ContentType=content_type,
-                Metadata={"sha256": sha, **(metadata or {})},
-                **extra,
-            ),
+        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        # A server that does not verify the additional checksum (moto, some S3-compatible
+        # stores) keeps whatever arrived: compare its ETag, the MD5 of what it stored,
+        # with ours, and send again once. This is the commit itself for a manifest.
+        for attempt in (1, 2):
+            resp = self._call(
+                "write",
+                key,
+                lambda: self.client.put_object(
+                    Bucket=self.location.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType=content_type,
+                    Metadata={"sha256": sha, **(metadata or {})},
+                    **extra,
+                ),
+            )
+            etag = str(resp.get("ETag", "")).strip('"')
+            kms = resp.get("ServerSideEncryption") == "aws:kms" or "SSECustomerAlgorithm" in resp
+            if kms or not re.fullmatch(r"[0-9a-f]{32}", etag) or etag == md5:
+                return
+            log.warning("object_etag_mismatch", key=key, attempt=attempt, etag=etag, md5=md5)
+        raise IntegrityError(
+            f"{self.location.url(key)}: the server stored other bytes than were sent "
+            f"(ETag {etag}, MD5 {md5}), twice"
         )
 
 

@@ -685,7 +685,17 @@ class CheckpointManager:
                 with open_file(name) as f:
                     # torch.save only calls write() on a file object; the writer hashes
                     # and counts the bytes on their way to disk.
-                    torch.save(make(), cast("IO[bytes]", f))
+                    try:
+                        torch.save(make(), cast("IO[bytes]", f))
+                    except RuntimeError as exc:
+                        if f.error is not None:
+                            # torch reports a failed write (a full disk) as an internal
+                            # "unexpected pos" error: say what really happened.
+                            raise OSError(
+                                f.error.errno,
+                                f"{f.error.strerror} while writing {name} in {self.directory}",
+                            ) from exc
+                        raise
                 entries.append(FileEntry(name, f.size, f.sha256))
         return entries
 
