@@ -96,9 +96,10 @@ def test_hibernate_is_acted_on_at_once_without_killing_the_trainer(
     )
     assert asked["child_signalled"] is True
     committed = sup.wait_for(lambda e: e.get("event") == "checkpoint_committed", 30, "commit")
-    assert manifest_reasons(s3_client, bucket)[committed["step"]] == "requested"
-    assert not [e for e in sup.find("child_signalled") if e["signal"] == "SIGTERM"]
-    assert sup.proc.poll() is None and not sup.find("child_exited")
+    tail = "\n".join(sup.lines[-40:])
+    assert manifest_reasons(s3_client, bucket)[committed["step"]] == "requested", tail
+    assert not [e for e in sup.find("child_signalled") if e["signal"] == "SIGTERM"], tail
+    assert sup.proc.poll() is None and not sup.find("child_exited"), tail
     stop(sup)
 
 
