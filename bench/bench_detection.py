@@ -9,19 +9,16 @@ handler. Also reported: HTTP requests to the metadata service per instance-actio
 from __future__ import annotations
 
 import datetime as dt
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import Context, Row
+from bench.common import Context, Row, s3_with_bucket, spawn_quiet
 from daemon.demo import write_config
 from daemon.emulator import MetadataEmulator
 from daemon.imds import INSTANCE_ACTION_PATH
-from daemon.standins import FAKE_AWS_ENV, start_local_s3
 
 POLL_INTERVAL = 1.0
 SEED_INTERVAL = 5.0
@@ -62,12 +59,7 @@ def _one_notice(
 ) -> tuple[float, float]:
     """Start ``argv`` (which runs the trainer), notice it once: (latency s, requests/poll)."""
     md.clear_notice()
-    proc = subprocess.Popen(
-        argv,
-        env={**os.environ, **FAKE_AWS_ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn_quiet(argv)
     try:
         _wait_file(Path(f"{stamp}.ready"), 60)
         time.sleep(1.0)  # past start-up: the poller is in its steady state
@@ -92,12 +84,7 @@ def run(ctx: Context) -> list[Row]:
     trainer = work / "trainer.py"
     trainer.write_text(TRAINER)
     rng = random.Random(42)
-    s3 = start_local_s3()
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1").create_bucket(
-        Bucket="bench"
-    )
+    s3 = s3_with_bucket("bench")
     latency: dict[str, list[float]] = {"ours": [], "seed": []}
     per_poll: dict[str, list[float]] = {"ours": [], "seed": []}
     try:

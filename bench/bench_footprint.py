@@ -8,30 +8,22 @@ comparison shows what those cost. Targets: RSS <= 60 MB, CPU <= 0.5 % of one cor
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
 
-from bench.common import Context, Row
+from bench.common import Context, Row, s3_with_bucket, spawn_quiet
 from daemon.demo import write_config
 from daemon.emulator import MetadataEmulator
-from daemon.standins import FAKE_AWS_ENV, start_local_s3
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(3600)"]
 
 
 def measure(argv: list[str], settle: float, window: float) -> tuple[float, float]:
     """(RSS in MB, CPU % of one core) of the process ``argv`` over ``window`` seconds."""
-    proc = subprocess.Popen(
-        argv,
-        env={**os.environ, **FAKE_AWS_ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn_quiet(argv)
     try:
         p = psutil.Process(proc.pid)
         time.sleep(settle)
@@ -54,12 +46,7 @@ def run(ctx: Context) -> list[Row]:
     window = 5.0 if ctx.quick else 30.0
     work = Path(ctx.workdir) / "footprint"
     work.mkdir(parents=True, exist_ok=True)
-    s3 = start_local_s3()
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1").create_bucket(
-        Bucket="bench"
-    )
+    s3 = s3_with_bucket("bench")
     try:
         with MetadataEmulator() as md:
             cfg = write_config(

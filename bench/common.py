@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from daemon.standins import FAKE_AWS_ENV, LocalS3, start_local_s3
 
 
 @dataclass
@@ -75,3 +78,24 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+
+
+def spawn_quiet(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start a process under test with the stand-ins' credentials and its output dropped."""
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **FAKE_AWS_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def s3_with_bucket(bucket: str = "bench") -> LocalS3:
+    """moto's S3 server on loopback with one empty bucket; ``stop()`` it when done."""
+    import boto3
+
+    s3 = start_local_s3()
+    boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    return s3
