@@ -47,9 +47,33 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _under_tmpfs(path: Path) -> bool:
+    return any(path == Path(d) or Path(d) in path.parents for d in TMPFS_DIRS)
+
+
+def kept_paths() -> list[Path]:
+    """The checkout and the venv, when they live where the sandbox mounts a tmpfs.
+
+    A clone under /tmp (CI may make one there) would vanish under the sandbox's tmpfs,
+    and with it the venv the unit runs: those are bound back on top.
+    """
+    wanted = {REPO.resolve(), Path(sys.prefix).resolve()}
+    keep = sorted(p for p in wanted if _under_tmpfs(p))
+    return [p for p in keep if not any(q in p.parents for q in keep)]
+
+
 def _boot_script() -> str:
     lines = ["set -e", "mount -t proc proc /proc"]
+    keep = kept_paths()
+    # A holder outside every tmpfs'd dir (the mounts are private to the namespace).
+    hold = f"/dev/shm/spot-sandbox-hold-{os.getpid()}-{time.monotonic_ns()}"
+    for i, p in enumerate(keep):
+        lines += [f"mkdir -p {hold}/{i}", f"mount --bind '{p}' {hold}/{i}"]
     lines += [f"mount -t tmpfs tmpfs {d}" for d in TMPFS_DIRS]
+    for i, p in enumerate(keep):
+        lines += [f"mkdir -p '{p}'", f"mount --bind {hold}/{i} '{p}'", f"umount {hold}/{i}"]
+    if keep:
+        lines.append(f"rm -rf {hold}")
     lines.append(f"mkdir -p {UNIT_DIR}")
     lines += [f"ln -sf /dev/null {UNIT_DIR}/{unit}" for unit in MASKED]
     target = (

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from systemd_sandbox import Sandbox, unavailable_reason
+from systemd_sandbox import Sandbox, kept_paths, unavailable_reason
 
 from daemon import journal
 from daemon.demo import write_config
@@ -58,6 +58,11 @@ def unit_for_test(work: Path) -> str:
     for shipped, here in paths.items():
         assert shipped in text, f"{shipped} is no longer in {SHIPPED_UNIT}"
         text = text.replace(shipped, here)
+    for kept in kept_paths():
+        if any(Path(d) == kept or Path(d) in kept.parents for d in ("/tmp", "/var/tmp")):
+            # A checkout under /tmp (a CI clone): PrivateTmp= would hide it, and with it
+            # the venv the unit runs. Test-only, never in the shipped unit.
+            text += f"\n[Service]\nBindReadOnlyPaths={kept}\n"
     return text
 
 
