@@ -129,14 +129,16 @@ def cost_markdown(rows: list[dict[str, Any]], ks: tuple[int, ...] = (0, 2, 5, 10
         f"A {RUN_HOURS:g}-hour p4d.24xlarge run (${ON_DEMAND_PER_HOUR}/h on demand = "
         f"${on_demand:,.2f}; ${SPOT_PER_HOUR}/h spot) with k interruptions:",
         "",
-        "| k | way | lost training | recovery | wall clock | cost | saved vs on-demand |",
-        "|---|---|---|---|---|---|---|",
+        "| k | way | lost training | lost steps | recovery | wall clock | cost "
+        "| saved vs on-demand |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k in ks:
         for ours in (False, True):
             o = outcome(a, k, ours)
             out.append(
-                f"| {k} | {o.name} | {o.lost_minutes:.1f} min | {o.overhead_minutes:.1f} min | "
+                f"| {k} | {o.name} | {o.lost_minutes:.1f} min | "
+                f"{o.lost_minutes * 60 / a.step_seconds:,.0f} | {o.overhead_minutes:.1f} min | "
                 f"{o.wall_hours:.2f} h | ${o.cost:,.2f} | {o.savings_vs_on_demand:.0%} |"
             )
     out += [
