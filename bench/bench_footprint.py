@@ -21,19 +21,35 @@ from daemon.emulator import MetadataEmulator
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(3600)"]
 
 
+def cpu_seconds(p: psutil.Process) -> float:
+    """CPU time of every thread of ``p`` so far, in seconds.
+
+    ``/proc/<pid>/task/*/schedstat`` counts nanoseconds; ``cpu_times()`` counts clock
+    ticks (10 ms), and a poller that wakes once in a 5 s window can use less than one
+    tick, which would read as 0 % and leave no ratio. Falls back to ticks elsewhere.
+    """
+    total_ns = 0
+    try:
+        for task in Path(f"/proc/{p.pid}/task").iterdir():
+            total_ns += int((task / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float(sum(p.cpu_times()[:2]))
+    return total_ns / 1e9
+
+
 def measure(argv: list[str], settle: float, window: float) -> tuple[float, float]:
     """(RSS in MB, CPU % of one core) of the process ``argv`` over ``window`` seconds."""
     proc = spawn_quiet(argv)
     try:
         p = psutil.Process(proc.pid)
         time.sleep(settle)
-        t0, c0 = time.monotonic(), sum(p.cpu_times()[:2])
+        t0, c0 = time.monotonic(), cpu_seconds(p)
         rss = 0
         end = t0 + window
         while time.monotonic() < end:
             rss = max(rss, p.memory_info().rss)
             time.sleep(0.5)
-        cpu = (sum(p.cpu_times()[:2]) - c0) / (time.monotonic() - t0) * 100
+        cpu = (cpu_seconds(p) - c0) / (time.monotonic() - t0) * 100
     finally:
         for child in psutil.Process(proc.pid).children(recursive=True):
             child.kill()

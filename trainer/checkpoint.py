@@ -481,10 +481,12 @@ class CheckpointManager:
     def _reason(self, step: int, final: bool, stop: bool, save_request: bool) -> str | None:
         if final:
             return "final"
+        if stop:
+            # CONTRACT §3: a save made because of SIGTERM is an interrupt save, even at a
+            # periodic boundary; and SIGTERM wins over SIGUSR1, as the save is the last one.
+            return "interrupt"
         if self.save_every and step > 0 and step % self.save_every == 0:
             return "periodic"
-        if stop:
-            return "interrupt"  # SIGTERM wins over SIGUSR1: the save is the last one
         # A request at a step already saved is answered by that save.
         return "requested" if save_request else None
 
