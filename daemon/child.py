@@ -3,7 +3,8 @@
 The child runs in its own session, so a terminal's or systemd's signals to the
 supervisor's process group do not reach it behind our back. Polite signals (SIGTERM,
 SIGUSR1) go to its main pid only, so data-loader workers are not killed under it
-(CONTRACT §3). Only at the drain deadline is the whole tree SIGKILLed. It is always
+(CONTRACT §3); under torchrun SIGUSR1 goes to the agent's workers, since the agent
+itself would die of it. Only at the drain deadline is the whole tree SIGKILLed. It is always
 reaped, and its exit code or signal is logged.
 """
 
@@ -63,14 +64,54 @@ class ExitStatus:
         return f"killed by {name}" if name else f"exit code {self.returncode}"
 
 
+# torchrun forwards SIGTERM to its workers and SIGKILLs them this many seconds later
+# (default 30): a large save would be killed half-written, long before our drain
+# deadline. The supervisor's drain deadline must be the only clock, so unless the user
+# chose a value, torchrun's is set far beyond any drain (SIGKILL of the tree still comes
+# at the deadline).
+TORCH_SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+TORCH_SHUTDOWN_TIMEOUT_S = 3600
+
+_TORCH_LAUNCHER_SCRIPTS = frozenset({"torchrun"})
+_TORCH_LAUNCHER_MODULES = frozenset({"torch.distributed.run", "torch.distributed.launch"})
+
+
 def child_environment(
     base: Mapping[str, str], extra: Mapping[str, str], spot: Mapping[str, str]
 ) -> dict[str, str]:
     """The environment of the training command: ours, minus systemd's, plus the run's."""
     env = {k: v for k, v in base.items() if k not in _STRIPPED_ENV}
+    env.setdefault(TORCH_SHUTDOWN_TIMEOUT_ENV, str(TORCH_SHUTDOWN_TIMEOUT_S))
     env.update(extra)
     env.update(spot)
     return env
+
+
+def is_torch_launcher(cmdline: list[str]) -> bool:
+    """Whether a process's command line is torchrun's elastic agent.
+
+    ``torchrun ...`` runs as ``python /path/torchrun ...`` (its shebang), and
+    ``python -m torch.distributed.run ...`` names the module.
+    """
+    if not cmdline:
+        return False
+    if os.path.basename(cmdline[0]) in _TORCH_LAUNCHER_SCRIPTS:
+        return True
+    args = iter(cmdline[1:])
+    for arg in args:  # the interpreter's options, then its script or module
+        if arg == "-m":
+            return next(args, "") in _TORCH_LAUNCHER_MODULES
+        if not arg.startswith("-"):
+            return os.path.basename(arg) in _TORCH_LAUNCHER_SCRIPTS
+    return False
+
+
+def _is_rank(p: psutil.Process) -> bool:
+    """A torchrun worker: torchrun gives each one its ``LOCAL_RANK``."""
+    try:
+        return "LOCAL_RANK" in p.environ()
+    except psutil.Error:
+        return False
 
 
 class TrainerProcess:
@@ -143,6 +184,44 @@ class TrainerProcess:
             return False
         log.info("child_signalled", pid=self._proc.pid, signal=sig.name)
         return True
+
+    def request_checkpoint(self) -> bool:
+        """SIGUSR1 (checkpoint, keep training) to whoever acts on it; False if nobody got it.
+
+        That is the main pid, except under torchrun: its agent does not handle SIGUSR1,
+        whose default action would kill it and orphan the workers, so the workers (the
+        agent's children) get it instead. One rank would do (the trainer library agrees
+        on a save request across ranks); all local ranks get it, as they would SIGTERM.
+        """
+        if self._proc is None or self.poll() is not None:
+            return False
+        try:
+            main = psutil.Process(self._proc.pid)
+            launcher = is_torch_launcher(main.cmdline())
+            targets = [c for c in main.children() if _is_rank(c)] if launcher else [main]
+        except psutil.Error:
+            return False
+        if launcher and not targets:
+            log.warning(
+                "child_not_signalled",
+                pid=self._proc.pid,
+                signal="SIGUSR1",
+                why="torchrun has no workers yet; SIGUSR1 would kill its agent",
+            )
+            return False
+        sent = []
+        for p in targets:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGUSR1)
+                sent.append(p.pid)
+        if sent:
+            log.info(
+                "child_signalled",
+                pid=self._proc.pid,
+                signal="SIGUSR1",
+                **({"workers": sent} if launcher else {}),
+            )
+        return bool(sent)
 
     def _tree(self) -> list[psutil.Process]:
         """Every live process of the child's tree: descendants, plus its session's members."""

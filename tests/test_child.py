@@ -13,7 +13,7 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.child import TrainerProcess, child_environment
+from daemon.child import TrainerProcess, child_environment, is_torch_launcher
 
 
 def script(tmp_path: Path, body: str) -> tuple[str, ...]:
@@ -128,7 +128,37 @@ def test_child_environment_strips_systemd_and_adds_ours() -> None:
         {"HF_HOME": "/h"},
         {"SPOT_RUN_ID": "r"},
     )
-    assert env == {"PATH": "/bin", "HF_HOME": "/h", "SPOT_RUN_ID": "r"}
+    assert env == {
+        "PATH": "/bin",
+        "HF_HOME": "/h",
+        "SPOT_RUN_ID": "r",
+        # torchrun's own SIGKILL of its workers must not come before our drain deadline.
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3600",
+    }
+
+
+def test_a_torchrun_shutdown_timeout_the_user_chose_is_kept() -> None:
+    from_service = child_environment({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "50"}, {}, {})
+    from_config = child_environment({}, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "70"}, {})
+    assert from_service["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "50"
+    assert from_config["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "70"
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "launcher"),
+    [
+        (["/venv/bin/python", "/venv/bin/torchrun", "--nproc-per-node=8", "train.py"], True),
+        (["torchrun", "--standalone", "train.py"], True),
+        (["python3", "-u", "-m", "torch.distributed.run", "train.py"], True),
+        (["python", "-m", "torch.distributed.launch", "train.py"], True),
+        (["python", "-m", "trainer.example", "--steps", "5"], False),
+        (["python", "train.py", "torchrun"], False),
+        (["/bin/bash", "-c", "torchrun train.py"], False),
+        ([], False),
+    ],
+)
+def test_torchrun_is_recognised_by_its_command_line(cmdline: list[str], launcher: bool) -> None:
+    assert is_torch_launcher(cmdline) is launcher
 
 
 def test_unexecutable_command_raises_oserror(tmp_path: Path) -> None:
