@@ -31,6 +31,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,27 +113,48 @@ class EnforcingS3:
         self.proc.wait(10)
 
 
+@dataclass
+class Enforcing:
+    """The server, and the keys of users holding the shipped policy or a weaker one."""
+
+    server: EnforcingS3
+    shipped: dict[str, str]
+    without_delete: dict[str, str]
+
+
+def iam_user(iam: Any, name: str, policy: dict[str, Any]) -> dict[str, str]:
+    """Create a user holding ``policy``; its keys, as environment variables."""
+    iam.create_user(UserName=name)
+    iam.put_user_policy(UserName=name, PolicyName=name, PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {
+        "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+        "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+    }
+
+
 @pytest.fixture(scope="module")
-def enforcing() -> Iterator[tuple[EnforcingS3, dict[str, str]]]:
-    """The server, a bucket, a user holding the shipped policy; enforcement on."""
+def enforcing() -> Iterator[Enforcing]:
+    """The server, a bucket, users holding the shipped policy (and one less); enforcement on."""
     server = EnforcingS3()
     try:
         admin = {"endpoint_url": server.url, "region_name": "us-east-1"}
         boto3.client("s3", **admin).create_bucket(Bucket=BUCKET)
         iam = boto3.client("iam", **admin)
-        iam.create_user(UserName="spot-supervisor")
-        iam.put_user_policy(
-            UserName="spot-supervisor",
-            PolicyName="spot-supervisor",
-            PolicyDocument=json.dumps(shipped_policy(BUCKET, PREFIX)),
+        shipped = shipped_policy(BUCKET, PREFIX)
+        weaker = shipped_policy(BUCKET, PREFIX)
+        for statement in weaker["Statement"]:
+            actions = statement["Action"]
+            if isinstance(actions, list):
+                statement["Action"] = [a for a in actions if a != "s3:DeleteObject"]
+        weaker["Statement"] = [s for s in weaker["Statement"] if s["Action"] != "s3:DeleteObject"]
+        users = Enforcing(
+            server,
+            shipped=iam_user(iam, "spot-supervisor", shipped),
+            without_delete=iam_user(iam, "no-delete", weaker),
         )
-        key = iam.create_access_key(UserName="spot-supervisor")["AccessKey"]
         server.enforce()
-        creds = {
-            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-        }
-        yield server, creds
+        yield users
     finally:
         server.stop()
 
@@ -157,11 +179,16 @@ def refused(sup: SupervisorProcess) -> None:
 
 
 def config(
-    tmp_path: Path, name: str, server: EnforcingS3, md: MetadataEmulator, prefix: str = PREFIX
+    tmp_path: Path,
+    name: str,
+    server: EnforcingS3,
+    md: MetadataEmulator,
+    prefix: str = PREFIX,
+    run_id: str = RUN_ID,
 ) -> Path:
     return write_config(
         tmp_path / f"{name}.toml",
-        run_id=RUN_ID,
+        run_id=run_id,
         command=[sys.executable, SCRIPTED_TRAINER, "30", "--step-seconds", "0.1"],
         local_dir=tmp_path / name / "ckpt",
         remote=f"s3://{BUCKET}/{prefix}",
@@ -173,9 +200,9 @@ def config(
     )
 
 
-def test_enforcement_is_on(enforcing: tuple[EnforcingS3, dict[str, str]]) -> None:
+def test_enforcement_is_on(enforcing: Enforcing) -> None:
     """Control: keys that are not an IAM user's are refused, the user's are accepted."""
-    server, creds = enforcing
+    server, creds = enforcing.server, enforcing.shipped
     anonymous = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1")
     with pytest.raises(botocore.exceptions.ClientError) as err:
         anonymous.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/")
@@ -194,9 +221,9 @@ def test_enforcement_is_on(enforcing: tuple[EnforcingS3, dict[str, str]]) -> Non
 
 
 def test_the_whole_story_runs_under_the_shipped_policy(
-    enforcing: tuple[EnforcingS3, dict[str, str]], tmp_path: Path
+    enforcing: Enforcing, tmp_path: Path
 ) -> None:
-    server, creds = enforcing
+    server, creds = enforcing.server, enforcing.shipped
     env = daemon_env(creds)
     with MetadataEmulator() as md:
         cfg_a = config(tmp_path, "a", server, md)
@@ -244,10 +271,10 @@ def test_the_whole_story_runs_under_the_shipped_policy(
 
 
 def test_a_prefix_outside_the_policy_is_refused_by_check(
-    enforcing: tuple[EnforcingS3, dict[str, str]], tmp_path: Path
+    enforcing: Enforcing, tmp_path: Path
 ) -> None:
     """Control: the same daemon, aimed at a prefix the policy does not grant, is refused."""
-    server, creds = enforcing
+    server, creds = enforcing.server, enforcing.shipped
     with MetadataEmulator() as md:
         cfg = config(tmp_path, "x", server, md, prefix="elsewhere")
         r = subprocess.run(
@@ -261,3 +288,27 @@ def test_a_prefix_outside_the_policy_is_refused_by_check(
     failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL")]
     assert len(failed) == 1 and failed[0].startswith("FAIL bucket"), r.stdout
     assert "elsewhere/iam-run/" in failed[0] and "access denied" in failed[0], failed[0]
+
+
+def test_without_delete_retention_fails_with_a_warning_and_training_goes_on(
+    enforcing: Enforcing, tmp_path: Path
+) -> None:
+    """A policy missing s3:DeleteObject: old checkpoints stay, nothing else stops."""
+    run_id = "iam-no-delete"
+    with MetadataEmulator() as md:
+        cfg = config(tmp_path, "n", enforcing.server, md, run_id=run_id)
+        sup = SupervisorProcess(cfg, daemon_env(enforcing.without_delete)).start()
+        try:
+            assert sup.wait_exit(90) == 0
+        finally:
+            stop(sup)
+    failed = sup.find("retention_failed")
+    assert failed and all(e["level"] == "warning" for e in failed)
+    # The manifest goes first (the uncommit), and that is what is refused: nothing changed.
+    assert failed[0]["error"].startswith(f"delete s3://{BUCKET}/{PREFIX}/{run_id}/checkpoints/")
+    assert "/manifest.json: access denied" in failed[0]["error"], failed[0]
+    assert sup.find("run_completed")[0]["step"] == 30
+    assert not sup.find("checkpoint_deleted")
+    # Every checkpoint committed stays: more than keep_remote = 2.
+    committed = sup.find("checkpoint_committed")
+    assert len({e["step"] for e in committed}) > 2
