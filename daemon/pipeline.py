@@ -201,11 +201,11 @@ class Stager:
         staged = _Staged(rel, key, ident, Future())
         if copy_src is None:
             # Send at once. The upload's reads feed the MD5 of the ETag check; when the
-            # part boundaries are unknown (CRT), hash alongside instead (sha256).
-            checkable = self._store.etag_checkable(ident[1])
+            # part boundaries are unknown, hash alongside instead (sha256).
+            checkable = self._store.etag_checkable(ident[1], staged=True)
             digest = self._store.etag_digest(ident[1]) if checkable else None
             try:
-                staged.transfer = self._store.start_upload(path, key, None, digest)
+                staged.transfer = self._store.start_upload(path, key, None, digest, staged=True)
             except UploadCancelled:
                 return
             if digest is not None:
@@ -252,9 +252,9 @@ class Stager:
             staged.copied = True
             staged.etag = copy_etag(obj)
         else:
-            if self._store.etag_checkable(size):
+            if self._store.etag_checkable(size, staged=True):
                 staged.etag = etag_digest.etag()
-            staged.transfer = self._store.start_upload(Path(path), staged.key, sha)
+            staged.transfer = self._store.start_upload(Path(path), staged.key, sha, staged=True)
         return sha
 
     def resolve(self, path: str) -> str:

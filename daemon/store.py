@@ -204,7 +204,7 @@ class CheckpointStore:
         self._resolvers: list[Callable[[str], str]] = []
         self._osutil = RenameTolerantOSUtils(self._resolve_path)
         self._watching: dict[int, str] = {}  # id(transfer future) -> watched filename
-        self._tm: Any = None
+        self._tms: dict[bool, Any] = {}  # crt? -> transfer manager
         self._tm_lock = threading.Lock()
 
     # -- keys -------------------------------------------------------------------------
@@ -308,19 +308,33 @@ class CheckpointStore:
 
     @property
     def transfer_manager(self) -> Any:
-        """The one transfer manager of this store (its concurrency is shared by all uploads)."""
+        """The transfer manager of complete files (its concurrency is shared by their uploads)."""
+        return self._manager(self._crt)
+
+    def _manager(self, crt: bool) -> Any:
         with self._tm_lock:
-            if self._tm is None:
-                self._tm = make_transfer_manager(
-                    self.client, self.transfer_config, crt=self._crt, osutil=self._osutil
+            tm = self._tms.get(crt)
+            if tm is None:
+                tm = self._tms[crt] = make_transfer_manager(
+                    self.client, self.transfer_config, crt=crt, osutil=self._osutil
                 )
-            return self._tm
+            return tm
+
+    def _uses_crt(self, staged: bool) -> bool:
+        """Whether an upload goes through the CRT client.
+
+        Never for a staged file: it lives in a writer's ``.tmp-`` directory, which is
+        renamed into place while the file is being sent. The classic manager reopens it
+        under its new name (:class:`RenameTolerantOSUtils`); the CRT client reads the
+        path natively, part by part, and would fail in the middle of the upload.
+        """
+        return self._crt and not staged
 
     def close(self) -> None:
-        """Shut the transfer manager down (waiting for what is in flight)."""
+        """Shut the transfer managers down (waiting for what is in flight)."""
         with self._tm_lock:
-            tm, self._tm = self._tm, None
-        if tm is not None:
+            tms, self._tms = list(self._tms.values()), {}
+        for tm in tms:
             tm.shutdown(cancel=self._switch.cancelled)
 
     def upload_args(self, sha256: str | None) -> dict[str, Any]:
@@ -335,30 +349,39 @@ class CheckpointStore:
         """A digest of the ETag a file of ``size`` bytes gets from this store's uploads."""
         return EtagDigest(size, multipart_part_size(self.transfer_config, size))
 
-    def etag_checkable(self, size: int) -> bool:
+    def etag_checkable(self, size: int, *, staged: bool = False) -> bool:
         """Whether we know the part boundaries of an upload of ``size`` bytes.
 
         The classic transfer manager's we know (s3transfer's own rule); the CRT client
         splits files its own way, so its multipart ETags are not checked (AWS S3, the
         only endpoint it is used with, verifies the additional checksum itself).
+        ``staged``: a file of a checkpoint still being written (see :meth:`_uses_crt`).
         """
-        return not self._crt or multipart_part_size(self.transfer_config, size) is None
+        return not self._uses_crt(staged) or multipart_part_size(self.transfer_config, size) is None
 
     def start_upload(
-        self, path: Path, key: str, sha256: str | None, digest: EtagDigest | None = None
+        self,
+        path: Path,
+        key: str,
+        sha256: str | None,
+        digest: EtagDigest | None = None,
+        *,
+        staged: bool = False,
     ) -> Any:
         """Submit one file to the transfer manager; its future, cancelled with the switch.
 
         ``digest`` (classic transfer manager only) is fed with the bytes as they are read
         to be sent: its :meth:`~daemon.s3client.EtagDigest.etag` is then the ETag the
-        object must have, at no extra read.
+        object must have, at no extra read. ``staged``: a file of a checkpoint still
+        being written, always sent by the classic manager (see :meth:`_uses_crt`).
         """
         self._switch.check(f"upload {self.location.url(key)}")
-        watch = digest is not None and not self._crt
+        crt = self._uses_crt(staged)
+        watch = digest is not None and not crt
         if watch and digest is not None:
             self._osutil.watch(str(path), digest)
         try:
-            future = self.transfer_manager.upload(
+            future = self._manager(crt).upload(
                 str(path), self.location.bucket, key, extra_args=self.upload_args(sha256)
             )
         except BaseException:
