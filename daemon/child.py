@@ -3,9 +3,9 @@
 The child runs in its own session, so a terminal's or systemd's signals to the
 supervisor's process group do not reach it behind our back. Polite signals (SIGTERM,
 SIGUSR1) go to its main pid only, so data-loader workers are not killed under it
-(CONTRACT §3); under torchrun SIGUSR1 goes to the agent's workers, since the agent
-itself would die of it. Only at the drain deadline is the whole tree SIGKILLed. It is always
-reaped, and its exit code or signal is logged.
+(CONTRACT §3); under torchrun they go to the agent's workers instead (see
+:meth:`TrainerProcess.send`). Only at the drain deadline is the whole tree SIGKILLed.
+It is always reaped, and its exit code or signal is logged.
 """
 
 from __future__ import annotations
@@ -175,23 +175,16 @@ class TrainerProcess:
         return self.exit
 
     def send(self, sig: signal.Signals) -> bool:
-        """Signal the main pid only (never the group); False when it already ended."""
-        if self._proc is None or self.poll() is not None:
-            return False
-        try:
-            os.kill(self._proc.pid, sig)
-        except ProcessLookupError:
-            return False
-        log.info("child_signalled", pid=self._proc.pid, signal=sig.name)
-        return True
+        """A polite signal (SIGTERM, SIGUSR1) to the trainer; False if nobody got it.
 
-    def request_checkpoint(self) -> bool:
-        """SIGUSR1 (checkpoint, keep training) to whoever acts on it; False if nobody got it.
-
-        That is the main pid, except under torchrun: its agent does not handle SIGUSR1,
-        whose default action would kill it and orphan the workers, so the workers (the
-        agent's children) get it instead. One rank would do (the trainer library agrees
-        on a save request across ranks); all local ranks get it, as they would SIGTERM.
+        The trainer is the main pid (never its group), except under torchrun, where it
+        is the agent's workers. The agent does not handle SIGUSR1, whose default action
+        would kill it and orphan them; and it answers SIGTERM by forwarding it and
+        SIGKILLing the workers 30 s later whatever they are doing (a fixed 30 s in torch
+        releases before 2026; later ones read ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, which
+        the child's environment sets). Signalled directly, the workers save and exit 0,
+        and so does the agent. The trainer library agrees on stop and save across
+        ranks, so the ranks of other nodes follow.
         """
         if self._proc is None or self.poll() is not None:
             return False
@@ -202,25 +195,25 @@ class TrainerProcess:
         except psutil.Error:
             return False
         if launcher and not targets:
-            log.warning(
-                "child_not_signalled",
-                pid=self._proc.pid,
-                signal="SIGUSR1",
-                why="torchrun has no workers yet; SIGUSR1 would kill its agent",
-            )
-            return False
+            # Before its workers start there is no save to make; the agent forwards a
+            # SIGTERM itself, while SIGUSR1 would kill it.
+            if sig != signal.SIGTERM:
+                log.warning(
+                    "child_not_signalled",
+                    pid=self._proc.pid,
+                    signal=sig.name,
+                    why=f"torchrun has no workers yet; {sig.name} would kill its agent",
+                )
+                return False
+            targets = [main]
         sent = []
         for p in targets:
             with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGUSR1)
+                p.send_signal(sig)
                 sent.append(p.pid)
         if sent:
-            log.info(
-                "child_signalled",
-                pid=self._proc.pid,
-                signal="SIGUSR1",
-                **({"workers": sent} if launcher else {}),
-            )
+            workers = {"workers": sent} if launcher and targets[0] is not main else {}
+            log.info("child_signalled", pid=self._proc.pid, signal=sig.name, **workers)
         return bool(sent)
 
     def _tree(self) -> list[psutil.Process]:

@@ -323,14 +323,14 @@ class Supervisor:
                 # Hibernation starts at once and keeps the trainer's memory: killing it
                 # would lose what hibernation saves. Checkpoint now, in case the instance
                 # never resumes, and keep training.
-                sent = self.child.request_checkpoint() if self.child else False
+                sent = self.child.send(signal.SIGUSR1) if self.child else False
                 log.warning("hibernate_checkpoint_requested", id=notice.id, child_signalled=sent)
                 continue
             if notice.kind == "interruption":
                 return (notice.action, notice.source, notice.deadline)
             if notice.kind == "rebalance":
                 # Not yet a notice, a raised risk: checkpoint early, keep training.
-                sent = self.child.request_checkpoint() if self.child else False
+                sent = self.child.send(signal.SIGUSR1) if self.child else False
                 log.info("early_checkpoint_requested", id=notice.id, child_signalled=sent)
                 continue
             if notice.kind == "maintenance":

@@ -1,10 +1,10 @@
 """The supervisor running ``torchrun`` itself as the training command (2 ranks, gloo).
 
-torchrun's agent forwards SIGTERM to its workers but dies of SIGUSR1, and by default it
-SIGKILLs workers 30 s after forwarding SIGTERM. Here a rebalance recommendation's
-SIGUSR1 reaches the workers (an early, committed checkpoint; training and the agent go
-on), then a notice's SIGTERM goes to the agent, which forwards it: both ranks save the
-same step, the supervisor commits it before the notice's time and exits 0.
+torchrun's agent dies of SIGUSR1, and SIGKILLs its workers 30 s after it forwards a
+SIGTERM. So both signals go to the workers: a rebalance recommendation's SIGUSR1 gets an
+early, committed checkpoint while training and the agent go on; a notice's SIGTERM makes
+both ranks save the same step and exit 0, the agent exits 0 after them, and the
+supervisor commits the step before the notice's time and exits 0.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_rebalance_and_notice_reach_torchrun_workers(
         assert not sup.find("child_exited")  # the agent survived SIGUSR1; training goes on
         after = early["step"] + 5
         sup.wait_for_line(f"step={after} ", 60)
-        # The notice: SIGTERM to the agent, which forwards it to both ranks.
+        # The notice: SIGTERM to both ranks.
         notice_time = emulator.set_notice(
             "terminate", dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=40)
         )
@@ -102,6 +102,9 @@ def test_rebalance_and_notice_reach_torchrun_workers(
     assert committed[step]["reason"] == "interrupt" and committed[step]["world_size"] == 2
     names = {f["path"] for f in committed[step]["files"]}
     assert {"rng.pt", "rng-rank00001.pt"} <= names
-    # Both ranks stopped at the step they agreed on, and torchrun never SIGKILLed them.
+    # Both ranks stopped at the step they agreed on; the agent saw them succeed.
     assert [ln for ln in sup.lines if ln.startswith("stopped")] == [f"stopped step={step}"]
+    term = [e for e in sup.find("child_signalled") if e["signal"] == "SIGTERM"]
+    assert len(term) == 1 and len(term[0]["workers"]) == 2
+    assert sup.find("child_exited")[-1]["returncode"] == 0
     assert not sup.find("child_tree_killed")
