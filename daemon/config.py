@@ -71,6 +71,7 @@ class DaemonConfig:
     rescan_interval: float = 30.0
     max_restarts: int = 5
     restart_window: float = 600.0
+    progress_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,9 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "rescan_interval": (_number(0.1, 3600.0), 30.0),
         "max_restarts": (_integer(0, 1000), 5),
         "restart_window": (_number(1.0, 86400.0), 600.0),
+        # Seconds without a new complete checkpoint before a running trainer counts as
+        # hung (killed, restarted like a crash); 0 turns the check off.
+        "progress_timeout": (_number(0.0, 7 * 86400.0), 0.0),
     },
     "metrics": {
         # A Prometheus textfile for node_exporter's textfile collector (*.prom).

@@ -23,7 +23,7 @@ from types import FrameType
 import structlog
 
 from daemon import layout
-from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_environment
+from daemon.child import TrainerProcess, become_subreaper, child_environment
 from daemon.config import Config
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
 from daemon.imds import ImdsClient
@@ -139,6 +139,9 @@ class Supervisor:
         self.drain: Drain | None = None
         self._stop_signal: int | None = None
         self._failures: list[float] = []
+        # The trainer's progress: the newest local step, and when it last changed.
+        self._progress_step: int | None = None
+        self._progress_at = time.monotonic()
         self._restart_at: float | None = None
         self._watchdog_every = watchdog_interval()
         self._last_watchdog = 0.0
@@ -150,6 +153,10 @@ class Supervisor:
         self.notifier.status(f"{phase.value}: {why}")
 
     def _sync_changed(self, stats: SyncStats) -> None:
+        # The sync's thread. A new complete local checkpoint is the trainer's progress.
+        step = stats.newest_local_step
+        if step is not None and (self._progress_step is None or step > self._progress_step):
+            self._progress_step, self._progress_at = step, time.monotonic()
         self.state.update(
             newest_local_step=stats.newest_local_step,
             newest_committed_step=stats.newest_committed_step,
@@ -196,6 +203,8 @@ class Supervisor:
             due.append(now + _TICK)  # the drain clock and the trainer's exit, closely
         if self._restart_at is not None:
             due.append(self._restart_at)
+        if self.cfg.daemon.progress_timeout and self.state.phase is Phase.TRAINING:
+            due.append(self._progress_at + self.cfg.daemon.progress_timeout)
         return max(0.0, min(due) - now)
 
     def _write_metrics(self, force: bool = False) -> None:
@@ -375,6 +384,8 @@ class Supervisor:
             log.error("child_start_failed", argv=list(cfg.run.command), error=str(exc))
             return False
         self.state.update(child_pid=pid)
+        # Progress is counted from each start: restore and backoff are not the trainer's.
+        self._progress_at = time.monotonic()
         self.state.transition(Phase.TRAINING, "child started", pid=pid)
         return True
 
@@ -402,7 +413,11 @@ class Supervisor:
             elif exit_status is not None:
                 if exit_status.success:
                     return self._complete()
-                code = self._crashed(exit_status)
+                code = self._crashed(exit_status.describe())
+                if code is not None:
+                    return code
+            elif (quiet := self._progress_overdue()) is not None:
+                code = self._hung(quiet)
                 if code is not None:
                     return code
             self._write_metrics()
@@ -527,7 +542,32 @@ class Supervisor:
         self.notifier.stopping("done")
         return 0
 
-    def _crashed(self, status: ExitStatus) -> int | None:
+    def _progress_overdue(self) -> float | None:
+        """Seconds without a new checkpoint from the running trainer, once past
+        ``daemon.progress_timeout`` (None while within it, or with the check off)."""
+        limit = self.cfg.daemon.progress_timeout
+        if not limit or self.child is None or self.state.phase is not Phase.TRAINING:
+            return None
+        quiet = time.monotonic() - self._progress_at
+        return quiet if quiet >= limit else None
+
+    def _hung(self, quiet: float) -> int | None:
+        """A trainer alive but making no progress (a collective that never returns, a
+        stuck data loader): kill its tree and treat it as a crash. It is not asked to
+        save first: a hung loop reaches no step boundary, and its newest checkpoint is
+        what a restart resumes from anyway."""
+        assert self.child is not None
+        log.error(
+            "trainer_hung",
+            pid=self.child.pid,
+            seconds_without_checkpoint=round(quiet, 1),
+            progress_timeout=self.cfg.daemon.progress_timeout,
+            newest_local_step=self._progress_step,
+        )
+        self.child.kill_tree("no new checkpoint within daemon.progress_timeout")
+        return self._crashed(f"hung: no new checkpoint in {quiet:.0f}s")
+
+    def _crashed(self, why: str) -> int | None:
         """A trainer that failed without our signal: restart with backoff, or give up."""
         now = time.monotonic()
         window = self.cfg.daemon.restart_window
@@ -535,15 +575,13 @@ class Supervisor:
         self.state.update(child_pid=None)
         if len(self._failures) > self.cfg.daemon.max_restarts:
             return self._give_up(
-                f"trainer failed {len(self._failures)} times in {window:g}s ({status.describe()})"
+                f"trainer failed {len(self._failures)} times in {window:g}s ({why})"
             )
         backoff = min(_MAX_BACKOFF, 2.0 ** (len(self._failures) - 1))
         self._restart_at = now + backoff
         restarts = self.state.snapshot().restarts + 1
         self.state.update(restarts=restarts)
-        self.state.transition(
-            Phase.BACKOFF, f"trainer {status.describe()}", backoff_s=backoff, restarts=restarts
-        )
+        self.state.transition(Phase.BACKOFF, f"trainer {why}", backoff_s=backoff, restarts=restarts)
         return None
 
     def _give_up(self, why: str) -> int:

@@ -1,11 +1,12 @@
 """A torch-free stand-in for a trainer, for supervisor tests that are about processes,
 not about models: it writes real checkpoints (daemon.layout) and obeys CONTRACT §3.
 
-    scripted_trainer.py STEPS [--crash-at N] [--ignore-sigterm] [--step-seconds S]
+    scripted_trainer.py STEPS [--crash-at N] [--hang-at N] [--ignore-sigterm] [--step-seconds S]
 
 It resumes from the newest complete checkpoint in $SPOT_CHECKPOINT_DIR, saves every
 step, and exits 0 after STEPS. ``--crash-at N`` exits 3 when it reaches step N in the
-first attempt (a marker file makes the crash happen once).
+first attempt (a marker file makes the crash happen once); ``--hang-at N`` stops making
+progress there instead, once, deaf to SIGTERM (a collective that never returns).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("steps", type=int)
     p.add_argument("--crash-at", type=int)
+    p.add_argument("--hang-at", type=int)
     p.add_argument("--always-crash", action="store_true")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--step-seconds", type=float, default=0.05)
@@ -73,6 +75,12 @@ def main() -> int:
             marker.write_text("x")
             print(f"crashing at step={step}", flush=True)
             return 3
+        if a.hang_at == step and not marker.exists():
+            marker.write_text("x")
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            print(f"hanging at step={step}", flush=True)
+            while True:
+                time.sleep(3600)
         if stop:
             save(d, step, "interrupt")
             return 0

@@ -168,6 +168,7 @@ WRONG_TYPE: dict[str, tuple[object, str]] = {
     "daemon.rescan_interval": (True, "expected a number"),
     "daemon.max_restarts": (2.0, "expected an integer"),
     "daemon.restart_window": ("10m", "expected a number"),
+    "daemon.progress_timeout": ("1h", "expected a number"),
     "metrics.textfile": (1, "expected a string"),
 }
 
@@ -193,6 +194,7 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "daemon.rescan_interval": (float("inf"), "must be between"),
     "daemon.max_restarts": (-1, "must be between 0 and 1000"),
     "daemon.restart_window": (0.5, "must be between"),
+    "daemon.progress_timeout": (-1, "must be between"),
     "metrics.textfile": ("/var/lib/node_exporter/spot.txt", "must end in .prom"),
 }
 

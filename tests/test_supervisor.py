@@ -52,6 +52,34 @@ def test_crashed_trainer_is_restarted_and_resumes(
     assert committed and float(committed[0].split()[-1]) >= 1
 
 
+def test_a_hung_trainer_is_killed_and_restarted(
+    boot: Any, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    sup = boot("12", "--hang-at", "6", progress_timeout=3, max_restarts=3)
+    assert sup.wait_exit(90) == 0
+    hung = sup.find("trainer_hung")
+    assert len(hung) == 1
+    # Steps 1-5 were saved; step 6 never came. Counted from the last checkpoint, not the start.
+    assert hung[0]["newest_local_step"] == 5 and hung[0]["seconds_without_checkpoint"] >= 3
+    killed = sup.find("child_tree_killed")
+    assert len(killed) == 1 and "progress_timeout" in killed[0]["why"]
+    backoff = [e for e in sup.events if e.get("phase") == "backoff"]
+    assert len(backoff) == 1 and backoff[0]["why"].startswith("trainer hung: no new checkpoint")
+    resumed = [ln for ln in sup.lines if ln.startswith("resumed")]
+    assert resumed == ["resumed step=0", "resumed step=5"]
+    assert sup.find("run_completed")[0]["step"] == 12
+    assert 12 in committed_steps(s3_client, bucket)
+
+
+def test_a_trainer_checkpointing_within_progress_timeout_is_left_alone(
+    boot: Any, s3_client: Any, bucket: str
+) -> None:
+    # A checkpoint every ~1.2 s, well inside a 3 s limit: never taken for hung.
+    sup = boot("6", "--step-seconds", "0.4", "--save-every", "3", progress_timeout=3)
+    assert sup.wait_exit(60) == 0
+    assert not sup.find("trainer_hung") and len(sup.find("child_started")) == 1
+
+
 def test_gives_up_after_too_many_failures(boot: Any, s3_client: Any, bucket: str) -> None:
     sup = boot("8", "--always-crash", max_restarts=1, restart_window=600)
     assert sup.wait_exit(60) == 1
