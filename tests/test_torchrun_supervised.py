@@ -10,7 +10,6 @@ supervisor commits the step before the notice's time and exits 0.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO
+from test_end_to_end import committed_manifests
 
 from daemon.demo import SupervisorProcess, write_config
 from daemon.emulator import MetadataEmulator
@@ -30,15 +30,7 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
 def manifests(s3_client: Any, bucket: str) -> dict[int, dict[str, Any]]:
-    prefix = f"runs/{RUN_ID}/checkpoints/"
-    keys = s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    found = {}
-    for o in keys:
-        if o["Key"].endswith("/manifest.json"):
-            body = s3_client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-            doc = json.loads(body)
-            found[doc["step"]] = doc
-    return found
+    return committed_manifests(s3_client, bucket, f"runs/{RUN_ID}/")
 
 
 def test_rebalance_and_notice_reach_torchrun_workers(
