@@ -232,14 +232,20 @@ class CheckpointStore:
         """The step of the newest committed remote checkpoint, or None."""
         return next((c.step for c in self._iter_committed()), None)
 
-    def _iter_committed(self) -> Iterator[RemoteCheckpoint]:
-        # Lazy: restore usually needs only the newest manifest, not one GET per step.
+    def _objects_by_step(self) -> dict[int, dict[str, RemoteObject]]:
+        """Every object under ``checkpoints/``, by step and path within the step (one
+        paginated listing; manifests and data alike, committed or not)."""
         by_step: dict[int, dict[str, RemoteObject]] = {}
         for obj in self._list(self._checkpoints_prefix):
             step_dir, _, path = obj.key[len(self._checkpoints_prefix) :].partition("/")
             step = parse_step_dir(step_dir)
             if step is not None and path:
                 by_step.setdefault(step, {})[path] = obj
+        return by_step
+
+    def _iter_committed(self) -> Iterator[RemoteCheckpoint]:
+        # Lazy: restore usually needs only the newest manifest, not one GET per step.
+        by_step = self._objects_by_step()
         for step in sorted(by_step, reverse=True):
             ckpt = self._committed(step, by_step[step])
             if ckpt is not None:
@@ -923,12 +929,7 @@ class CheckpointStore:
         """
         if keep < 1:
             raise ValueError(f"keep {keep} must be at least 1")
-        by_step: dict[int, dict[str, RemoteObject]] = {}
-        for obj in self._list(self._checkpoints_prefix):
-            step_dir, _, path = obj.key[len(self._checkpoints_prefix) :].partition("/")
-            step = parse_step_dir(step_dir)
-            if step is not None and path:
-                by_step.setdefault(step, {})[path] = obj
+        by_step = self._objects_by_step()
         kept: list[int] = []
         doomed: list[int] = []
         newest_verified: int | None = None
