@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +38,21 @@ _STEP_DIR_RE = re.compile(r"^step-(\d{9})$")
 _TMP_DIR_RE = re.compile(r"^\.tmp-step-(\d{9})-.+$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 4 * 1024 * 1024
+# The most a manifest may weigh (about half a million files): a larger one, local or
+# remote, is never read into memory, and so is never a checkpoint.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+# NAME_MAX of ext4, xfs, btrfs and tmpfs; a file is written as ``<name>.partial`` first.
+_NAME_MAX = 255
+# No S3 key is longer, so no remote checkpoint can list a longer path.
+_PATH_MAX = 1024
 
 
 class ManifestError(ValueError):
     """A manifest (or the files it lists) does not match the format or the bytes."""
+
+
+class UnsafePathError(ManifestError):
+    """A listed file is reached through a symlink, or is not a regular file."""
 
 
 @dataclass(frozen=True)
@@ -107,17 +120,52 @@ def utc_now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _show(path: str) -> str:
+    # Paths come from manifests anyone may have written: keep log lines short.
+    return repr(path if len(path) <= 80 else path[:60] + "..." + path[-12:])
+
+
 def _safe_relpath(path: Any) -> str:
-    # A manifest comes from disk or from a bucket: never let it name a file outside
-    # the checkpoint directory.
+    # A manifest comes from disk or from a bucket: never let it name a file outside the
+    # checkpoint directory, nor one this path could not be written as on any common Linux
+    # filesystem. Only the canonical spelling is allowed (no empty or "." components), so
+    # one path names one file: "a//b" and "a/b" may not both be listed.
     if not isinstance(path, str) or not path:
         raise ManifestError(f"file path {path!r} is not a non-empty string")
-    p = Path(path)
-    if p.is_absolute() or ".." in p.parts or path.startswith("./") or "\\" in path:
-        raise ManifestError(f"file path {path!r} is not a plain relative path")
+    if "\x00" in path or "\\" in path or path.startswith("/"):
+        raise ManifestError(f"file path {_show(path)} is not a plain relative path")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ManifestError(f"file path {_show(path)} is not a plain relative path")
+    try:
+        encoded = [part.encode() for part in parts]
+    except UnicodeEncodeError:
+        raise ManifestError(f"file path {_show(path)} is not valid UTF-8") from None
+    longest = max(len(part) for part in encoded)
+    if longest + len(PARTIAL_SUFFIX) > _NAME_MAX:
+        raise ManifestError(
+            f"file path {_show(path)} has a name of {longest} bytes: too long for a file name "
+            f"(at most {_NAME_MAX - len(PARTIAL_SUFFIX)})"
+        )
+    if len(path.encode()) > _PATH_MAX:
+        raise ManifestError(f"file path {_show(path)} is too long (over {_PATH_MAX} bytes)")
     if path == MANIFEST_NAME or path.endswith(PARTIAL_SUFFIX):
-        raise ManifestError(f"file path {path!r} uses a reserved name")
+        raise ManifestError(f"file path {_show(path)} uses a reserved name")
     return path
+
+
+def _check_file_dir_conflicts(paths: Iterable[str]) -> None:
+    """No listed path may also be a directory of another (``a`` and ``a/b``)."""
+    files = set(paths)
+    for path in files:
+        parent, sep, _ = path.rpartition("/")
+        while sep:
+            if parent in files:
+                raise ManifestError(
+                    f"manifest lists {_show(parent)} as a file and as the directory of "
+                    f"{_show(path)}"
+                )
+            parent, sep, _ = parent.rpartition("/")
 
 
 def parse_manifest(raw: bytes | str, *, expect_step: int | None = None) -> Manifest:
@@ -168,6 +216,7 @@ def parse_manifest(raw: bytes | str, *, expect_step: int | None = None) -> Manif
             raise ManifestError(f"manifest lists {path} twice")
         seen.add(path)
         files.append(FileEntry(path, size, sha))
+    _check_file_dir_conflicts(seen)
     known = {"format", "run_id", "step", "created_at", "reason", "files"}
     extra = {k: v for k, v in doc.items() if k not in known}
     return Manifest(run_id, step, created_at, reason, tuple(files), extra)
@@ -175,34 +224,96 @@ def parse_manifest(raw: bytes | str, *, expect_step: int | None = None) -> Manif
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in large chunks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
+        return _sha256_of(f)
+
+
+def _sha256_of(f: BinaryIO) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(_HASH_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 
+def open_listed(ckpt_dir: Path, rel: str) -> BinaryIO:
+    """Open the file ``rel`` of a checkpoint for reading, never through a symlink.
+
+    Every component of ``rel`` is opened relative to the one before with ``O_NOFOLLOW``,
+    so neither the file nor a directory above it inside ``ckpt_dir`` may be a symlink
+    (one could lead anywhere: ``/etc``, another run's checkpoints). ``ckpt_dir`` itself
+    is opened normally: ``local_dir`` may well sit on a symlinked mount. The file must
+    be a regular file (a FIFO would block the reader forever). Raises
+    :class:`UnsafePathError` naming the file; ``FileNotFoundError`` when it is missing.
+    """
+    parts = rel.split("/")
+    fd = os.open(ckpt_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags |= os.O_NONBLOCK if last else os.O_DIRECTORY
+            try:
+                nxt = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(name, fd):
+                    where = "/".join(parts[: i + 1])
+                    raise UnsafePathError(
+                        f"{ckpt_dir / rel} is reached through the symlink {ckpt_dir / where}; "
+                        "a listed file must be a regular file inside the checkpoint"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = nxt
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{ckpt_dir / rel} is not a regular file")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return f
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
 def verify_files(ckpt_dir: Path, manifest: Manifest, *, hash_files: bool = True) -> None:
-    """Check every listed file exists with its size (and sha256 when ``hash_files``)."""
+    """Check every listed file exists with its size (and sha256 when ``hash_files``).
+
+    A file reached through a symlink is not part of a checkpoint (:func:`open_listed`).
+    """
     for entry in manifest.files:
         p = ckpt_dir / entry.path
         try:
-            size = p.stat().st_size
+            with open_listed(ckpt_dir, entry.path) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != entry.size:
+                    raise ManifestError(f"{p} has {size} bytes, the manifest says {entry.size}")
+                if hash_files and _sha256_of(f) != entry.sha256:
+                    raise ManifestError(f"{p} does not match its sha256 in the manifest")
         except FileNotFoundError:
             raise ManifestError(f"{p} is listed in the manifest but missing") from None
-        if size != entry.size:
-            raise ManifestError(f"{p} has {size} bytes, the manifest says {entry.size}")
-        if hash_files and sha256_file(p) != entry.sha256:
-            raise ManifestError(f"{p} does not match its sha256 in the manifest")
+        except OSError as exc:
+            # Unreadable (permissions, I/O error): not a checkpoint anyone could use. A
+            # ManifestError, so callers that skip invalid checkpoints skip this one too.
+            raise ManifestError(f"cannot read {p}: {exc.strerror or exc}") from exc
 
 
 def read_manifest(ckpt_dir: Path) -> Manifest:
     """Read and validate ``<ckpt_dir>/manifest.json`` (format only, not the files)."""
     step = parse_step_dir(ckpt_dir.name)
     try:
-        raw = (ckpt_dir / MANIFEST_NAME).read_bytes()
+        with open_listed(ckpt_dir, MANIFEST_NAME) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise ManifestError(f"{ckpt_dir} has no {MANIFEST_NAME}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{ckpt_dir / MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes; not read"
+        )
     return parse_manifest(raw, expect_step=step)
 
 

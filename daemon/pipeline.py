@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,6 +76,7 @@ class _TmpDir:
     step: int
     ino: int
     files: dict[str, _Staged] = field(default_factory=dict)
+    refused: set[str] = field(default_factory=set)  # symlinks and the like, warned once
 
 
 class Stager:
@@ -156,6 +158,9 @@ class Stager:
                 st = e.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # renamed into place (or removed) meanwhile: the commit takes over
+            if not stat.S_ISDIR(st.st_mode):
+                # A symlink would have os.walk stage wherever it points; no writer makes one.
+                continue
             tmp = self._dir_for(step, Path(e.path), st.st_ino)
             if tmp is not None:
                 new += self._scan_dir(tmp)
@@ -187,13 +192,26 @@ class Stager:
                 rel = full.relative_to(tmp.path).as_posix()
                 if rel == layout.MANIFEST_NAME or rel in tmp.files:
                     continue
+                if rel in tmp.refused:
+                    continue
                 try:
-                    st = full.stat()
+                    st = full.lstat()
                 except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    self._refuse(tmp, rel, full, st)
                     continue
                 self._stage(tmp, rel, full, _ident(st))
                 new += 1
         return new
+
+    def _refuse(self, tmp: _TmpDir, rel: str, path: Path, st: os.stat_result) -> None:
+        # Never staged: a symlink could point anywhere (/etc, another run). os.walk does not
+        # descend into symlinked directories, so only the file itself needs this check. The
+        # commit refuses a checkpoint whose manifest lists such a file (layout.open_listed).
+        tmp.refused.add(rel)
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        log.warning("staging_refused", step=tmp.step, path=str(path), reason=kind)
 
     def _stage(self, tmp: _TmpDir, rel: str, path: Path, ident: tuple[int, int, int]) -> None:
         key = self._store.file_key(tmp.step, rel)
@@ -349,7 +367,7 @@ class Stager:
         if not same_dir:
             return "staged from another directory"
         try:
-            now = _ident((ckpt_dir / staged.rel).stat())
+            now = _ident((ckpt_dir / staged.rel).lstat())  # a symlink now is another file
         except FileNotFoundError:
             return "file gone"
         if now != staged.ident:

@@ -10,6 +10,7 @@ Choosing *which* checkpoint to restore is :meth:`daemon.store.CheckpointStore.re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -64,6 +65,21 @@ _STREAM_ERRORS = (
     IncompleteReadError,
     ReadTimeoutError,
     ConnectionClosedError,
+)
+# Local errors that a manifest's own paths cause (a name too long for this filesystem, a
+# character it refuses, a file in the way of a directory), not the disk: that checkpoint
+# cannot be restored here, an older one may well be.
+_NAME_ERRNOS = frozenset(
+    {
+        errno.ENAMETOOLONG,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.ELOOP,
+        errno.EINVAL,
+        errno.EILSEQ,
+    }
 )
 
 
@@ -164,10 +180,11 @@ def download_checkpoint(
     ``objects`` maps each listed path to the object listed for it. Files larger than
     ``part_size`` come down as parallel ranged GETs pinned to the listed ETag.
     Raises :class:`IntegrityError` when an object is missing, changed, or does not
-    match its size or sha256 (the caller may fall back to an older checkpoint), and
-    :class:`StoreError` for any other storage failure. The temporary directory is
-    removed on any failure; local disk errors come out as :class:`StoreError` too
-    (code ``LocalIO``).
+    match its size or sha256, or when a listed path cannot be created on this filesystem
+    (a name too long, a file in the way of a directory): the caller may fall back to an
+    older checkpoint. :class:`StoreError` for any other storage failure. The temporary
+    directory is removed on any failure; other local disk errors (full, read-only) come
+    out as :class:`StoreError` too (code ``LocalIO``).
     """
     local_dir.mkdir(parents=True, exist_ok=True)
     # As few GETs as keep at least half the connections streaming: a whole object in one
@@ -187,12 +204,8 @@ def download_checkpoint(
             obj = objects.get(entry.path)
             if obj is None:
                 raise IntegrityError(f"{location.url()}: {entry.path} is listed but was not found")
-            partial = tmp / (entry.path + PARTIAL_SUFFIX)
-            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial = _create_partial(location, obj, entry, tmp)
             dirs.add(partial.parent)
-            # Sized up front so ranged parts can be written at their offsets in any order.
-            with open(partial, "wb") as f:
-                f.truncate(entry.size)
             if entry.size <= range_size:
                 parts.append(_Part(entry, obj, partial, 0, entry.size, whole=True))
             else:
@@ -245,6 +258,32 @@ def download_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _create_partial(
+    location: RemoteLocation, obj: RemoteObject, entry: FileEntry, tmp: Path
+) -> Path:
+    """Create ``<path>.partial`` at the file's full size (ranged parts land anywhere)."""
+    partial = tmp / (entry.path + PARTIAL_SUFFIX)
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as f:
+            f.truncate(entry.size)
+    except OSError as exc:
+        _raise_if_name_error(location, obj, entry, exc)
+        raise
+    return partial
+
+
+def _raise_if_name_error(
+    location: RemoteLocation, obj: RemoteObject, entry: FileEntry, exc: OSError
+) -> None:
+    """IntegrityError (skip this checkpoint) when ``exc`` comes from the listed path."""
+    if exc.errno in _NAME_ERRNOS:
+        raise IntegrityError(
+            f"{location.url(obj.key)}: cannot be written here as {entry.path[:80]!r}: "
+            f"{exc.strerror or exc}"
+        ) from exc
 
 
 def _run_all(
@@ -348,5 +387,9 @@ def _finish_file(
         if digest != entry.sha256:
             raise IntegrityError(f"{url}: sha256 does not match the manifest")
         os.fsync(f.fileno())
-    os.rename(partial, tmp / entry.path)
+    try:
+        os.rename(partial, tmp / entry.path)
+    except OSError as exc:
+        _raise_if_name_error(location, obj, entry, exc)
+        raise
     return None

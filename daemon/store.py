@@ -45,11 +45,14 @@ from s3transfer.exceptions import CancelledError
 
 from daemon.layout import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     FileEntry,
     Manifest,
     ManifestError,
+    UnsafePathError,
     list_step_dirs,
     load_complete,
+    open_listed,
     parse_manifest,
     parse_step_dir,
     step_dir_name,
@@ -82,6 +85,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 COMPLETE_NAME = "complete.json"
+# complete.json is a few dozen bytes; anything near this is not one (MAX_MANIFEST_BYTES,
+# from daemon.layout, bounds each manifest read the same way).
+MAX_COMPLETE_BYTES = 1024 * 1024
 CHECKPOINTS_DIR = "checkpoints"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _HASH_CHUNK = 4 * 1024 * 1024
@@ -258,7 +264,17 @@ class CheckpointStore:
             # Normal while an upload is in flight, or after one that died before its commit.
             log.info("remote_checkpoint_ignored", step=step, reason="no manifest")
             return None
-        got = self._get_object(manifest_obj.key, missing_ok=True)
+        try:
+            if manifest_obj.size > MAX_MANIFEST_BYTES:
+                # Known from the listing: not even a GET.
+                url = self.location.url(manifest_obj.key)
+                raise IntegrityError(_too_large(url, manifest_obj.size, MAX_MANIFEST_BYTES))
+            got = self._get_object(manifest_obj.key, missing_ok=True, max_bytes=MAX_MANIFEST_BYTES)
+        except IntegrityError as exc:
+            log.warning(
+                "remote_checkpoint_ignored", step=step, key=manifest_obj.key, reason=str(exc)
+            )
+            return None
         if got is None:
             log.info("remote_checkpoint_ignored", step=step, reason="manifest vanished")
             return None
@@ -447,6 +463,7 @@ class CheckpointStore:
         step = manifest.step
         self._switch.check(f"commit step {step}")
         manifest_raw = self._manifest_bytes(ckpt_dir, manifest)
+        refuse_unsafe_files(ckpt_dir, manifest)
         manifest_key = self.file_key(step, MANIFEST_NAME)
         existing = self._step_objects(step)
         if MANIFEST_NAME in existing:
@@ -738,7 +755,7 @@ class CheckpointStore:
                 path = ckpt_dir / entry.path
                 key = self.file_key(step, entry.path)
                 digest = self.etag_digest(entry.size)
-                before = _verify_local(path, entry.size, entry.sha256, digest)
+                before = _verify_local(ckpt_dir, entry, digest)
                 etags[entry.path] = digest.etag() if self.etag_checkable(entry.size) else None
                 pending.append((path, key, before, self.start_upload(path, key, entry.sha256)))
             for path, key, before, fut in pending:
@@ -799,9 +816,12 @@ class CheckpointStore:
         nothing is downloaded (``downloaded=False``). Otherwise the newest remote
         checkpoint is downloaded and verified; one that fails verification is skipped
         with a ``restore_skipped`` warning and the next older one is tried, down to any
-        complete local one. None when there is no checkpoint anywhere. Storage failures
-        other than bad bytes (unreachable, access denied) raise :class:`StoreError`:
-        falling back to an older checkpoint for those would throw away progress.
+        complete local one. So is one whose manifest is over ``MAX_MANIFEST_BYTES``, does
+        not parse, or lists paths this filesystem cannot hold (``remote_checkpoint_ignored``
+        or ``restore_skipped``): whatever is in the bucket, a boot goes on. None when
+        there is no checkpoint anywhere. Storage failures other than bad bytes
+        (unreachable, access denied) raise :class:`StoreError`: falling back to an older
+        checkpoint for those would throw away progress.
         """
         t0 = time.monotonic()
         local = _LocalCheckpoints(local_dir)
@@ -864,20 +884,40 @@ class CheckpointStore:
     # -- complete.json ----------------------------------------------------------------
 
     def read_complete(self) -> dict[str, Any] | None:
-        """The run's ``complete.json``, or None when the run is not complete."""
-        raw = self._get_bytes(self.complete_key, missing_ok=True)
-        if raw is None:
-            return None
+        """The run's ``complete.json`` (``step``, ``completed_at``), or None when the run
+        is not complete.
+
+        A ``complete.json`` that cannot be read (over :data:`MAX_COMPLETE_BYTES`, not
+        JSON, no integer ``step``) is decided by what it stands for: the run is complete
+        exactly when its newest committed checkpoint has reason ``final``. So a broken
+        marker neither ends a run that is not finished nor stops every boot of one that
+        is; a ``complete_marker_invalid`` warning names the key, what is wrong, and the
+        decision. Only the known fields are returned: callers log them as keywords.
+        """
         url = self.location.url(self.complete_key)
         try:
-            doc = json.loads(raw)
-        except ValueError as exc:
-            raise IntegrityError(f"{url} is not JSON: {exc}") from exc
-        step = doc.get("step") if isinstance(doc, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise IntegrityError(f"{url} has no integer step")
-        result: dict[str, Any] = doc
-        return result
+            raw = self._get_bytes(self.complete_key, missing_ok=True, max_bytes=MAX_COMPLETE_BYTES)
+            return None if raw is None else _parse_complete(raw, url)
+        except IntegrityError as exc:
+            return self._complete_from_checkpoints(str(exc))
+
+    def _complete_from_checkpoints(self, problem: str) -> dict[str, Any] | None:
+        """Whether the run is complete, from its checkpoints, when complete.json is broken."""
+        newest = next(self._iter_committed(), None)
+        final = newest is not None and newest.manifest.reason == "final"
+        log.warning(
+            "complete_marker_invalid",
+            key=self.complete_key,
+            reason=problem,
+            newest_committed_step=newest.step if newest is not None else None,
+            newest_reason=newest.manifest.reason if newest is not None else None,
+            decision="run complete: its newest committed checkpoint is final"
+            if final
+            else "run not complete: training goes on; delete or rewrite the marker",
+        )
+        if final and newest is not None:
+            return {"step": newest.step, "completed_at": None}
+        return None
 
     def write_complete(self, step: int) -> None:
         """Write ``complete.json``: the run finished, with checkpoint ``step`` committed."""
@@ -985,14 +1025,32 @@ class CheckpointStore:
         prefix = self.step_prefix(step)
         return {o.key[len(prefix) :]: o for o in self._list(prefix)}
 
-    def _get_bytes(self, key: str, *, missing_ok: bool) -> bytes | None:
-        got = self._get_object(key, missing_ok=missing_ok)
+    def _get_bytes(self, key: str, *, missing_ok: bool, max_bytes: int) -> bytes | None:
+        got = self._get_object(key, missing_ok=missing_ok, max_bytes=max_bytes)
         return None if got is None else got[0]
 
-    def _get_object(self, key: str, *, missing_ok: bool) -> tuple[bytes, dict[str, str]] | None:
+    def _get_object(
+        self, key: str, *, missing_ok: bool, max_bytes: int
+    ) -> tuple[bytes, dict[str, str]] | None:
+        """A small object's bytes and metadata; :class:`IntegrityError` past ``max_bytes``.
+
+        Anyone who can write to the bucket can make an object of any size: it is never
+        read past ``max_bytes`` (the body is closed unread when the length says so).
+        """
+        url = self.location.url(key)
         try:
             resp = self.client.get_object(Bucket=self.location.bucket, Key=key)
-            return resp["Body"].read(), dict(resp.get("Metadata", {}))
+            body = resp["Body"]
+            try:
+                length = int(resp.get("ContentLength", 0))
+                if length > max_bytes:
+                    raise IntegrityError(_too_large(url, length, max_bytes))
+                data = body.read(max_bytes + 1)
+                if len(data) > max_bytes:  # the length header said less
+                    raise IntegrityError(_too_large(url, None, max_bytes))
+            finally:
+                body.close()
+            return data, dict(resp.get("Metadata", {}))
         except (ClientError, BotoCoreError) as exc:
             err = describe_error(exc, action="read", location=self.location, key=key)
             if missing_ok and err.code == "NoSuchKey":
@@ -1065,9 +1123,55 @@ class _LocalCheckpoints:
         return None
 
 
+def _too_large(url: str, size: int | None, limit: int) -> str:
+    if size is None:
+        return f"{url} has more bytes than it announced, over the limit of {limit}; not read"
+    return f"{url} is {size} bytes, over the limit of {limit} bytes for this object; not read"
+
+
+def _parse_complete(raw: bytes, url: str) -> dict[str, Any]:
+    """The known fields of a ``complete.json``; IntegrityError saying what is wrong."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise IntegrityError(f"{url} is not JSON: {exc}") from exc
+    step = doc.get("step") if isinstance(doc, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise IntegrityError(f"{url} has no integer step")
+    completed_at = doc.get("completed_at")
+    return {"step": step, "completed_at": completed_at if isinstance(completed_at, str) else None}
+
+
 def _stat_key(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
+    # lstat: a file swapped for a symlink after it was checked is a changed file.
+    return _ident(os.lstat(path))
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def refuse_unsafe_files(ckpt_dir: Path, manifest: Manifest) -> None:
+    """Before anything of a checkpoint is sent: every listed file must be a regular file
+    inside ``ckpt_dir``, reached through no symlink (see :func:`daemon.layout.open_listed`).
+
+    A symlink could make us upload anything the daemon can read (``/etc/shadow``, another
+    run's files) to the bucket. :class:`IntegrityError` naming the file, after an
+    ``upload_refused`` warning. Missing or unreadable files are left to the upload's own
+    check (:func:`_verify_local`).
+    """
+    for entry in manifest.files:
+        try:
+            with open_listed(ckpt_dir, entry.path):
+                pass
+        except UnsafePathError as exc:
+            path = str(ckpt_dir / entry.path)
+            log.warning("upload_refused", step=manifest.step, path=path, reason=str(exc))
+            raise IntegrityError(
+                f"{exc}; nothing of step {manifest.step} uploaded, manifest not written"
+            ) from exc
+        except OSError:
+            continue
 
 
 def copy_etag(src: RemoteObject) -> str | None:
@@ -1077,19 +1181,22 @@ def copy_etag(src: RemoteObject) -> str | None:
 
 
 def _verify_local(
-    path: Path, size: int, sha256: str, digest: EtagDigest | None = None
+    ckpt_dir: Path, entry: FileEntry, digest: EtagDigest | None = None
 ) -> tuple[int, int, int]:
     """Check a local file against its manifest entry; its stat identity for later.
 
-    ``digest`` is fed with the same bytes (the upload's expected ETag, same pass)."""
+    Read through :func:`daemon.layout.open_listed` (never through a symlink). ``digest``
+    is fed with the same bytes (the upload's expected ETag, same pass)."""
+    path = ckpt_dir / entry.path
     try:
-        before = _stat_key(path)
-        if before[1] != size:
-            raise IntegrityError(
-                f"{path} has {before[1]} bytes, the manifest says {size}; manifest not written"
-            )
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
+        with open_listed(ckpt_dir, entry.path) as f:
+            before = _ident(os.fstat(f.fileno()))
+            if before[1] != entry.size:
+                raise IntegrityError(
+                    f"{path} has {before[1]} bytes, the manifest says {entry.size}; "
+                    "manifest not written"
+                )
+            h = hashlib.sha256()
             while chunk := f.read(_HASH_CHUNK):
                 h.update(chunk)
                 if digest is not None:
@@ -1100,9 +1207,11 @@ def _verify_local(
         raise FileNotFoundError(
             errno.ENOENT, "listed in the manifest but missing; manifest not written", str(path)
         ) from None
+    except UnsafePathError as exc:
+        raise IntegrityError(f"{exc}; manifest not written") from exc
     except OSError as exc:
         raise StoreError(f"read {path}: {exc.strerror or exc}", "OSError") from exc
-    if h.hexdigest() != sha256:
+    if h.hexdigest() != entry.sha256:
         raise IntegrityError(
             f"{path} does not match its sha256 in the manifest; manifest not written"
         )
