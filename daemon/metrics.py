@@ -8,13 +8,16 @@ file. Counters only grow within one supervisor process; Prometheus' ``rate()`` a
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.state import Phase
+import structlog
+
+from daemon.state import Phase, write_public_atomic
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "spot_supervisor"
 
@@ -121,28 +124,33 @@ def render(m: Metrics, now: float | None = None) -> str:
 
 
 class TextfileWriter:
-    """Writes :class:`Metrics` to ``path`` atomically; a no-op when ``path`` is None."""
+    """Writes :class:`Metrics` to ``path`` atomically; a no-op when ``path`` is None.
+
+    The file is mode 0644 (node_exporter runs as its own user). A failure to write it
+    never stops the supervisor; it is logged once, and again only after a write
+    succeeded in between, so a full disk does not flood the journal every few seconds.
+    """
 
     def __init__(self, path: Path | None, metrics: Metrics) -> None:
         self.path = path
         self.metrics = metrics
         self._lock = threading.Lock()
+        self._failing = False
 
     def write(self) -> bool:
         """Rewrite the file; False (and nothing raised) when it cannot be written."""
         if self.path is None:
             return False
         with self._lock:
-            text = render(self.metrics)
-            # node_exporter reads every *.prom in the directory: stage under another suffix.
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except OSError:
+                # node_exporter reads every *.prom in the dir; the staging name is no *.prom.
+                write_public_atomic(self.path, render(self.metrics))
+            except OSError as exc:
+                if not self._failing:
+                    self._failing = True
+                    log.warning("metrics_textfile_unwritable", path=str(self.path), error=str(exc))
                 return False
+            if self._failing:
+                self._failing = False
+                log.info("metrics_textfile_writable_again", path=str(self.path))
         return True

@@ -17,6 +17,7 @@ rewrites ``state.json`` atomically.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -79,16 +80,52 @@ class Snapshot:
     updated_at: float = field(default_factory=time.time)
 
 
+# state.json, the notice file and the metrics textfile hold no secrets, and are read by
+# others: operators running `status`, the trainer (perhaps as run.user), node_exporter.
+# Their modes are set explicitly, since the unit's UMask= (or a shell's 0077) would
+# otherwise make them root's alone.
+PUBLIC_FILE_MODE = 0o644
+PUBLIC_DIR_MODE = 0o755
+
+
+def make_public_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents searchable by all; existing dirs keep their mode."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs
+        os.chmod(d, PUBLIC_DIR_MODE)  # mkdir's mode is cut by the umask; chmod's is not
+
+
+def write_public_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so a reader sees the old file or the new one; mode 0644 whatever the umask.
+
+    Staged under a dot name that no ``*.json`` or ``*.prom`` glob matches.
+    """
+    make_public_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), PUBLIC_FILE_MODE)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     """Write JSON so a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_public_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
 class StateMachine:

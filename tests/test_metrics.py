@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from structlog.testing import capture_logs
+
 from daemon.metrics import Metrics, TextfileWriter, render
 
 SAMPLE = re.compile(r'^([a-z_]+)\{([a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*)\} (\S+)$')
@@ -74,3 +76,28 @@ def test_writer_disabled_or_unwritable_does_not_raise(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert TextfileWriter(blocker / "sub" / "m.prom", Metrics(run_id="r")).write() is False
+
+
+def test_write_failure_is_logged_once_until_it_recovers(tmp_path: Path) -> None:
+    blocker = tmp_path / "textfile"
+    blocker.write_text("a file where the dir should be")
+    path = blocker / "spot.prom"
+    w = TextfileWriter(path, Metrics(run_id="r"))
+    with capture_logs() as logs:
+        assert w.write() is False
+        assert w.write() is False  # still failing: no second warning
+        blocker.unlink()
+        assert w.write() is True  # recovered
+        assert w.write() is True
+        path.unlink()
+        path.parent.rmdir()
+        blocker.write_text("broken again")
+        assert w.write() is False  # failed again: warned again
+    events = [(e["event"], e["log_level"]) for e in logs]
+    assert events == [
+        ("metrics_textfile_unwritable", "warning"),
+        ("metrics_textfile_writable_again", "info"),
+        ("metrics_textfile_unwritable", "warning"),
+    ]
+    first = logs[0]
+    assert first["path"] == str(path) and "Not a directory" in first["error"]
