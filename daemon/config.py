@@ -37,6 +37,9 @@ class RunConfig:
     command: tuple[str, ...]
     workdir: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    # The training command runs as this user (and group), the supervisor stays root.
+    user: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ Parser = Callable[[str, Any], Any]
 def _string(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise ConfigError(f"{key}: expected a string, got {type(v).__name__} {v!r}")
+    if "\0" in v:
+        # Paths, argv and names go to the OS, which ends a C string there (Python raises).
+        raise ConfigError(f"{key}: {v!r} must not contain a NUL character")
     return v
 
 
@@ -133,6 +139,9 @@ def _argv(key: str, v: Any) -> tuple[str, ...]:
         raise ConfigError(f"{key}: expected a non-empty list of strings (argv), got {v!r}")
     if not v[0]:
         raise ConfigError(f"{key}: the program (first element) must not be empty")
+    for i, arg in enumerate(v):
+        if "\0" in arg:  # Popen would raise ValueError
+            raise ConfigError(f"{key}: argument {i} {arg!r} must not contain a NUL character")
     return tuple(v)
 
 
@@ -170,18 +179,65 @@ def _checksum_algorithm(key: str, v: Any) -> str:
     return name
 
 
+# The same rules as daemon.s3client.parse_remote, which cannot be imported here (boto3);
+# tests/test_config.py checks that the two agree on every case it lists.
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$")
+
+
 def _remote(key: str, v: Any) -> str:
     s = _nonempty_string(key, v)
-    m = re.match(r"^s3://([^/]+)(/.*)?$", s)
-    if not m:
+    m = re.match(r"^s3://([^/]*)(?:/(.*))?$", s, re.DOTALL)
+    if not m or not m[1]:
         raise ConfigError(f"{key}: {s!r} must look like s3://bucket or s3://bucket/prefix")
+    if not _BUCKET_RE.match(m[1]):
+        raise ConfigError(
+            f"{key}: {m[1]!r} is not a valid bucket name (3 to 255 of A-Z a-z 0-9 . _ -,"
+            " starting with a letter or digit)"
+        )
+    if any(c in s for c in "?#") or any(c.isspace() for c in s):
+        raise ConfigError(f"{key}: {s!r}: no '?', '#' or whitespace in an S3 key prefix")
+    if "//" in (m[2] or "").strip("/"):
+        raise ConfigError(f"{key}: {s!r} has an empty path segment ('//') in its prefix")
     return s
 
 
-def _url(key: str, v: Any) -> str:
-    s = _nonempty_string(key, v)
+def _http_url(key: str, s: str) -> str:
     if not re.match(r"^https?://[^/\s]+", s):
         raise ConfigError(f"{key}: {s!r} must be an http:// or https:// URL")
+    return s.rstrip("/")
+
+
+def _endpoint_url(key: str, v: Any) -> str:
+    s = _http_url(key, _nonempty_string(key, v))
+    # botocore's own test when it builds the client (no "_" in a host name, for one);
+    # imported only here: the config loads without boto.
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    if not (is_valid_endpoint_url(s) or is_valid_ipv6_endpoint_url(s)):
+        raise ConfigError(f"{key}: {s!r} is not a URL botocore accepts (is the host name valid?)")
+    return s
+
+
+def _region(key: str, v: Any) -> str:
+    s = _nonempty_string(key, v)
+    from botocore.exceptions import InvalidRegionError
+    from botocore.utils import validate_region_name
+
+    try:
+        validate_region_name(s)
+    except InvalidRegionError:
+        raise ConfigError(f"{key}: {s!r} is not a region name (like us-east-1)") from None
+    return s
+
+
+def _metadata_url(key: str, v: Any) -> str:
+    from daemon.imds import parse_base_url  # the client's own rule: config agrees with it
+
+    s = _nonempty_string(key, v)
+    try:
+        parse_base_url(s)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     return s.rstrip("/")
 
 
@@ -190,7 +246,25 @@ def _env_map(key: str, v: Any) -> dict[str, str]:
         isinstance(k, str) and isinstance(x, str) for k, x in v.items()
     ):
         raise ConfigError(f"{key}: expected a table of string values, got {v!r}")
+    for name, value in v.items():
+        # What Popen refuses with ValueError, plus the empty name nobody means.
+        if not name or "=" in name or "\0" in name:
+            raise ConfigError(f"{key}: {name!r} is not an environment variable name")
+        if "\0" in value:
+            raise ConfigError(f"{key}: {name}={value!r} must not contain a NUL character")
     return dict(v)
+
+
+# Login names (and group names) as the passwd and group databases hold them; ":" and
+# whitespace would break those files, a leading "-" would read as an option.
+_ACCOUNT_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,255}\$?$")
+
+
+def _account(key: str, v: Any) -> str:
+    s = _nonempty_string(key, v)
+    if not _ACCOUNT_RE.match(s):
+        raise ConfigError(f"{key}: {s!r} is not a user or group name")
+    return s
 
 
 def _number(lo: float, hi: float) -> Parser:
@@ -222,6 +296,8 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "command": (_argv, _REQUIRED),
         "workdir": (_path, None),
         "env": (_env_map, {}),
+        "user": (_account, None),
+        "group": (_account, None),
     },
     "checkpoints": {
         "local_dir": (_path, _REQUIRED),
@@ -229,14 +305,14 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "keep_remote": (_integer(1, 1000), 3),
     },
     "s3": {
-        "endpoint_url": (_url, None),
-        "region": (_nonempty_string, None),
+        "endpoint_url": (_endpoint_url, None),
+        "region": (_region, None),
         "part_size_mb": (_integer(5, 5120), 64),
         "max_concurrency": (_integer(1, 64), 8),
         "checksum_algorithm": (_checksum_algorithm, "CRC32"),
     },
     "imds": {
-        "url": (_url, "http://169.254.169.254"),
+        "url": (_metadata_url, "http://169.254.169.254"),
         "poll_interval": (_number(0.05, 60.0), 1.0),
         "token_ttl": (_integer(1, 21600), 21600),
     },
@@ -258,12 +334,30 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
 }
 
 
-def _env_value(raw: str) -> Any:
-    """An environment value is TOML when it parses as one (``90``, ``["a"]``), else a string."""
+# Keys whose value is a string: from the environment they are taken as they are, so
+# SPOT_SUPERVISOR_RUN_ID=12345 is the run "12345", not the integer 12345.
+_STRING_PARSERS: frozenset[Parser] = frozenset(
+    {
+        _string, _nonempty_string, _run_id, _path, _prom_path, _checksum_algorithm, _remote,
+        _endpoint_url, _region, _metadata_url, _account,
+    }
+)  # fmt: skip
+
+
+def _env_value(raw: str, parse: Parser) -> Any:
+    """A value from the environment, for a key parsed by ``parse``.
+
+    Other keys take TOML (``90``, ``["a"]``, ``{A = "1"}``), and a string when it is not
+    TOML at all. A string key takes the text as it is, except a TOML string literal
+    (``"abc"``), which is unquoted as before.
+    """
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+    if parse in _STRING_PARSERS and not isinstance(value, str):
+        return raw
+    return value
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -273,8 +367,9 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         for section, keys in SCHEMA.items():
-            if rest.startswith(section + "_") and rest[len(section) + 1 :] in keys:
-                layer.setdefault(section, {})[rest[len(section) + 1 :]] = _env_value(raw)
+            key = rest[len(section) + 1 :]
+            if rest.startswith(section + "_") and key in keys:
+                layer.setdefault(section, {})[key] = _env_value(raw, keys[key][0])
                 break
         else:
             raise ConfigError(f"environment variable {name}: no such config key")
@@ -340,6 +435,8 @@ def build(
                 raise ConfigError(f"{name}: required key is missing")
             else:
                 values[section][key] = default
+    if values["run"]["group"] is not None and values["run"]["user"] is None:
+        raise ConfigError("run.group: needs run.user (the group is the one the trainer runs as)")
     return Config(
         run=RunConfig(**values["run"]),
         checkpoints=CheckpointsConfig(**values["checkpoints"]),
@@ -369,6 +466,7 @@ def check_paths(cfg: Config) -> None:
     config can be read). Directories the daemon creates itself may be missing, but not
     be files, nor sit under a file.
     """
+    _check_run_user(cfg)
     workdir = cfg.run.workdir
     if workdir is not None and not workdir.is_dir():
         what = "is not a directory" if workdir.exists() else "does not exist"
@@ -382,3 +480,24 @@ def check_paths(cfg: Config) -> None:
             probe = probe.parent
         if not probe.is_dir():
             raise ConfigError(f"{key}: {path} cannot be a directory: {probe} is a file")
+
+
+def _check_run_user(cfg: Config) -> None:
+    """``run.user`` and ``run.group`` exist here, and this process may switch to them.
+
+    Here and not at load time: ``status`` and ``user-data`` read the config on machines
+    (an operator's laptop) that need not have the trainer's user.
+    """
+    if cfg.run.user is None:
+        return
+    from daemon import runas
+
+    try:
+        runas.resolve(cfg.run.user, cfg.run.group)
+    except runas.IdentityError as exc:
+        raise ConfigError(f"{exc.key}: {exc}") from None
+    if not runas.can_switch():
+        raise ConfigError(
+            f"run.user: running the training command as {cfg.run.user!r} needs root with"
+            " CAP_SETUID and CAP_SETGID (see the unit's CapabilityBoundingSet=)"
+        )

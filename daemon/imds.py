@@ -85,6 +85,29 @@ def token_refresh_margin(ttl: int) -> float:
     return min(60.0, 0.1 * ttl)
 
 
+def parse_base_url(url: str) -> tuple[str, int]:
+    """``(host, port)`` of a metadata URL; ValueError saying why it is not ``http://host[:port]``.
+
+    The one place that decides what the client can speak: plain HTTP (the service has no
+    TLS), to a host and port, with no path (the client appends the metadata paths). The
+    config refuses at load time exactly what this refuses.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"{url!r} is not http://host[:port]: the client speaks plain http only")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} is not http://host[:port]: it names no host")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"{url!r} is not http://host[:port]: no path allowed ({parts.path!r})")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or outside 0..65535
+        raise ValueError(f"{url!r} is not http://host[:port]: bad port") from None
+    if port == 0:
+        raise ValueError(f"{url!r} is not http://host[:port]: port 0 is not a port")
+    return parts.hostname, port or 80
+
+
 class _StaleConnection(Exception):
     """A kept-alive connection was closed by the server before it answered."""
 
@@ -106,9 +129,7 @@ class ImdsClient:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-            raise ValueError(f"metadata URL {base_url!r} is not http://host[:port]")
+        host, port = parse_base_url(base_url)
         if not MIN_TOKEN_TTL <= token_ttl <= MAX_TOKEN_TTL:
             raise ValueError(f"token_ttl {token_ttl} is outside {MIN_TOKEN_TTL}..{MAX_TOKEN_TTL}")
         if connect_timeout <= 0 or read_timeout <= 0:
@@ -117,8 +138,8 @@ class ImdsClient:
         self.token_ttl = token_ttl
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._host = parts.hostname
-        self._port = parts.port or 80
+        self._host = host
+        self._port = port
         self._clock = clock
         self._lock = threading.Lock()
         self._conn: http.client.HTTPConnection | None = None
@@ -343,5 +364,6 @@ __all__ = [
     "ClientStats",
     "ImdsClient",
     "MetadataUnavailable",
+    "parse_base_url",
     "token_refresh_margin",
 ]

@@ -1,4 +1,9 @@
-"""``spot-supervisor check``: one line per preflight check; stop at the first hard failure."""
+"""``spot-supervisor check``: one line per preflight check, every check run.
+
+A failed check does not hide the others: an operator fixing a new instance sees every
+problem in one run, not one per attempt. The exit status is 1 when any hard check
+failed (exit 2, a bad config, is decided before these run, in the CLI).
+"""
 
 from __future__ import annotations
 
@@ -41,11 +46,20 @@ def check_command(cfg: Config) -> str:
         path = Path(prog) if Path(prog).is_absolute() else (cwd or Path.cwd()) / prog
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise CheckFailed(f"run.command[0] {prog} is not an executable file")
-        return f"{path} is executable"
+        return f"{path} is executable{_as_user(cfg)}"
     found = shutil.which(prog, path=cfg.run.env.get("PATH", os.environ.get("PATH")))
     if found is None:
         raise CheckFailed(f"run.command[0] {prog!r} is not on PATH")
-    return f"{prog} resolves to {found}"
+    return f"{prog} resolves to {found}{_as_user(cfg)}"
+
+
+def _as_user(cfg: Config) -> str:
+    """`` as <user> (uid, gid, groups)`` when run.user is set (check_paths resolved it)."""
+    if cfg.run.user is None:
+        return ""
+    from daemon.runas import resolve
+
+    return f", runs as {resolve(cfg.run.user, cfg.run.group).describe()}"
 
 
 def check_metadata(cfg: Config) -> str:
@@ -86,12 +100,18 @@ CHECKS: list[tuple[str, Callable[[Config], str]]] = [
 
 
 def run_checks(cfg: Config) -> int:
-    """Print ``ok``/``FAIL`` per check; exit 1 at the first hard failure."""
+    """Print ``ok``/``FAIL`` per check, running every one; 1 when any failed, else 0."""
+    failed = 0
     for name, check in CHECKS:
         try:
             detail = check(cfg)
         except CheckFailed as exc:
             print(f"FAIL {name}: {exc}", flush=True)
-            return 1
+            failed += 1
+            continue
+        except Exception as exc:  # a check that crashes must not hide the ones after it
+            print(f"FAIL {name}: unexpected {type(exc).__name__}: {exc}", flush=True)
+            failed += 1
+            continue
         print(f"ok   {name}: {detail}", flush=True)
-    return 0
+    return 1 if failed else 0

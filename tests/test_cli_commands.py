@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from daemon import layout
 from daemon.demo import write_config
 from daemon.emulator import MetadataEmulator
@@ -66,15 +68,67 @@ def test_check_passes_on_a_good_setup(
     assert "no notice pending" in r.stdout
 
 
-def test_check_stops_at_an_unreachable_metadata_service(
+def test_check_runs_every_check_after_a_failure_then_exits_1(
     tmp_path: Path, s3_server: LocalS3, bucket: str
 ) -> None:
     cfg = make_config(tmp_path, s3_server, bucket, "http://127.0.0.1:9")
     r = cli("check", "--config", str(cfg))
     assert r.returncode == 1
-    last = r.stdout.splitlines()[-1]
-    assert last.startswith("FAIL metadata: ") and "127.0.0.1:9" in last and "refused" in last
-    assert "bucket" not in r.stdout  # stops at the first hard failure
+    lines = r.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [
+        "ok   config",
+        "ok   local dir",
+        "ok   command",
+        "FAIL metadata",
+        "ok   bucket",  # checked although the metadata service failed before it
+    ]
+    assert "127.0.0.1:9" in lines[3] and "refused" in lines[3]
+
+
+def test_check_reports_every_failure(tmp_path: Path, s3_server: LocalS3) -> None:
+    cfg = make_config(tmp_path, s3_server, "no-such-bkt", "http://127.0.0.1:9")
+    text = cfg.read_text().replace(f'"{sys.executable}"', '"no-such-program-7f3a"')
+    cfg.write_text(text)
+    r = cli("check", "--config", str(cfg))
+    assert r.returncode == 1
+    failed = [ln.split(":")[0] for ln in r.stdout.splitlines() if ln.startswith("FAIL")]
+    assert failed == ["FAIL command", "FAIL metadata", "FAIL bucket"]
+
+
+def test_check_with_a_metadata_url_the_client_cannot_speak_exits_2(
+    tmp_path: Path, s3_server: LocalS3, bucket: str
+) -> None:
+    # Once a traceback from the metadata check (exit 1); now the config names the key.
+    cfg = make_config(tmp_path, s3_server, bucket, "https://169.254.169.254")
+    r = cli("check", "--config", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        "FAIL config: imds.url: 'https://169.254.169.254' is not http://host[:port]:"
+        " the client speaks plain http only"
+    ]
+
+
+def test_check_with_an_unknown_run_user_exits_2(
+    tmp_path: Path, s3_server: LocalS3, bucket: str, emulator: MetadataEmulator
+) -> None:
+    cfg = make_config(tmp_path, s3_server, bucket, emulator.url)
+    cfg.write_text(cfg.read_text().replace("[run]\n", '[run]\nuser = "no-such-user-7f3a"\n'))
+    r = cli("check", "--config", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout.startswith("FAIL config: run.user: no user 'no-such-user-7f3a'")
+
+
+def test_check_names_the_user_the_command_runs_as(
+    tmp_path: Path, s3_server: LocalS3, bucket: str, emulator: MetadataEmulator
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("run.user needs root")
+    cfg = make_config(tmp_path, s3_server, bucket, emulator.url)
+    cfg.write_text(cfg.read_text().replace("[run]\n", '[run]\nuser = "nobody"\n'))
+    r = cli("check", "--config", str(cfg))
+    assert r.returncode == 0, r.stdout + r.stderr
+    command = [ln for ln in r.stdout.splitlines() if ln.startswith("ok   command")]
+    assert command and "runs as nobody (uid 65534" in command[0]
 
 
 def test_check_names_a_missing_bucket(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,7 @@ def test_cli_version() -> None:
 
 BASE = {
     "run": {"id": "r", "command": ["python"]},
-    "checkpoints": {"local_dir": "/tmp/ckpt", "remote": "s3://b/p"},
+    "checkpoints": {"local_dir": "/tmp/ckpt", "remote": "s3://bkt/p"},
 }
 
 # A value of the wrong type for each kind of key (the parser's first word in the message).
@@ -151,6 +152,8 @@ WRONG_TYPE: dict[str, tuple[object, str]] = {
     "run.command": ("python train.py", "expected a non-empty list of strings"),
     "run.workdir": (["/a"], "expected a string"),
     "run.env": (["A=1"], "expected a table of string values"),
+    "run.user": (1000, "expected a string"),
+    "run.group": (["video"], "expected a string"),
     "checkpoints.local_dir": (1, "expected a string"),
     "checkpoints.remote": (True, "expected a string"),
     "checkpoints.keep_remote": ("3", "expected an integer"),
@@ -177,6 +180,8 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "run.command": ([], "expected a non-empty list"),
     "run.workdir": ("relative/dir", "must be an absolute path"),
     "run.env": ({"A": 1}, "expected a table of string values"),
+    "run.user": ("", "must not be empty"),
+    "run.group": ("a:b", "is not a user or group name"),
     "checkpoints.local_dir": ("ckpt", "must be an absolute path"),
     "checkpoints.remote": ("gs://bucket", "must look like s3://bucket"),
     "checkpoints.keep_remote": (0, "must be between 1 and 1000"),
@@ -185,7 +190,7 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "s3.part_size_mb": (1, "must be between 5 and 5120"),
     "s3.max_concurrency": (0, "must be between 1 and 64"),
     "s3.checksum_algorithm": ("MD5", "must be one of SHA256, CRC32, CRC32C, none"),
-    "imds.url": ("169.254.169.254", "must be an http:// or https:// URL"),
+    "imds.url": ("169.254.169.254", "is not http://host[:port]"),
     "imds.poll_interval": (0, "must be between"),
     "imds.token_ttl": (21601, "must be between 1 and 21600"),
     "daemon.runtime_dir": ("run", "must be an absolute path"),
@@ -280,3 +285,174 @@ def test_checksum_algorithm_crc32c_without_awscrt_names_the_key() -> None:
     with pytest.raises(ConfigError) as exc:
         config.build(with_key("s3.checksum_algorithm", "CRC32C"))
     assert str(exc.value).startswith("s3.checksum_algorithm: CRC32C needs awscrt")
+
+
+# --- what the runtime would refuse is refused at load time ------------------------------
+
+
+def refusal(key: str, value: object) -> str | None:
+    """The ConfigError's message for ``key = value``, or None when the config accepts it."""
+    try:
+        config.build(with_key(key, value))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def accepted_by(parse: Callable[[str], object], value: str) -> bool:
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
+
+
+REMOTES = [
+    "s3://bkt", "s3://bkt/", "s3://bkt/p", "s3://bkt/a/b/", "s3://bkt//p", "s3://Legacy_Bkt/p",
+    "s3://bkt/a//b", "s3://bkt/p?versionId=1", "s3://bkt/p#x", "s3://bkt/a b", "s3://bkt/p\t",
+    "s3://b/p", "s3://bk", "s3:///p", "s3://-bkt/p", "gs://bkt/p", "S3://bkt/p",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "remote",
+    ["s3://bkt/a//b", "s3://bkt/p?versionId=1", "s3://bkt/p#x", "s3://bkt/a b", "s3://b/p"],
+)
+def test_remote_the_store_would_refuse_is_refused_at_load(remote: str) -> None:
+    message = refusal("checkpoints.remote", remote)
+    assert message is not None and message.startswith("checkpoints.remote: ")
+
+
+@pytest.mark.parametrize("remote", REMOTES)
+def test_remote_is_refused_at_load_exactly_when_the_store_refuses_it(remote: str) -> None:
+    from daemon.s3client import parse_remote
+
+    assert (refusal("checkpoints.remote", remote) is None) == accepted_by(parse_remote, remote)
+
+
+METADATA_URLS = [
+    "http://169.254.169.254", "http://169.254.169.254/", "http://127.0.0.1:8080",
+    "http://[fd00:ec2::254]", "http://metadata.google.internal", "https://169.254.169.254",
+    "http://169.254.169.254/latest", "http://h:99999", "http://h:abc", "http://:80",
+    "http://h:0", "169.254.169.254", "ftp://h",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("https://169.254.169.254", "plain http"),
+        ("http://169.254.169.254/latest", "no path"),
+        ("http://h:99999", "port"),
+        ("http://h:abc", "port"),
+        ("http://h:0", "port"),
+    ],
+)
+def test_imds_url_the_client_cannot_speak_is_refused_at_load(url: str, words: str) -> None:
+    message = refusal("imds.url", url)
+    assert message is not None and message.startswith("imds.url: ") and words in message
+
+
+@pytest.mark.parametrize("url", METADATA_URLS)
+def test_imds_url_is_refused_at_load_exactly_when_the_client_refuses_it(url: str) -> None:
+    from daemon.imds import ImdsClient
+
+    assert (refusal("imds.url", url) is None) == accepted_by(ImdsClient, url)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("s3.endpoint_url", "http://minio_1:9000"),  # docker-compose names: no "_" in a host
+        ("s3.endpoint_url", "http://-minio:9000"),
+        ("s3.region", "us_east_1"),
+        ("s3.region", "us-east-1 "),
+    ],
+)
+def test_s3_values_botocore_would_refuse_are_refused_at_load(key: str, value: str) -> None:
+    message = refusal(key, value)
+    assert message is not None and message.startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("run.command", ["python", "train.py\0"]),
+        ("run.env", {"A=B": "1"}),
+        ("run.env", {"A": "x\0y"}),
+        ("run.env", {"": "1"}),
+        ("run.workdir", "/srv/\0project"),
+        ("checkpoints.local_dir", "/data/\0ckpt"),
+        ("daemon.runtime_dir", "/run/\0x"),
+        ("metrics.textfile", "/var/lib/\0x.prom"),
+        ("run.user", "no\0body"),
+    ],
+)
+def test_values_popen_or_the_os_would_refuse_are_refused_at_load(key: str, value: object) -> None:
+    # At runtime these raise ValueError (not OSError) from Popen or open(): a traceback.
+    message = refusal(key, value)
+    assert message is not None and message.startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "attr"),
+    [
+        ("SPOT_SUPERVISOR_RUN_ID", "12345", ("run", "id")),
+        ("SPOT_SUPERVISOR_RUN_ID", "2024-01-01", ("run", "id")),
+        ("SPOT_SUPERVISOR_RUN_ID", "1e3", ("run", "id")),
+        ("SPOT_SUPERVISOR_RUN_ID", "true", ("run", "id")),
+        ("SPOT_SUPERVISOR_S3_REGION", "inf", ("s3", "region")),
+        ("SPOT_SUPERVISOR_RUN_USER", "1000", ("run", "user")),
+        ("SPOT_SUPERVISOR_S3_CHECKSUM_ALGORITHM", "nan", None),  # refused by value, not type
+    ],
+)
+def test_string_keys_from_the_environment_are_taken_as_strings(
+    name: str, raw: str, attr: tuple[str, str] | None
+) -> None:
+    if attr is None:
+        message = refusal_from_env(name, raw)
+        assert message is not None and "must be one of" in message
+        return
+    cfg = config.build(BASE, environ={name: raw})
+    assert getattr(getattr(cfg, attr[0]), attr[1]) == raw
+
+
+def refusal_from_env(name: str, raw: str) -> str | None:
+    try:
+        config.build(BASE, environ={name: raw})
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_string_keys_from_the_environment_may_still_be_toml_quoted() -> None:
+    # The old form: a TOML string literal. Keep it working.
+    cfg = config.build(BASE, environ={"SPOT_SUPERVISOR_RUN_ID": '"quoted-id"'})
+    assert cfg.run.id == "quoted-id"
+    # Non-string keys still take TOML values.
+    env = {"SPOT_SUPERVISOR_DAEMON_MAX_RESTARTS": "7", "SPOT_SUPERVISOR_RUN_COMMAND": '["a", "b"]'}
+    cfg = config.build(BASE, environ=env)
+    assert cfg.daemon.max_restarts == 7 and cfg.run.command == ("a", "b")
+
+
+def test_run_group_needs_run_user() -> None:
+    message = refusal("run.group", "video")
+    assert message is not None and message.startswith("run.group: ") and "run.user" in message
+
+
+def test_unknown_run_user_is_refused_by_the_machine_checks_not_at_load() -> None:
+    # Load time cannot know the machine's users (status, user-data run elsewhere);
+    # run and check call check_paths, which exits 2 naming the key.
+    cfg = config.build(with_key("run.user", "no-such-user-7f3a"))
+    assert cfg.run.user == "no-such-user-7f3a"
+    with pytest.raises(ConfigError) as exc:
+        config.check_paths(cfg)
+    assert str(exc.value).startswith("run.user: ") and "no-such-user-7f3a" in str(exc.value)
+
+
+def test_unknown_run_group_is_refused_by_the_machine_checks() -> None:
+    doc = with_key("run.user", "nobody")
+    doc["run"]["group"] = "no-such-group-7f3a"
+    with pytest.raises(ConfigError) as exc:
+        config.check_paths(config.build(doc))
+    assert str(exc.value).startswith("run.group: ") and "no-such-group-7f3a" in str(exc.value)
