@@ -23,6 +23,8 @@ from pathlib import Path
 import psutil
 import structlog
 
+from daemon.runas import RunAs
+
 log = structlog.get_logger(__name__)
 
 # The supervisor removes these so the trainer cannot talk to systemd in our name.
@@ -117,8 +119,15 @@ def _is_rank(p: psutil.Process) -> bool:
 class TrainerProcess:
     """One start of the training command; start it, signal it, reap it."""
 
-    def __init__(self, argv: tuple[str, ...], env: Mapping[str, str], cwd: Path | None) -> None:
+    def __init__(
+        self,
+        argv: tuple[str, ...],
+        env: Mapping[str, str],
+        cwd: Path | None,
+        run_as: RunAs | None = None,
+    ) -> None:
         self.argv = argv
+        self.run_as = run_as  # None: as the supervisor's own user
         self.env = dict(env)
         self.cwd = cwd
         self._proc: subprocess.Popen[bytes] | None = None
@@ -130,16 +139,25 @@ class TrainerProcess:
         return self._proc.pid if self._proc else None
 
     def start(self) -> int:
-        """Spawn the command in its own session; raises OSError when it cannot be executed."""
+        """Spawn the command in its own session; raises OSError when it cannot be executed.
+
+        With ``run_as``, the child alone becomes that user between fork and exec; its
+        supplementary groups are set too, or it would keep root's.
+        """
+        who = self.run_as
         self._proc = subprocess.Popen(
             list(self.argv),
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
+            user=who.uid if who else None,
+            group=who.gid if who else None,
+            extra_groups=list(who.groups) if who else None,
         )
         self.started_at = time.monotonic()
-        log.info("child_started", pid=self._proc.pid, argv=list(self.argv))
+        user = {"user": who.user} if who else {}
+        log.info("child_started", pid=self._proc.pid, argv=list(self.argv), **user)
         return self._proc.pid
 
     def poll(self) -> ExitStatus | None:

@@ -4,8 +4,10 @@ the whole tree at the deadline, always reaped. Real processes, real signals."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
+from daemon import runas
 from daemon.child import TrainerProcess, child_environment, is_torch_launcher
 
 
@@ -165,3 +168,74 @@ def test_unexecutable_command_raises_oserror(tmp_path: Path) -> None:
     child = TrainerProcess((str(tmp_path / "missing-binary"),), os.environ, None)
     with pytest.raises(OSError):
         child.start()
+
+
+# --- run.user: the child drops privileges, the supervisor does not ---------------------
+
+needs_root_and_nobody = pytest.mark.skipif(
+    os.geteuid() != 0 or not runas.can_switch(), reason="needs root (CAP_SETUID, CAP_SETGID)"
+)
+
+
+def world_searchable_dir() -> Path:
+    """pytest's tmp_path sits under a 0700 dir: make one another user can reach."""
+    d = Path(tempfile.mkdtemp(prefix="spot-runas-"))
+    d.chmod(0o755)
+    return d
+
+
+@needs_root_and_nobody
+def test_child_runs_as_run_user_with_its_groups_and_home(tmp_path: Path) -> None:
+    group = "video" if _has_group("video") else None
+    who = runas.resolve("nobody", group)
+    out = world_searchable_dir() / "mine"
+    runas.hand_over(out, who)
+    report = 'echo "$(id -u) $(id -g) $(id -G) $HOME $USER $LOGNAME" > "$0/whoami"'
+    try:
+        child = TrainerProcess(
+            ("/bin/sh", "-c", report, str(out)),
+            {**os.environ, **who.environ()},
+            None,
+            run_as=who,
+        )
+        assert child.start() > 0
+        status = child.wait(timeout=20)
+        assert status is not None and status.success, status
+        uid, gid, *rest = (out / "whoami").read_text().split()
+        groups, (home, user, logname) = rest[:-3], rest[-3:]
+        assert (int(uid), int(gid)) == (who.uid, who.gid) != (0, 0)
+        # Exactly the user's groups from the group database: none of root's (0) leak in.
+        assert {int(g) for g in groups} == {who.gid, *who.groups}
+        assert 0 not in {int(g) for g in groups}
+        assert (home, user, logname) == (who.home, "nobody", "nobody")
+        assert (out / "whoami").stat().st_uid == who.uid
+    finally:
+        shutil.rmtree(out.parent)
+
+
+def _has_group(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@needs_root_and_nobody
+def test_hand_over_follows_no_link_the_user_planted(tmp_path: Path) -> None:
+    who = runas.resolve("nobody")
+    ckpt, outside = tmp_path / "ckpt", tmp_path / "outside"
+    (ckpt / "step-000000001").mkdir(parents=True)
+    (ckpt / "step-000000001" / "model.pt").write_bytes(b"w")
+    outside.mkdir()
+    (outside / "secret").write_text("root's")
+    (ckpt / "link-to-dir").symlink_to(outside)
+    (ckpt / "link-to-file").symlink_to(outside / "secret")
+    os.link(outside / "secret", ckpt / "hard-link")
+    runas.hand_over(ckpt, who)
+    for p in (ckpt, ckpt / "step-000000001", ckpt / "step-000000001" / "model.pt"):
+        assert p.stat().st_uid == who.uid
+    assert (ckpt / "link-to-dir").lstat().st_uid == who.uid  # the link itself
+    assert outside.stat().st_uid == (outside / "secret").stat().st_uid == 0  # not its target

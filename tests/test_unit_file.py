@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -24,13 +26,14 @@ UNIT = "spot-supervisor.service"
 UNIT_FILE = REPO / "systemd" / UNIT
 
 # systemd-analyze's exposure scale is 0.0 (locked down) to 10.0 (exposed). The unit
-# scores 3.5 on systemd 252. What keeps it from going lower is what training on a GPU
+# scores 3.8 on systemd 252. What keeps it from going lower is what training on a GPU
 # needs: root (the trainer's files and devices), the GPU's device nodes (no
 # PrivateDevices=/DeviceAllow=/ProtectClock=), network to S3 and the metadata service
-# (no PrivateNetwork=/IPAddressDeny=), JIT code (no MemoryDenyWriteExecute=), and no
-# PrivateUsers=. 4.0 leaves half a point for scoring differences between systemd
-# versions and fails as soon as one real group of hardening is dropped (for instance
-# RestrictAddressFamilies= alone is worth 0.6, the capability bounding set more than 1).
+# (no PrivateNetwork=/IPAddressDeny=), JIT code (no MemoryDenyWriteExecute=), no
+# PrivateUsers=, and CAP_SETUID/CAP_SETGID for run.user (0.3). 4.0 leaves a little for
+# scoring differences between systemd versions and fails as soon as one real group of
+# hardening is dropped (for instance RestrictAddressFamilies= alone is worth 0.6, the
+# capability bounding set more than 1).
 EXPOSURE_THRESHOLD = 4.0
 
 # The systemd version that introduced each directive the unit may use. Anything newer
@@ -203,3 +206,133 @@ def test_iam_policy_is_limited_to_the_prefix() -> None:
     objects = by_sid["ReadWriteCheckpointsUnderThePrefix"]
     assert objects["Resource"] == "arn:aws:s3:::BUCKET/PREFIX/*"
     assert all(s["Effect"] == "Allow" and "*" not in str(s["Action"]) for s in by_sid.values())
+
+
+# --- the example config and the unit's sandbox agree -----------------------------------
+
+
+def example_with_every_option(text: str) -> str:
+    """The example config with each commented-out ``key = value`` of its section uncommented:
+    everything an operator is invited to set must work under the unit as well."""
+    out: list[str] = []
+    section = ""
+    for raw in text.splitlines():
+        if raw.startswith("["):
+            section = raw.strip().strip("[]")
+        m = re.match(r"^#\s*([a-z_]+)\s*=\s*(.+)$", raw)
+        if m and m[1] in config.SCHEMA.get(section, {}):
+            try:
+                config.tomllib.loads(f"{m[1]} = {m[2]}")
+            except config.tomllib.TOMLDecodeError:
+                out.append(raw)  # prose that happens to look like an assignment
+                continue
+            out.append(f"{m[1]} = {m[2]}")
+            continue
+        out.append(raw)
+    return "\n".join(out) + "\n"
+
+
+def unit_environment() -> dict[str, str]:
+    """The unit's Environment= assignments (they override the config file)."""
+    env: dict[str, str] = {}
+    for _s, key, value in directives(UNIT_FILE.read_text()):
+        if key == "Environment":
+            for item in shlex.split(value):
+                name, _, val = item.partition("=")
+                env[name] = val
+    return env
+
+
+PROTECTED_HOME = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+def _under(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+class Sandbox:
+    """What the unit's ProtectSystem=strict, ProtectHome=, ReadWritePaths=, PrivateTmp=,
+    RuntimeDirectory= and StateDirectory= leave visible and writable (mode bits aside)."""
+
+    def __init__(self) -> None:
+        assert one("ProtectSystem") == "strict", "this model knows ProtectSystem=strict only"
+        self.protect_home = one("ProtectHome")
+        rw = [v for _s, k, v in directives(UNIT_FILE.read_text()) if k == "ReadWritePaths"]
+        self.read_write = [Path(p.lstrip("-")) for v in rw for p in v.split()]
+        self.writable_roots = [
+            *self.read_write,
+            Path("/run") / one("RuntimeDirectory"),
+            Path("/var/lib") / one("StateDirectory"),
+        ]
+        if one("PrivateTmp") == "yes":
+            self.writable_roots += [Path("/tmp"), Path("/var/tmp")]
+
+    def hidden(self, path: Path) -> bool:
+        return (
+            self.protect_home in ("yes", "true", "tmpfs")
+            and _under(path, PROTECTED_HOME)
+            and not _under(path, self.read_write)
+        )
+
+    def writable(self, path: Path) -> bool:
+        # Under ProtectSystem=strict all is read-only but these; ProtectHome=read-only
+        # keeps /home read-only unless a ReadWritePaths= entry opens a dir below it.
+        return not self.hidden(path) and _under(path, self.writable_roots)
+
+
+def example_paths(cfg: config.Config) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(must be visible, must be writable): the paths the example config makes the
+    supervisor and the trainer use, by the key that names them."""
+    visible: dict[str, Path] = {}
+    if cfg.run.command[0].startswith("/"):
+        visible["run.command[0]"] = Path(cfg.run.command[0])
+    writable = {
+        "checkpoints.local_dir": cfg.checkpoints.local_dir,
+        "daemon.runtime_dir": cfg.daemon.runtime_dir,
+    }
+    if cfg.run.workdir is not None:
+        # The trainer's cwd: relative outputs (logs, wandb/, outputs/) land there.
+        writable["run.workdir"] = cfg.run.workdir
+    for name, value in cfg.run.env.items():
+        if value.startswith("/"):  # cache dirs: HF_HOME, TRITON_CACHE_DIR, ...
+            writable[f"run.env.{name}"] = Path(value)
+    if cfg.metrics.textfile is not None:
+        writable["metrics.textfile"] = cfg.metrics.textfile.parent
+    home = unit_environment().get("HOME")
+    if home and cfg.run.user is None:
+        writable["the unit's HOME"] = Path(home)
+    return visible, writable
+
+
+def test_example_config_paths_are_visible_and_writable_under_the_unit() -> None:
+    text = example_with_every_option((REPO / "systemd/config.toml").read_text())
+    assert "workdir = " in text and "env = " in text  # the commented options were found
+    cfg = config.build(config.tomllib.loads(text), environ=unit_environment())
+    sandbox = Sandbox()
+    visible, writable = example_paths(cfg)
+    for key, path in visible.items():
+        assert not sandbox.hidden(path), f"{key} = {path} is hidden by ProtectHome="
+    for key, path in writable.items():
+        assert not sandbox.hidden(path), f"{key} = {path} is hidden by ProtectHome="
+        assert sandbox.writable(path), (
+            f"{key} = {path} must be written but is read-only in the unit "
+            f"(ProtectHome={sandbox.protect_home}, ReadWritePaths={sandbox.read_write})"
+        )
+
+
+def test_the_sandbox_model_sees_a_home_dir_as_read_only() -> None:
+    # The test above would pass vacuously with a model that let anything be written.
+    sandbox = Sandbox()
+    assert not sandbox.writable(Path("/home/ubuntu/project"))
+    assert not sandbox.writable(Path("/etc/spot-supervisor"))
+    assert sandbox.writable(Path("/opt/dlami/nvme/checkpoints"))
+    assert sandbox.writable(Path("/run/spot-supervisor"))
+
+
+def test_unit_keeps_what_run_user_needs() -> None:
+    # Popen(user=, group=, extra_groups=) needs CAP_SETUID and CAP_SETGID; handing the
+    # checkpoint dir to the user needs CAP_CHOWN. The bounding set must not drop them.
+    dropped = one("CapabilityBoundingSet")
+    assert dropped.startswith("~")
+    for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN"):
+        assert cap not in dropped.lstrip("~").split(), f"CapabilityBoundingSet= drops {cap}"
