@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -74,6 +75,8 @@ class ExitStatus:
 TORCH_SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 TORCH_SHUTDOWN_TIMEOUT_S = 3600
 
+TRAINER_TOKEN_ENV = "SPOT_SUPERVISOR_TRAINER_TOKEN"
+
 _TORCH_LAUNCHER_SCRIPTS = frozenset({"torchrun"})
 _TORCH_LAUNCHER_MODULES = frozenset({"torch.distributed.run", "torch.distributed.launch"})
 
@@ -128,7 +131,10 @@ class TrainerProcess:
     ) -> None:
         self.argv = argv
         self.run_as = run_as  # None: as the supervisor's own user
-        self.env = dict(env)
+        # A token every process of this start inherits: how its leftovers are found even
+        # after they left its session (torchrun's workers call setsid) and were reparented.
+        self.token = secrets.token_hex(8)
+        self.env = {**env, TRAINER_TOKEN_ENV: self.token}
         self.cwd = cwd
         self._proc: subprocess.Popen[bytes] | None = None
         self.exit: ExitStatus | None = None
@@ -202,7 +208,10 @@ class TrainerProcess:
         releases before 2026; later ones read ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, which
         the child's environment sets). Signalled directly, the workers save and exit 0,
         and so does the agent. The trainer library agrees on stop and save across
-        ranks, so the ranks of other nodes follow.
+        ranks, so ranks on other nodes stop and save at the same step too; they save to
+        their own node's disk and exit 0 there, and that node's supervisor sees a trainer
+        stopped by someone else (an ``interrupt`` save, not ``final``), commits it and
+        starts it again. Several nodes committing one run is issue 12, not yet here.
         """
         if self._proc is None or self.poll() is not None:
             return False
@@ -245,15 +254,39 @@ class TrainerProcess:
                 found[p.pid] = p
         except psutil.NoSuchProcess:
             pass
-        # Orphans whose parent died were reparented away from the tree; the session finds them.
+        # Orphans whose parent died were reparented away from the tree (to us, the
+        # subreaper): their session, or the token in their environment, finds them.
         sid = self._proc.pid
         for p in psutil.process_iter():
+            if p.pid in found or p.pid == os.getpid():
+                continue
             try:
-                if p.pid not in found and os.getsid(p.pid) == sid:
+                if os.getsid(p.pid) == sid or p.environ().get(TRAINER_TOKEN_ENV) == self.token:
                     found[p.pid] = p
             except (ProcessLookupError, PermissionError, psutil.Error):
                 continue
         return list(found.values())
+
+    def kill_leftovers(self) -> int:
+        """After the main process ended: SIGKILL and reap whatever of its tree is left
+        (data-loader workers, torchrun's ranks, a shell's children), so a restart never
+        runs beside them. How many there were."""
+        if self._proc is None:
+            return 0
+        victims = [p for p in self._tree() if p.pid != self._proc.pid]
+        if not victims:
+            return 0
+        for p in victims:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        _gone, alive = psutil.wait_procs(victims, timeout=10.0)
+        log.warning(
+            "child_leftovers_killed",
+            pid=self._proc.pid,
+            killed=[p.pid for p in victims],
+            still_alive=[p.pid for p in alive],
+        )
+        return len(victims)
 
     def kill_tree(self, why: str) -> ExitStatus | None:
         """SIGKILL the whole tree, then reap the main process and any adopted descendants."""

@@ -4,8 +4,21 @@ The drain deadline is when the trainer must be gone so the emergency checkpoint 
 still be uploaded and committed before the machine goes::
 
     drain_deadline = notice_deadline - safety_margin - upload_reserve
-    upload_reserve = newest checkpoint bytes / upload throughput (EWMA of recent uploads)
+    upload_reserve = min(newest checkpoint bytes / upload throughput,
+                         MAX_RESERVE_SHARE * (notice_deadline - safety_margin - now))
     cancel_deadline = notice_deadline - safety_margin
+
+The throughput is an EWMA of this run's uploads; before the first one is measured it is
+:data:`DEFAULT_THROUGHPUT_BPS` (50 MB/s), a deliberately low figure (one S3 connection
+alone carries more), so the first reserve errs on the side of time to upload.
+
+The reserve never takes more than half of the time left. However large the checkpoint
+and however slow the link, the trainer keeps at least half the window to finish its
+save on local disk: a local interrupt checkpoint is worth having even when it cannot be
+uploaded in time, because the next boot commits it if the instance (or its disk)
+survives, as after ``systemctl stop`` or a reboot. Without the cap, a large checkpoint
+against a short ``stop_budget`` put the drain deadline in the past, and the trainer was
+SIGKILLed at once, mid-save.
 
 At the drain deadline the trainer's process tree is killed; at the cancel deadline every
 upload still running is cancelled (and its multipart upload aborted), so the machine
@@ -26,6 +39,8 @@ from dataclasses import dataclass
 # throughput is usually far higher, so the reserve errs on the side of time to upload.
 DEFAULT_THROUGHPUT_BPS = 50e6
 _EWMA_ALPHA = 0.3
+MAX_RESERVE_SHARE = 0.5
+"""The upload reserve takes at most this share of the time left before the cancel deadline."""
 
 
 class ThroughputEstimate:
@@ -73,6 +88,7 @@ class DrainPlan:
     reserve_bytes: int
     throughput_mbps: float
     throughput_measured: bool = False  # False: the default guess, no upload measured yet
+    reserve_capped: bool = False  # the reserve wanted more than MAX_RESERVE_SHARE of the time
 
     @property
     def cancel_deadline(self) -> float:
@@ -98,6 +114,7 @@ class DrainPlan:
             "reserve_bytes": self.reserve_bytes,
             "throughput_mbps": round(self.throughput_mbps, 2),
             "throughput_measured": self.throughput_measured,
+            "reserve_capped": self.reserve_capped,
         }
 
 
@@ -115,9 +132,13 @@ def plan_drain(
     safety_margin: float,
     reserve_bytes: int,
     throughput: ThroughputEstimate,
+    now: float | None = None,
 ) -> DrainPlan:
     """Work back from the notice deadline to when the trainer must be gone."""
-    reserve = throughput.seconds_for(reserve_bytes)
+    t = time.monotonic() if now is None else now
+    wanted = throughput.seconds_for(reserve_bytes)
+    cap = max(MAX_RESERVE_SHARE * (notice_deadline - safety_margin - t), 0.0)
+    reserve = min(wanted, cap)
     return DrainPlan(
         notice_deadline=notice_deadline,
         drain_deadline=notice_deadline - safety_margin - reserve,
@@ -126,4 +147,5 @@ def plan_drain(
         reserve_bytes=reserve_bytes,
         throughput_mbps=throughput.bytes_per_second / 1e6,
         throughput_measured=throughput.measured,
+        reserve_capped=wanted > cap,
     )

@@ -231,6 +231,10 @@ class AwsMaintenanceSource:
 
     Only events that stop or restart the instance count (:data:`INTERRUPTING_EVENT_CODES`),
     and only while not completed or canceled; the deadline is ``NotBefore``.
+
+    The watcher delivers each notice once; whether an event still stands is a question
+    about *now*, answered by :meth:`active_event_ids` from the latest successful poll
+    (an event that was cancelled, completed or withdrawn is no longer in it).
     """
 
     name = "aws-maintenance"
@@ -238,11 +242,18 @@ class AwsMaintenanceSource:
     def __init__(self, client: ImdsClient, *, clock: Clock = utc_now) -> None:
         self.client = client
         self._clock = clock
+        self._active: frozenset[str] | None = None
+
+    def active_event_ids(self) -> frozenset[str] | None:
+        """EventIds of the interrupting events in the latest successful poll (None: none
+        succeeded yet, so nothing is known to be gone)."""
+        return self._active
 
     def poll(self) -> list[Notice]:
         """Every interrupting event that is still ahead or under way."""
         doc = self.client.get_json(SCHEDULED_EVENTS_PATH)
         if doc is None:
+            self._active = frozenset()
             return []  # AWS answers "[]"; a 404 is read the same way
         if not isinstance(doc, list):
             raise MetadataUnavailable(
@@ -276,7 +287,15 @@ class AwsMaintenanceSource:
                     raw=event,
                 )
             )
+        self._active = frozenset(event_key(n) for n in notices)
         return notices
+
+
+def event_key(notice: Notice) -> str:
+    """A scheduled event's own ``EventId`` (stable when AWS moves it to another time);
+    the notice's id for an event that has none."""
+    raw = notice.raw if isinstance(notice.raw, dict) else {}
+    return str(raw.get("EventId") or notice.id)
 
 
 __all__ = [
@@ -288,6 +307,7 @@ __all__ = [
     "Notice",
     "NoticeKind",
     "NoticeSource",
+    "event_key",
     "format_utc",
     "notice_id",
     "parse_event_time",

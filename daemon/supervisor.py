@@ -1,8 +1,18 @@
 """The supervisor: restore, run the trainer, carry a notice into it, commit, stop in order.
 
-Signal handlers only record; the main loop acts. The main loop never does S3 work
-itself (the sync thread and the notice watcher do the I/O), so it can ping systemd's
-watchdog and meet the drain deadline whatever the network does.
+Signal handlers only record; the main loop acts. Once the trainer runs, the main loop
+does no network I/O itself: the sync thread, the notice watcher and short-lived worker
+threads (the final flush, the complete.json write) do it, while the loop keeps pinging
+systemd's watchdog and the drain clock whatever the network does. Boot (reading
+complete.json, the restore) happens before the loop, under systemd's start timeout.
+
+What a trainer's exit means is decided here, and never from its exit code alone:
+
+* exit 0 with a newest checkpoint of reason ``final``: the run is finished; commit it,
+  then write ``complete.json``;
+* exit 0 after any other save: someone else stopped it (an operator's ``kill``, a peer
+  rank's stop under torchrun); commit what it saved and start it again;
+* anything else: a crash; kill what is left of its tree, back off, restart.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -23,13 +33,20 @@ from types import FrameType
 import structlog
 
 from daemon import layout
-from daemon.child import TrainerProcess, become_subreaper, child_environment
+from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_environment
 from daemon.config import Config
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
 from daemon.imds import ImdsClient
 from daemon.metrics import Metrics, TextfileWriter
 from daemon.notice_watch import NoticeWatcher
-from daemon.notices import AwsMaintenanceSource, AwsRebalanceSource, AwsSpotSource, Notice
+from daemon.notices import (
+    AwsMaintenanceSource,
+    AwsRebalanceSource,
+    AwsSpotSource,
+    Notice,
+    event_key,
+    format_utc,
+)
 from daemon.s3client import (
     StoreError,
     checksum_algorithm,
@@ -54,6 +71,14 @@ _MAX_BACKOFF = 60.0
 # upload reserve): the same warning a spot notice gives.
 MAINTENANCE_LEAD_S = 120.0
 _METRICS_EVERY = 15.0
+
+
+@dataclass
+class _Scheduled:
+    """A scheduled maintenance event, and whether its checkpoint was asked for."""
+
+    notice: Notice
+    requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,12 +116,8 @@ def build_store(cfg: Config) -> CheckpointStore:
 
 def newest_local_bytes(local_dir: Path) -> int:
     """Bytes of the newest complete local checkpoint: the emergency one will be about as big."""
-    for _step, path in layout.list_step_dirs(local_dir):
-        try:
-            return layout.load_complete(path, hash_files=False).total_bytes
-        except (layout.ManifestError, OSError):
-            continue
-    return 0
+    newest = newest_local_checkpoint(local_dir)
+    return newest[1].total_bytes if newest is not None else 0
 
 
 class Supervisor:
@@ -120,12 +141,13 @@ class Supervisor:
         # Written to by signals (set_wakeup_fd) and by the notice watcher: wakes the loop.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
+        self._maintenance_source = AwsMaintenanceSource(client)
         self.watcher = NoticeWatcher(
             # instance-action every poll; rebalance and maintenance are slower news: every 5th.
             [
                 AwsSpotSource(client),
                 (AwsRebalanceSource(client), 5),
-                (AwsMaintenanceSource(client), 5),
+                (self._maintenance_source, 5),
             ],
             on_notice=self._on_notice,
             poll_interval=cfg.imds.poll_interval,
@@ -134,7 +156,8 @@ class Supervisor:
         self.metrics = Metrics(run_id=cfg.run.id)
         self.textfile = TextfileWriter(cfg.metrics.textfile, self.metrics)
         self._metrics_at = 0.0
-        self._scheduled: Notice | None = None
+        # Scheduled events by EventId, each with whether its checkpoint was asked for.
+        self._maintenance: dict[str, _Scheduled] = {}
         self.child: TrainerProcess | None = None
         self.drain: Drain | None = None
         self._stop_signal: int | None = None
@@ -142,6 +165,8 @@ class Supervisor:
         # The trainer's progress: the newest local step, and when it last changed.
         self._progress_step: int | None = None
         self._progress_at = time.monotonic()
+        # The newest local step when the running trainer started: did it get anywhere?
+        self._start_step: int | None = None
         self._restart_at: float | None = None
         self._watchdog_every = watchdog_interval()
         self._last_watchdog = 0.0
@@ -153,10 +178,8 @@ class Supervisor:
         self.notifier.status(f"{phase.value}: {why}")
 
     def _sync_changed(self, stats: SyncStats) -> None:
-        # The sync's thread. A new complete local checkpoint is the trainer's progress.
-        step = stats.newest_local_step
-        if step is not None and (self._progress_step is None or step > self._progress_step):
-            self._progress_step, self._progress_at = step, time.monotonic()
+        # The sync's thread: status only. Progress is read from the disk by the main
+        # loop (:meth:`_observe_progress`), not from the sync, whose passes can be slow.
         self.state.update(
             newest_local_step=stats.newest_local_step,
             newest_committed_step=stats.newest_committed_step,
@@ -245,11 +268,28 @@ class Supervisor:
     def _await_flush(self, why: str) -> int | None:
         """A final flush off the main loop, which keeps systemd's watchdog fed meanwhile."""
         flush = self._flush = self.sync.flush_async()
-        while not flush.done.wait(min(_IDLE_WAIT, self._watchdog_every or _IDLE_WAIT)):
-            self._ping_watchdog()
+        self._wait_done(flush)
         if flush.error is not None:
             log.error("final_flush_failed", why=why, error=flush.error)
         return flush.committed
+
+    def _off_loop(self, work: Callable[[], object], name: str) -> FlushHandle:
+        """Run ``work`` (S3 I/O) in a thread of its own; wait, feeding the watchdog."""
+
+        def run() -> None:
+            work()
+
+        handle = FlushHandle(run, name=name)
+        self._wait_done(handle)
+        return handle
+
+    def _wait_done(self, handle: FlushHandle) -> None:
+        while not handle.done.wait(min(_IDLE_WAIT, self._watchdog_every or _IDLE_WAIT)):
+            self._ping_watchdog()
+
+    def _check_sync_alive(self) -> None:
+        """The background sync must never die silently: restart its thread if it did."""
+        self.sync.restart_if_dead()
 
     def _ping_watchdog(self) -> None:
         now = time.monotonic()
@@ -343,33 +383,90 @@ class Supervisor:
                 log.info("early_checkpoint_requested", id=notice.id, child_signalled=sent)
                 continue
             if notice.kind == "maintenance":
-                if self._scheduled is None or notice.deadline < self._scheduled.deadline:
-                    self._scheduled = notice
-                    log.info(
-                        "maintenance_scheduled",
-                        id=notice.id,
-                        action=notice.action,
-                        not_before=notice.deadline.isoformat(),
-                        act_in_s=round(self._maintenance_due_in(notice), 1),
-                    )
+                self._schedule_maintenance(notice)
             else:
                 log.info("notice_ignored", id=notice.id, kind=notice.kind, action=notice.action)
-        scheduled = self._scheduled
-        if scheduled is not None and self._maintenance_due_in(scheduled) <= 0:
-            return (scheduled.action, scheduled.source, scheduled.deadline)
         return None
 
+    # --- scheduled maintenance -------------------------------------------------------------
+
+    def _schedule_maintenance(self, notice: Notice) -> None:
+        """Remember a scheduled event (new, or moved to another time) by its EventId.
+
+        The event itself does not drain anything: when it comes, it reaches us as the OS
+        shutdown (``systemctl stop``), which saves and commits again. Until then the
+        instance is healthy and may run for days, so all we do is ask for a checkpoint
+        in time for it to be committed before ``NotBefore`` (:meth:`_check_maintenance`).
+        """
+        key = event_key(notice)
+        previous = self._maintenance.get(key)
+        if previous is not None and previous.notice.deadline == notice.deadline:
+            return
+        self._maintenance[key] = _Scheduled(notice)
+        log.info(
+            "maintenance_rescheduled" if previous is not None else "maintenance_scheduled",
+            id=notice.id,
+            event_id=key,
+            action=notice.action,
+            not_before=notice.deadline.isoformat(),
+            act_in_s=round(self._maintenance_due_in(notice), 1),
+            **({"previous_not_before": previous.notice.deadline.isoformat()} if previous else {}),
+        )
+
+    def _check_maintenance(self) -> None:
+        """Forget events that are gone; ask for a checkpoint for those now due."""
+        active = self._maintenance_source.active_event_ids()
+        for key, sched in list(self._maintenance.items()):
+            if active is not None and key not in active:
+                # Cancelled, completed, or withdrawn: it changes nothing (a checkpoint
+                # already asked for is simply one more commit).
+                del self._maintenance[key]
+                log.info(
+                    "maintenance_cancelled",
+                    event_id=key,
+                    action=sched.notice.action,
+                    not_before=sched.notice.deadline.isoformat(),
+                    checkpoint_requested=sched.requested,
+                )
+                continue
+            if sched.requested or self._maintenance_due_in(sched.notice) > 0:
+                continue
+            if self.child is None or self.state.phase is not Phase.TRAINING:
+                continue  # no trainer to ask right now: ask once it runs again
+            sched.requested = True
+            sent = self.child.send(signal.SIGUSR1)
+            log.warning(
+                "maintenance_checkpoint_requested",
+                event_id=key,
+                action=sched.notice.action,
+                not_before=sched.notice.deadline.isoformat(),
+                seconds_to_not_before=round(
+                    (sched.notice.deadline - dt.datetime.now(dt.timezone.utc)).total_seconds(), 1
+                ),
+                child_signalled=sent,
+            )
+
     def _maintenance_due_in(self, notice: Notice) -> float:
-        """Seconds until a scheduled event must be handled like a spot notice."""
+        """Seconds until a checkpoint must be asked for, to be committed before the event:
+        the lead a spot notice would give, plus the upload reserve and the safety margin."""
         reserve = self.throughput.seconds_for(newest_local_bytes(self.cfg.checkpoints.local_dir))
         left = (notice.deadline - dt.datetime.now(dt.timezone.utc)).total_seconds()
         return left - MAINTENANCE_LEAD_S - reserve - self.cfg.daemon.safety_margin
 
     def _start_child(self) -> bool:
+        from daemon.runas import prepare_for
+
         cfg = self.cfg
         _remove_quietly(cfg.notice_file)
+        try:
+            # run.user: the child's identity, and local_dir handed to it (None: as we run).
+            run_as = prepare_for(cfg)
+        except (OSError, LookupError) as exc:
+            log.error("child_start_failed", argv=list(cfg.run.command), error=str(exc))
+            return False
         env = child_environment(
-            os.environ,
+            # Before run.env, so a HOME chosen there wins over the user's own.
+            {**os.environ, **run_as.environ()} if run_as else os.environ,
             cfg.run.env,
             {
                 "SPOT_CHECKPOINT_DIR": str(cfg.checkpoints.local_dir),
@@ -377,7 +474,7 @@ class Supervisor:
                 "SPOT_NOTICE_FILE": str(cfg.notice_file),
             },
         )
-        self.child = TrainerProcess(cfg.run.command, env, cfg.run.workdir)
+        self.child = TrainerProcess(cfg.run.command, env, cfg.run.workdir, run_as)
         try:
             pid = self.child.start()
         except OSError as exc:
@@ -386,6 +483,8 @@ class Supervisor:
         self.state.update(child_pid=pid)
         # Progress is counted from each start: restore and backoff are not the trainer's.
         self._progress_at = time.monotonic()
+        local = layout.list_step_dirs(cfg.checkpoints.local_dir)
+        self._start_step = local[0][0] if local else None
         self.state.transition(Phase.TRAINING, "child started", pid=pid)
         return True
 
@@ -411,39 +510,38 @@ class Supervisor:
                     if not self._start_child():
                         return self._give_up("training command could not be restarted")
             elif exit_status is not None:
-                if exit_status.success:
-                    return self._complete()
-                code = self._crashed(exit_status.describe())
+                code = self._trainer_exited(exit_status)
                 if code is not None:
                     return code
             elif (quiet := self._progress_overdue()) is not None:
                 code = self._hung(quiet)
                 if code is not None:
                     return code
+            if self.drain is None:
+                self._check_maintenance()
+            self._check_sync_alive()
             self._write_metrics()
             self._wait(self._next_wakeup())
 
     # --- drain: notice or stop -----------------------------------------------------------
 
     def _begin_drain(self, action: str, source: str, deadline_wall: dt.datetime) -> None:
-        """In order: write the notice file, SIGTERM the trainer, start the drain clock."""
-        write_json_atomic(
-            self.cfg.notice_file,
-            {
-                "action": action,
-                "deadline": deadline_wall.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "source": source,
-            },
-        )
-        signalled = self.child.send(signal.SIGTERM) if self.child else False
-        # Threads only, no S3 I/O here: stage the emergency checkpoint's files as they land.
-        self.sync.begin_emergency()
+        """In order: plan the drain, write the notice file, SIGTERM the trainer.
+
+        The notice file's ``deadline`` is the drain deadline, when the trainer's tree is
+        killed (CONTRACT §3), not the instance's time (``instance_deadline``): the
+        trainer's "is there time left to save?" check must use the clock it is held to.
+        """
         plan = plan_drain(
             wall_to_monotonic(deadline_wall),
             self.cfg.daemon.safety_margin,
             newest_local_bytes(self.cfg.checkpoints.local_dir),
             self.throughput,
         )
+        self._write_notice_file(action, source, deadline_wall, plan)
+        signalled = self.child.send(signal.SIGTERM) if self.child else False
+        # Threads only, no S3 I/O here: stage the emergency checkpoint's files as they land.
+        self.sync.begin_emergency()
         self.drain = Drain(action, source, deadline_wall, plan)
         self.state.update(drain_deadline=deadline_wall.isoformat())
         self.notifier.extend_timeout(max(plan.notice_deadline - time.monotonic(), 0) + 30)
@@ -455,6 +553,29 @@ class Supervisor:
             **plan.as_fields(),
         )
 
+    def _write_notice_file(
+        self, action: str, source: str, deadline_wall: dt.datetime, plan: DrainPlan
+    ) -> None:
+        """The trainer's notice file; a failure is logged and never stops the SIGTERM."""
+        drain_wall = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=plan.seconds_left())
+        doc = {
+            "action": action,
+            "deadline": format_utc(drain_wall),
+            "source": source,
+            "instance_deadline": format_utc(deadline_wall),
+        }
+        try:
+            write_json_atomic(self.cfg.notice_file, doc)
+        except OSError as exc:
+            # A read-only or full runtime dir: the trainer still gets SIGTERM and saves;
+            # it only cannot see the deadline (it then saves without skipping).
+            log.error(
+                "notice_file_unwritable",
+                path=str(self.cfg.notice_file),
+                error=str(exc),
+                consequence="SIGTERM is sent anyway; the trainer sees no deadline",
+            )
+
     def _finish_drain(self) -> int:
         """The emergency commit, in the flush thread; this loop keeps the clock.
 
@@ -464,6 +585,8 @@ class Supervisor:
         """
         assert self.drain is not None
         plan = self.drain.plan
+        if self.child is not None:
+            self.child.kill_leftovers()
         self.state.update(child_pid=None)
         self.state.transition(Phase.UPLOADING, "emergency commit", **plan.as_fields())
         flush = self._flush = self.sync.flush_async()
@@ -510,13 +633,49 @@ class Supervisor:
 
     # --- completion and crashes ------------------------------------------------------------
 
+    def _trainer_exited(self, status: ExitStatus) -> int | None:
+        """The trainer ended without our signal: finished, stopped by someone else, or crashed.
+
+        Whatever it left running (data-loader workers, torchrun's ranks, a shell's
+        children) is killed and reaped first, so a restart never runs beside it.
+        """
+        assert self.child is not None
+        self.child.kill_leftovers()
+        if not status.success:
+            return self._crashed(status.describe())
+        newest = newest_local_checkpoint(self.cfg.checkpoints.local_dir)
+        if newest is not None and newest[1].reason != FINAL_REASON:
+            return self._stopped_elsewhere(*newest)
+        return self._complete()
+
+    def _stopped_elsewhere(self, step: int, manifest: layout.Manifest) -> int | None:
+        """Exit 0 after a save that is not ``final``: an operator's ``kill``, a peer rank's
+        stop. The run is not finished: commit what it saved (the background sync does),
+        and start it again to resume. Not a crash, unless it got nowhere since its start:
+        a command that keeps exiting 0 without training must not loop forever."""
+        progressed = self._start_step is None or step > self._start_step
+        log.warning(
+            "trainer_stopped_elsewhere",
+            step=step,
+            reason=manifest.reason,
+            progressed=progressed,
+            why="the trainer exited 0 after a save that is not final: someone else stopped it",
+        )
+        self.sync.wake()
+        if not progressed:
+            return self._crashed(f"exited 0 at step {step} ({manifest.reason}) without progress")
+        self.state.update(child_pid=None)
+        self._restart_at = time.monotonic()
+        self.state.transition(Phase.BACKOFF, "trainer stopped elsewhere", backoff_s=0.0, step=step)
+        return None
+
     def _complete(self) -> int:
+        """The trainer finished the run: commit the ``final`` checkpoint, then complete.json."""
         self.state.update(child_pid=None)
         self.state.transition(Phase.UPLOADING, "training command finished")
         committed = self._await_flush("run complete")
-        local = layout.list_step_dirs(self.cfg.checkpoints.local_dir)
-        newest_local = local[0][0] if local else None
-        if newest_local is None or committed is None:
+        newest = newest_local_checkpoint(self.cfg.checkpoints.local_dir)
+        if newest is None:
             # The command honoured nothing of the checkpoint contract; a restart would only
             # train again from scratch, so this is a configuration error (exit 2).
             log.error(
@@ -527,20 +686,36 @@ class Supervisor:
             )
             self.state.transition(Phase.FAILED, "no checkpoint to commit")
             return 2
+        newest_local = newest[0]
         if committed != newest_local:
+            # The final checkpoint is on disk but not in the bucket (S3 down, throttled,
+            # denied): exit 1, and systemd's restart commits it on the next boot.
             log.error("final_commit_failed", newest_local_step=newest_local, committed=committed)
             self.state.transition(Phase.FAILED, "final checkpoint not committed")
+            self.notifier.stopping("failed")
             return 1
-        try:
-            self.store.write_complete(committed)
-        except Exception as exc:  # report any S3 failure, then fail the unit
-            log.error("complete_marker_failed", error=str(exc))
+        marker = self._off_loop(lambda: self.store.write_complete(newest_local), "complete.json")
+        if marker.error is not None:
+            log.error("complete_marker_failed", error=marker.error)
             self.state.transition(Phase.FAILED, "complete.json not written")
+            self.notifier.stopping("failed")
             return 1
-        log.info("run_completed", step=committed)
-        self.state.transition(Phase.DONE, "run complete", step=committed)
+        log.info("run_completed", step=newest_local)
+        self.state.transition(Phase.DONE, "run complete", step=newest_local)
         self.notifier.stopping("done")
         return 0
+
+    def _observe_progress(self) -> None:
+        """A new step directory on the local disk is the trainer's progress.
+
+        Read from the disk itself (one directory listing), the moment the checkpoint
+        lands: not when a sync pass starts, which may be minutes later behind a slow
+        upload, and would get a healthy trainer killed as hung.
+        """
+        local = layout.list_step_dirs(self.cfg.checkpoints.local_dir)
+        step = local[0][0] if local else None
+        if step is not None and (self._progress_step is None or step > self._progress_step):
+            self._progress_step, self._progress_at = step, time.monotonic()
 
     def _progress_overdue(self) -> float | None:
         """Seconds without a new checkpoint from the running trainer, once past
@@ -548,6 +723,7 @@ class Supervisor:
         limit = self.cfg.daemon.progress_timeout
         if not limit or self.child is None or self.state.phase is not Phase.TRAINING:
             return None
+        self._observe_progress()
         quiet = time.monotonic() - self._progress_at
         return quiet if quiet >= limit else None
 
@@ -593,6 +769,24 @@ class Supervisor:
         return 1
 
 
+FINAL_REASON = "final"
+
+
+def newest_local_checkpoint(local_dir: Path) -> tuple[int, layout.Manifest] | None:
+    """The newest complete local checkpoint (sizes checked, not hashes) and its manifest."""
+    for step, path in layout.list_step_dirs(local_dir):
+        try:
+            return step, layout.load_complete(path, hash_files=False)
+        except (layout.ManifestError, OSError):
+            continue
+    return None
+
+
 def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Remove a stale file; a path we cannot remove is logged, never fatal."""
+    try:
         path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("stale_file_not_removed", path=str(path), error=str(exc))

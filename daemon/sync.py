@@ -90,19 +90,19 @@ class _Wake(FileSystemEventHandler):
 class FlushHandle:
     """A final flush running in its own thread, so the main loop keeps its clock."""
 
-    def __init__(self, target: Callable[[], int | None]) -> None:
+    def __init__(self, target: Callable[[], int | None], name: str = "final-flush") -> None:
         self.done = threading.Event()
         self.committed: int | None = None
         self.error: str | None = None
         self._target = target
-        self._thread = threading.Thread(target=self._run, name="final-flush", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
             self.committed = self._target()
-        except Exception as exc:  # reported by the caller; the flush itself logs details
-            self.error = str(exc)
+        except Exception as exc:  # reported by the caller; the work itself logs details
+            self.error = str(exc) or type(exc).__name__
         finally:
             self.done.set()
 
@@ -197,13 +197,33 @@ class CheckpointSync:
             self._thread.join()
         self.stager.stop()
 
+    def restart_if_dead(self) -> bool:
+        """Restart the worker if it died (not stopped): whether it had to.
+
+        Its loop catches every Exception, so only something worse (a BaseException from
+        a library, a bug in the loop itself) ends it; the main loop calls this so that
+        even then commits do not silently stop for the rest of the run.
+        """
+        thread = self._thread
+        if thread is None or thread.is_alive() or self._stopping.is_set():
+            return False
+        log.error("sync_thread_died", thread=thread.name, committed=self.stats.committed)
+        self._thread = threading.Thread(target=self._run, name="checkpoint-sync", daemon=True)
+        self._thread.start()
+        self.wake()
+        return True
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._hint.wait(timeout=self._rescan_interval)
             self._hint.clear()
             if self._stopping.is_set():
                 break
-            self.sync_pass(skip_superseded=True, reason="background")
+            try:
+                self.sync_pass(skip_superseded=True, reason="background")
+            except Exception:  # a bug or an unforeseen error: log it, rescan later
+                self.stats.failures += 1
+                log.exception("sync_pass_failed")
 
     # --- the work ------------------------------------------------------------------
 

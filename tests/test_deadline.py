@@ -40,7 +40,11 @@ def test_drain_plan_works_back_from_the_notice() -> None:
     t = ThroughputEstimate()
     t.record(200_000_000, 1.0)  # 200 MB/s
     plan = plan_drain(
-        notice_deadline=1120.0, safety_margin=5.0, reserve_bytes=2_000_000_000, throughput=t
+        notice_deadline=1120.0,
+        safety_margin=5.0,
+        reserve_bytes=2_000_000_000,
+        throughput=t,
+        now=1000.0,
     )
     assert plan.upload_reserve == pytest.approx(10.0)
     assert plan.drain_deadline == pytest.approx(1120.0 - 5.0 - 10.0)
@@ -55,19 +59,34 @@ def test_drain_plan_works_back_from_the_notice() -> None:
         "reserve_bytes": 2_000_000_000,
         "throughput_mbps": 200.0,
         "throughput_measured": True,
+        "reserve_capped": False,
     }
     assert plan.seconds_left(now=1110.0) == pytest.approx(-5.0)
     assert plan.cancel_in(now=1100.0) == pytest.approx(15.0)
 
 
-def test_drain_plan_with_an_upload_longer_than_the_notice_kills_at_once() -> None:
-    plan = plan_drain(1000.0 + 30, 5.0, 10_000_000_000, ThroughputEstimate())
-    assert plan.seconds_left(now=1000.0) < 0  # SIGKILL now; the committed one stands
+def test_a_large_checkpoint_never_leaves_the_trainer_no_time_to_save_locally() -> None:
+    """Defect: with no upload measured (50 MB/s assumed), a 10 GB checkpoint wanted a 200 s
+    reserve; against `systemctl stop`'s 90 s budget the drain deadline was already past,
+    and a trainer that could have saved to local disk was SIGKILLed at once."""
+    stop = plan_drain(1000.0 + 90, 5.0, 10_000_000_000, ThroughputEstimate(), now=1000.0)
+    assert not stop.throughput_measured and stop.reserve_capped
+    # Half of the time before the cancel deadline is the trainer's, whatever the reserve.
+    assert stop.seconds_left(now=1000.0) == pytest.approx(42.5)
+    assert stop.upload_reserve == pytest.approx(42.5)
+    notice = plan_drain(1000.0 + 30, 5.0, 10_000_000_000, ThroughputEstimate(), now=1000.0)
+    assert notice.seconds_left(now=1000.0) == pytest.approx(12.5) and notice.reserve_capped
+    # A reserve that fits is not touched.
+    small = plan_drain(1000.0 + 90, 5.0, 500_000_000, ThroughputEstimate(), now=1000.0)
+    assert not small.reserve_capped and small.upload_reserve == pytest.approx(10.0)
+    # A notice already past: no time for anyone, and no negative reserve.
+    past = plan_drain(990.0, 5.0, 10_000_000_000, ThroughputEstimate(), now=1000.0)
+    assert past.upload_reserve == 0.0 and past.seconds_left(now=1000.0) < 0
 
 
 BASE = {
     "run": {"id": "r", "command": ["python", "train.py"]},
-    "checkpoints": {"local_dir": "/tmp/ckpt", "remote": "s3://b/p"},
+    "checkpoints": {"local_dir": "/tmp/ckpt", "remote": "s3://bucket/p"},
 }
 
 

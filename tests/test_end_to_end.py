@@ -93,11 +93,15 @@ def test_boot_train_notice_restore_resume_complete(
     assert sigterm["_t"] - set_at < POLL + 3.0
     # The notice file the trainer reads, written before SIGTERM.
     notice_doc = json.loads((tmp_path / "a" / "run" / "notice.json").read_text())
-    assert notice_doc == {
-        "action": "terminate",
-        "deadline": notice_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "source": "aws-imds",
-    }
+    # `deadline` is the drain deadline (the trainer is killed then), the safety margin
+    # and the upload reserve before the instance's own time.
+    assert notice_doc["action"] == "terminate" and notice_doc["source"] == "aws-imds"
+    assert notice_doc["instance_deadline"] == notice_time.strftime("%Y-%m-%dT%H:%M:%SZ")
+    lead = dt.datetime.strptime(notice_doc["instance_deadline"], "%Y-%m-%dT%H:%M:%SZ") - (
+        dt.datetime.strptime(notice_doc["deadline"], "%Y-%m-%dT%H:%M:%SZ")
+    )
+    want = draining["safety_margin_s"] + draining["upload_reserve_s"]
+    assert abs(lead.total_seconds() - want) <= 1.0
     saved = [ln for ln in boot1.lines if ln.startswith("checkpoint_saved") and "interrupt" in ln]
     assert saved, "the trainer did not save an interrupt checkpoint"
     emergency = boot1.find("emergency_committed")

@@ -50,9 +50,19 @@ def test_rebalance_recommendation_gets_an_early_checkpoint_and_training_goes_on(
     stop(sup)
 
 
-def test_scheduled_maintenance_is_handled_like_a_notice_ahead_of_not_before(
-    boot: Any, emulator: MetadataEmulator, s3_client: Any, bucket: str, tmp_path: Path
+def schedule(emulator: MetadataEmulator, code: str, seconds: float, event_id: str) -> dt.datetime:
+    """One scheduled event ``seconds`` from now (second precision, as AWS gives it)."""
+    not_before = (now() + dt.timedelta(seconds=seconds)).replace(microsecond=0)
+    emulator.set_scheduled_events([scheduled_event(code, not_before, event_id=event_id)])
+    return not_before
+
+
+def test_scheduled_maintenance_asks_for_a_checkpoint_and_training_goes_on(
+    boot: Any, emulator: MetadataEmulator, s3_client: Any, bucket: str
 ) -> None:
+    """Defect: a scheduled event drained (SIGTERM, exit) a healthy instance that AWS might
+    not touch for days. Now it asks for a checkpoint, committed before NotBefore; the
+    event itself arrives as the OS shutdown, i.e. `systemctl stop`."""
     sup = boot("100000", "--step-seconds", "0.05", "--save-every", "1000")
     sup.wait_for_line("resumed", 30)
     # The documented form, e.g. "21 Jan 2019 09:00:43 GMT", 8 s past the action lead.
@@ -61,16 +71,72 @@ def test_scheduled_maintenance_is_handled_like_a_notice_ahead_of_not_before(
     assert event["NotBefore"].endswith(" GMT") and len(event["NotBefore"].split()) == 5
     emulator.set_scheduled_events([event])
     sched = sup.wait_for(lambda e: e.get("event") == "maintenance_scheduled", 30, "scheduling")
-    assert sched["action"] == "instance-retirement"
+    assert sched["action"] == "instance-retirement" and sched["event_id"] == event["EventId"]
     assert 0 < sched["act_in_s"] <= 10
-    assert not [e for e in sup.events if e.get("phase") == "draining"]  # not yet
-    assert sup.wait_exit(60) == 0
-    notice = json.loads((tmp_path / "run" / "notice.json").read_text())
-    assert notice["action"] == "instance-retirement" and notice["source"] == "aws-imds"
-    assert notice["deadline"] == not_before.strftime("%Y-%m-%dT%H:%M:%SZ")
-    done = sup.find("emergency_committed")
-    assert done and done[0]["seconds_before_deadline"] > 100
-    assert manifest_reasons(s3_client, bucket)[done[0]["committed_step"]] == "interrupt"
+    asked = sup.wait_for(
+        lambda e: e.get("event") == "maintenance_checkpoint_requested", 30, "the request"
+    )
+    assert asked["child_signalled"] is True and asked["seconds_to_not_before"] > 100
+    committed = sup.wait_for(lambda e: e.get("event") == "checkpoint_committed", 30, "commit")
+    assert manifest_reasons(s3_client, bucket)[committed["step"]] == "requested"
+    time.sleep(1.5)
+    assert not [e for e in sup.events if e.get("phase") == "draining"]
+    assert not [e for e in sup.find("child_signalled") if e["signal"] == "SIGTERM"]
+    assert sup.proc.poll() is None and not sup.find("child_exited")  # training goes on
+    assert len(sup.find("maintenance_checkpoint_requested")) == 1
+    stop(sup)
+
+
+def test_a_cancelled_maintenance_event_changes_nothing(
+    boot: Any, emulator: MetadataEmulator
+) -> None:
+    sup = boot("100000", "--step-seconds", "0.05", "--save-every", "1000")
+    sup.wait_for_line("resumed", 30)
+    not_before = schedule(emulator, "system-reboot", 129, "instance-event-0123456789abcdef0")
+    sup.wait_for(lambda e: e.get("event") == "maintenance_scheduled", 30, "scheduling")
+    # AWS keeps a cancelled event in the list, with State "canceled".
+    emulator.set_scheduled_events(
+        [
+            scheduled_event(
+                "system-reboot",
+                not_before,
+                event_id="instance-event-0123456789abcdef0",
+                state="canceled",
+            )
+        ]
+    )
+    gone = sup.wait_for(lambda e: e.get("event") == "maintenance_cancelled", 30, "cancel")
+    assert gone["checkpoint_requested"] is False
+    # Past the time the checkpoint would have been asked for: nothing happened.
+    time.sleep(max(0.0, (not_before - now()).total_seconds() - 120 + 2))
+    assert not sup.find("maintenance_checkpoint_requested")
+    assert not [e for e in sup.events if e.get("phase") == "draining"]
+    assert sup.proc.poll() is None
+    stop(sup)
+
+
+def test_a_maintenance_event_moved_later_is_acted_on_at_its_new_time(
+    boot: Any, emulator: MetadataEmulator
+) -> None:
+    sup = boot("100000", "--step-seconds", "0.05", "--save-every", "1000")
+    sup.wait_for_line("resumed", 30)
+    event_id = "instance-event-0fedcba9876543210"
+    first = schedule(emulator, "instance-stop", 134, event_id)
+    sup.wait_for(lambda e: e.get("event") == "maintenance_scheduled", 30, "scheduling")
+    later = schedule(emulator, "instance-stop", 145, event_id)
+    moved = sup.wait_for(lambda e: e.get("event") == "maintenance_rescheduled", 30, "the move")
+    assert moved["event_id"] == event_id
+    asked = sup.wait_for(
+        lambda e: e.get("event") == "maintenance_checkpoint_requested", 60, "the request"
+    )
+    assert asked["not_before"] == later.isoformat()
+    # At the new time: the lead (120 s) plus the margin (2 s) before the new NotBefore,
+    # not 11 s earlier, when the first NotBefore was due.
+    assert 120 <= asked["seconds_to_not_before"] <= 125
+    assert (later - first).total_seconds() == 11
+    assert len(sup.find("maintenance_checkpoint_requested")) == 1
+    assert sup.proc.poll() is None
+    stop(sup)
 
 
 def test_stop_action_drains_like_terminate(

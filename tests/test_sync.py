@@ -155,3 +155,78 @@ def test_rescan_at_start_and_in_the_final_flush_finds_what_inotify_missed(
         make_checkpoint(local, 2)  # after the watch is gone
         assert sync.flush() == 2
     assert [e["step"] for e in events(logs, "checkpoint_committed")] == [1, 2]
+
+
+class _Fatal(BaseException):
+    """Stands for what no `except Exception` catches (a library's BaseException)."""
+
+
+def _wait_until(pred: Any, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_failing_sync_pass_is_logged_and_the_thread_goes_on(
+    store: CheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect: an exception out of one pass ended the sync thread, and with it every
+    commit for the rest of the run, without a word."""
+    local = tmp_path / "ckpt"
+    sync = CheckpointSync(store, local, ThroughputEstimate(), rescan_interval=60)
+    real = sync.sync_pass
+    calls: list[str] = []
+
+    def flaky(skip_superseded: bool, reason: str, retry_failed: bool = False) -> None:
+        calls.append(reason)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in one pass")
+        real(skip_superseded, reason, retry_failed)
+
+    monkeypatch.setattr(sync, "sync_pass", flaky)
+    with capture_logs() as logs:
+        sync.start()
+        assert _wait_until(lambda: len(calls) >= 1)
+        make_checkpoint(local, 5)
+        sync.wake()
+        assert _wait_until(lambda: sync.stats.newest_committed_step == 5)
+        sync.stop()
+    failed = events(logs, "sync_pass_failed")
+    assert len(failed) == 1 and failed[0]["log_level"] == "error"
+    assert sync.stats.failures >= 1
+
+
+def test_main_loop_restarts_a_sync_thread_that_died(
+    store: CheckpointStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect: nothing watched the sync thread; the supervisor's loop now calls
+    `restart_if_dead` every turn, which logs `sync_thread_died` and starts it again."""
+    local = tmp_path / "ckpt"
+    sync = CheckpointSync(store, local, ThroughputEstimate(), rescan_interval=60)
+    real = sync.sync_pass
+    calls: list[str] = []
+
+    def fatal_once(skip_superseded: bool, reason: str, retry_failed: bool = False) -> None:
+        calls.append(reason)
+        if len(calls) == 1:
+            raise _Fatal()
+        real(skip_superseded, reason, retry_failed)
+
+    monkeypatch.setattr(sync, "sync_pass", fatal_once)
+    monkeypatch.setattr("threading.excepthook", lambda _args: None)  # the death is expected
+    with capture_logs() as logs:
+        sync.start()
+        assert sync._thread is not None
+        assert _wait_until(lambda: sync._thread is not None and not sync._thread.is_alive())
+        assert sync.restart_if_dead() is True
+        assert sync.restart_if_dead() is False  # alive again
+        make_checkpoint(local, 7)
+        sync.wake()
+        assert _wait_until(lambda: sync.stats.newest_committed_step == 7)
+        sync.stop()
+        assert sync.restart_if_dead() is False  # stopped on purpose is not dead
+    died = events(logs, "sync_thread_died")
+    assert len(died) == 1 and died[0]["log_level"] == "error"
