@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# s3rver, the S3-compatible server the tests commit to besides moto (tests/s3rver.py),
+# pinned with its dependencies in tests/npm/package-lock.json. Needs node and npm.
+S3RVER := tests/npm/node_modules/s3rver/package.json
 
 .PHONY: install demo test lint bench chaos clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(S3RVER)
 
 # Reinstall when the dependencies change. torch is pinned in pyproject.toml: the
 # CPU wheel for development and CI (an unpinned torch pulls a CUDA build of several GB).
@@ -16,7 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[trainer,demo,dev]'
 	touch $@
 
-demo: install
+$(S3RVER): tests/npm/package.json tests/npm/package-lock.json
+	@command -v npm >/dev/null || { echo "npm (Node.js) is needed to install s3rver for the tests" >&2; exit 1; }
+	npm ci --prefix tests/npm --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The demo runs on moto alone: no Node.js needed.
+demo: $(VENV)/.installed
 	$(BIN)/spot-supervisor demo
 
 test: install
@@ -34,4 +43,4 @@ chaos: install
 	$(BIN)/python tests/chaos_run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/npm/node_modules

@@ -9,10 +9,12 @@ Keys, under ``<prefix>/<run_id>/`` (the prefix may be empty)::
 A remote checkpoint exists exactly when its manifest exists and parses and every file
 it lists is there with the listed size; restore then checks every sha256 while it
 downloads. We never trust the server to have checked anything: moto and some
-S3-compatible servers do not verify checksums. So before the manifest is written, the
-ETag of every object is compared with the MD5 of the local bytes (see
-:meth:`CheckpointStore.commit_manifest`): bytes corrupted on the way up are sent again,
-or nothing is committed.
+S3-compatible servers do not verify checksums. So before the manifest is written, every
+object is checked to hold the local bytes (see :meth:`CheckpointStore.commit_manifest`):
+by its ETag where that is the MD5 of the bytes, otherwise (SSE-KMS, or a server whose
+ETags follow another convention) the way :class:`~daemon.s3client.EndpointIntegrity`
+decides for the endpoint. Bytes corrupted on the way up are sent again, or nothing is
+committed.
 
 The manifest object carries ``x-amz-meta-verified``: ``sha256`` when every file was
 checked against the manifest's sha256 before the commit (or since, by
@@ -60,8 +62,12 @@ from daemon.layout import (
 )
 from daemon.restore import download_checkpoint
 from daemon.s3client import (
+    BY_ETAG,
+    BY_READ_BACK,
+    BY_SERVER_CHECKSUM,
     DEFAULT_CHECKSUM_ALGORITHM,
     CancelSwitch,
+    EndpointIntegrity,
     EtagDigest,
     IntegrityError,
     RemoteLocation,
@@ -70,6 +76,8 @@ from daemon.s3client import (
     StoreError,
     UploadCancelled,
     describe_error,
+    encryption_hiding_md5,
+    endpoint_integrity,
     is_md5_etag,
     make_transfer_config,
     make_transfer_manager,
@@ -97,8 +105,6 @@ _MAX_COPY_BYTES = 5 * 1024**3
 VERIFIED_META = "verified"  # x-amz-meta-verified on the manifest object
 _SHA256_VERIFIED = "sha256"
 _PENDING = "pending"
-# Server-side encryption whose ETags are not MD5s of the bytes.
-_NON_MD5_SSE = frozenset({"aws:kms", "aws:kms:dsse"})
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,19 @@ class StagedFile:
     size: int
     etag: str | None
     sha256_checked: bool
+
+
+@dataclass
+class _ListingCheck:
+    """The objects of a manifest's files after upload, and how their bytes were checked."""
+
+    objects: dict[str, RemoteObject] = field(default_factory=dict)
+    bad: list[str] = field(default_factory=list)  # the server holds other bytes
+    how: dict[str, str] = field(default_factory=dict)  # path -> BY_ETAG, BY_READ_BACK, ...
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why not checked
+
+    def by(self, method: str) -> list[str]:
+        return sorted(p for p, how in self.how.items() if how == method)
 
 
 @dataclass(frozen=True)
@@ -553,45 +572,53 @@ class CheckpointStore:
     ) -> RemoteCheckpoint:
         """Write the manifest (the commit) once the server holds the bytes we sent.
 
-        The listing must show every file with its size, and with the ETag ``expected``
-        gives for it (the MD5 of the local bytes, or for multipart the MD5 of the parts'
-        MD5s and ``-N``). A file whose ETag differs is sent again once with ``resend``
-        (which returns its new expected ETag), then :class:`IntegrityError`. ETags that
-        are not MD5s (SSE-KMS, SSE-C, a non-MD5 shape) and files without an expected ETag
-        are not compared: ``checkpoint_etags_checked`` names them with the reason.
-        ``pending`` (files not yet checked against the manifest's sha256; read again
-        after ``resend``) makes the commit ``pending`` instead of ``sha256``-verified.
+        The listing must show every file with its size, and each file must hold the
+        local bytes: its ETag is the one ``expected`` gives (the MD5 of the local bytes,
+        or for multipart the MD5 of the parts' MD5s and ``-N``), or, where the ETag is
+        not that (SSE-KMS, DSSE-KMS, SSE-C; a server with its own ETags), the object is
+        verified as :class:`~daemon.s3client.EndpointIntegrity` decides: AWS's checksum
+        check, or read back and hashed against the manifest's sha256. A file holding
+        other bytes is sent again once with ``resend`` (which returns its new expected
+        ETag), then :class:`IntegrityError`. Files without an expected ETag are not
+        checked. ``checkpoint_etags_checked`` says how each file was. ``pending`` (files
+        not yet checked against the manifest's sha256; those read back or sent again
+        are) makes the commit ``pending`` instead of ``sha256``-verified.
         """
         expected = dict(expected or {})
-        listed = self._step_objects(step)
-        objects, bad, skipped = self._check_listing(step, manifest, listed, expected)
-        if bad and resend is not None:
-            for path in bad:
+        pending = pending if pending is not None else set()
+        check = self._check_listing(step, manifest, self._step_objects(step), expected)
+        if check.bad and resend is not None:
+            for path in check.bad:
                 log.warning(
                     "uploaded_bytes_differ",
                     step=step,
                     path=path,
                     expected_etag=expected.get(path),
-                    etag=normalize_etag(objects[path].etag),
+                    etag=normalize_etag(check.objects[path].etag),
                     action="sending again",
                 )
                 self._switch.check(f"commit step {step}")
                 expected[path] = resend(path)
-            listed = self._step_objects(step)
-            objects, bad, skipped = self._check_listing(step, manifest, listed, expected)
-        if bad:
-            url = self.location.url(self.file_key(step, bad[0]))
+            check = self._check_listing(step, manifest, self._step_objects(step), expected)
+        if check.bad:
+            path = check.bad[0]
+            url = self.location.url(self.file_key(step, path))
             raise IntegrityError(
-                f"commit {url}: stored ETag {normalize_etag(objects[bad[0]].etag)} is not the"
-                f" MD5 of the local bytes ({expected.get(bad[0])}); manifest not written"
+                f"commit {url}: the server holds other bytes than the local file (ETag"
+                f" {normalize_etag(check.objects[path].etag)}, local {expected.get(path)};"
+                " read back, its sha256 is not the manifest's); manifest not written"
             )
+        # Read back and hashed just now: checked against the manifest's sha256.
+        pending.difference_update(check.by(BY_READ_BACK))
         log.info(
             "checkpoint_etags_checked",
             step=step,
-            checked=len(manifest.files) - len(skipped),
-            unchecked=skipped,
+            checked=len(check.by(BY_ETAG)),
+            read_back=check.by(BY_READ_BACK),
+            server_checksum=check.by(BY_SERVER_CHECKSUM),
+            unchecked=check.skipped,
         )
-        verified = not (pending or set())
+        verified = not pending
         manifest_key = self.file_key(step, MANIFEST_NAME)
         self._switch.check(f"commit {self.location.url(manifest_key)}")
         self._put_bytes(
@@ -600,7 +627,7 @@ class CheckpointStore:
             content_type="application/json",
             metadata={VERIFIED_META: _SHA256_VERIFIED if verified else _PENDING},
         )
-        return RemoteCheckpoint(step, manifest, manifest_key, manifest_raw, objects, verified)
+        return RemoteCheckpoint(step, manifest, manifest_key, manifest_raw, check.objects, verified)
 
     def _check_listing(
         self,
@@ -608,11 +635,10 @@ class CheckpointStore:
         manifest: Manifest,
         listed: Mapping[str, RemoteObject],
         expected: Mapping[str, str | None],
-    ) -> tuple[dict[str, RemoteObject], list[str], dict[str, str]]:
-        """The objects of ``manifest``, the paths whose ETag differs, and the unchecked."""
-        objects: dict[str, RemoteObject] = {}
-        bad: list[str] = []
-        skipped: dict[str, str] = {}
+    ) -> _ListingCheck:
+        """Every file of ``manifest`` listed with its size, and whether it holds the
+        local bytes (see :meth:`_verify_stored`)."""
+        check = _ListingCheck()
         for entry in manifest.files:
             obj = listed.get(entry.path)
             if obj is None or obj.size != entry.size:
@@ -620,31 +646,82 @@ class CheckpointStore:
                     f"commit {self.location.url(self.file_key(step, entry.path))}: "
                     f"not listed with {entry.size} bytes after upload; manifest not written"
                 )
-            objects[entry.path] = obj
+            check.objects[entry.path] = obj
             want = expected.get(entry.path)
             if want is None:
-                skipped[entry.path] = "no expected ETag (part boundaries or source unknown)"
-            elif not is_md5_etag(obj.etag):
-                skipped[entry.path] = f"ETag {obj.etag!r} is not an MD5"
-            elif normalize_etag(obj.etag) != normalize_etag(want):
-                sse = self._non_md5_encryption(obj.key)
-                if sse is None:
-                    bad.append(entry.path)
-                else:
-                    skipped[entry.path] = f"ETag of an {sse} object is not an MD5"
-        return objects, bad, skipped
+                check.skipped[entry.path] = "no expected ETag (part boundaries or source unknown)"
+                continue
+            if normalize_etag(obj.etag) == normalize_etag(want):
+                check.how[entry.path] = BY_ETAG  # the common case: no request
+                continue
+            # A listing says nothing of encryption: the object's own fields do.
+            how = self._verify_stored(obj.key, self._head(obj.key), want, entry.sha256)
+            if how is None:
+                check.bad.append(entry.path)
+            else:
+                check.how[entry.path] = how
+        return check
 
-    def _non_md5_encryption(self, key: str) -> str | None:
-        """The object's encryption when it makes its ETag something other than an MD5."""
-        head = self._call(
-            "head", key, lambda: self.client.head_object(Bucket=self.location.bucket, Key=key)
+    @property
+    def _integrity(self) -> EndpointIntegrity:
+        return endpoint_integrity(str(self.client.meta.endpoint_url))
+
+    def _verify_stored(
+        self, key: str, fields: Mapping[str, Any], md5_etag: str, sha256: str
+    ) -> str | None:
+        """How the object ``key`` was found to hold the local bytes (``BY_ETAG``,
+        ``BY_SERVER_CHECKSUM``, ``BY_READ_BACK``); None when it holds other bytes.
+
+        ``fields`` are the object's response fields (PutObject, HeadObject); ``md5_etag``
+        the ETag AWS gives the local bytes, ``sha256`` their hash. An ETag that is not
+        ``md5_etag`` is a corruption only if the bytes read back say so: otherwise the
+        encryption or the endpoint's ETag convention explains it.
+        """
+        etag = normalize_etag(str(fields.get("ETag") or ""))
+        if etag == normalize_etag(md5_etag):
+            return BY_ETAG
+        multipart = "-" in md5_etag
+        how = self._integrity.method(fields, multipart=multipart)
+        if how == BY_SERVER_CHECKSUM:
+            return how
+        if self._read_back_sha256(key) != sha256:
+            return None
+        if encryption_hiding_md5(fields) is None:
+            # Unencrypted, the right bytes, not their MD5: the endpoint's own ETags.
+            self._integrity.etag_convention_differs(
+                multipart=multipart, key=key, etag=etag, expected=md5_etag
+            )
+        return BY_READ_BACK
+
+    def _head(self, key: str) -> dict[str, Any]:
+        """The object's response fields: encryption, ETag and its additional checksum."""
+        resp = self._call(
+            "head",
+            key,
+            lambda: self.client.head_object(
+                Bucket=self.location.bucket, Key=key, ChecksumMode="ENABLED"
+            ),
         )
-        sse = str(head.get("ServerSideEncryption") or "")
-        if sse in _NON_MD5_SSE:
-            return f"SSE {sse}"
-        if head.get("SSECustomerAlgorithm"):
-            return "SSE-C"
-        return None
+        return dict(resp)
+
+    def _read_back_sha256(self, key: str) -> str:
+        """The sha256 of the object's bytes as the server returns them (one streamed GET;
+        stopped by the cancel switch, since no manifest may follow it then)."""
+        what = f"verify {self.location.url(key)}"
+
+        def run() -> str:
+            resp = self.client.get_object(Bucket=self.location.bucket, Key=key)
+            h = hashlib.sha256()
+            body = resp["Body"]
+            try:
+                for chunk in body.iter_chunks(_HASH_CHUNK):
+                    self._switch.check(what)
+                    h.update(chunk)
+            finally:
+                body.close()
+            return h.hexdigest()
+
+        return self._call("verify", key, run)
 
     def mark_verified(self, remote: RemoteCheckpoint) -> RemoteCheckpoint:
         """Record that every file of a ``pending`` commit now checked out against the
@@ -1071,8 +1148,9 @@ class CheckpointStore:
         sha = hashlib.sha256(body).hexdigest()
         md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
         # A server that does not verify the additional checksum (moto, some S3-compatible
-        # stores) keeps whatever arrived: compare its ETag, the MD5 of what it stored,
-        # with ours, and send again once. This is the commit itself for a manifest.
+        # stores) keeps whatever arrived: check that it holds our bytes as the files are
+        # checked (_verify_stored), and send again once. This is the commit itself for a
+        # manifest.
         for attempt in (1, 2):
             resp = self._call(
                 "write",
@@ -1086,14 +1164,13 @@ class CheckpointStore:
                     **extra,
                 ),
             )
-            etag = str(resp.get("ETag", "")).strip('"')
-            kms = resp.get("ServerSideEncryption") == "aws:kms" or "SSECustomerAlgorithm" in resp
-            if kms or not re.fullmatch(r"[0-9a-f]{32}", etag) or etag == md5:
+            if self._verify_stored(key, resp, md5, sha) is not None:
                 return
+            etag = normalize_etag(str(resp.get("ETag", "")))
             log.warning("object_etag_mismatch", key=key, attempt=attempt, etag=etag, md5=md5)
         raise IntegrityError(
             f"{self.location.url(key)}: the server stored other bytes than were sent "
-            f"(ETag {etag}, MD5 {md5}), twice"
+            f"(ETag {etag}, MD5 {md5}; read back, another sha256), twice"
         )
 
 
