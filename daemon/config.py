@@ -40,6 +40,10 @@ class RunConfig:
     # The training command runs as this user (and group), the supervisor stays root.
     user: str | None = None
     group: str | None = None
+    # Instances that train the run together (CONTRACT §7), and this one's name in
+    # storage (None: the instance id from the metadata service, else the hostname).
+    nodes: int = 1
+    node_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,10 @@ class DaemonConfig:
     max_restarts: int = 5
     restart_window: float = 600.0
     progress_timeout: float = 0.0
+    # What ``run`` exits with after an orderly drain on a cloud notice (not after our own
+    # SIGTERM): an orchestrator that recovers only on chosen codes (SkyPilot's
+    # ``recover_on_exit_codes``) must not read the drain as success. 0 for systemd.
+    exit_code_after_notice: int = 0
 
 
 @dataclass(frozen=True)
@@ -260,6 +268,11 @@ def _env_map(key: str, v: Any) -> dict[str, str]:
 _ACCOUNT_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,255}\$?$")
 
 
+def _node_id(key: str, v: Any) -> str:
+    # A key segment in storage, like the run id.
+    return _run_id(key, v)
+
+
 def _account(key: str, v: Any) -> str:
     s = _nonempty_string(key, v)
     if not _ACCOUNT_RE.match(s):
@@ -290,6 +303,18 @@ def _integer(lo: int, hi: int) -> Parser:
     return parse
 
 
+# 2 means "bad configuration" (CONTRACT §1): the unit's RestartPreventExitStatus=2 never
+# restarts it, and an orchestrator must not mistake a drain for a config error either.
+_RESERVED_EXIT_CODES = {2: "2 is reserved for configuration errors"}
+
+
+def _exit_code(key: str, v: Any) -> int:
+    code: int = _integer(0, 255)(key, v)
+    if code in _RESERVED_EXIT_CODES:
+        raise ConfigError(f"{key}: {_RESERVED_EXIT_CODES[code]}; pick another (e.g. 75)")
+    return code
+
+
 SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     "run": {
         "id": (_run_id, _REQUIRED),
@@ -298,6 +323,8 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "env": (_env_map, {}),
         "user": (_account, None),
         "group": (_account, None),
+        "nodes": (_integer(1, 1024), 1),
+        "node_id": (_node_id, None),
     },
     "checkpoints": {
         "local_dir": (_path, _REQUIRED),
@@ -326,6 +353,8 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         # Seconds without a new complete checkpoint before a running trainer counts as
         # hung (killed, restarted like a crash); 0 turns the check off.
         "progress_timeout": (_number(0.0, 7 * 86400.0), 0.0),
+        # The exit code after an orderly drain on a cloud notice (0-255, not 2).
+        "exit_code_after_notice": (_exit_code, 0),
     },
     "metrics": {
         # A Prometheus textfile for node_exporter's textfile collector (*.prom).
@@ -339,7 +368,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
 _STRING_PARSERS: frozenset[Parser] = frozenset(
     {
         _string, _nonempty_string, _run_id, _path, _prom_path, _checksum_algorithm, _remote,
-        _endpoint_url, _region, _metadata_url, _account,
+        _endpoint_url, _region, _metadata_url, _account, _node_id,
     }
 )  # fmt: skip
 

@@ -417,7 +417,11 @@ class Stager:
             t0 = time.monotonic()
             self._drop(tmp, why=why)
             try:
-                self._store.abort_incomplete_uploads(self._store.step_prefix(tmp.step))
+                # Only the keys staged here: another node may be uploading this step.
+                self._store.abort_incomplete_uploads(
+                    self._store.step_prefix(tmp.step),
+                    keys={staged.key for staged in tmp.files.values()},
+                )
             except StoreError as exc:
                 log.warning("staging_abort_failed", step=tmp.step, error=str(exc))
             log.info(

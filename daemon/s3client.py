@@ -15,7 +15,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -109,6 +109,8 @@ class RemoteObject:
     key: str
     size: int
     etag: str
+    # Seconds since the epoch, from the listing (None where a caller built one by hand).
+    last_modified: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

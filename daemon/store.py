@@ -34,7 +34,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,13 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.exceptions import CancelledError
 
+from daemon.global_commit import (
+    PARTS_DIR,
+    incarnation_of,
+    is_node_part,
+    part_key,
+    try_global_commit,
+)
 from daemon.layout import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -174,6 +181,9 @@ class UploadResult:
     remote: RemoteCheckpoint | None = field(default=None, repr=False)
     # Files committed without our sha256 check (staged, checked by ETag only).
     unverified: tuple[str, ...] = ()
+    # A node's part of a multi-node checkpoint went up, but the set is not complete yet
+    # (``remote`` is None until the global commit): the incarnation it belongs to.
+    part_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +234,8 @@ class CheckpointStore:
         self._checksum_algorithm = checksum_algorithm
         self._checkpoints_prefix = location.key(run_id, CHECKPOINTS_DIR) + "/"
         self._crt = crt
+        # Set for a multi-node run (run.nodes > 1): this node's name in part keys.
+        self.node_id: str | None = None
         self._switch = CancelSwitch()
         self._switch.install(client)
         self._resolvers: list[Callable[[str], str]] = []
@@ -268,11 +280,17 @@ class CheckpointStore:
                 by_step.setdefault(step, {})[path] = obj
         return by_step
 
-    def _iter_committed(self) -> Iterator[RemoteCheckpoint]:
+    def _iter_committed(self, *, finish_parts: bool = False) -> Iterator[RemoteCheckpoint]:
         # Lazy: restore usually needs only the newest manifest, not one GET per step.
         by_step = self._objects_by_step()
         for step in sorted(by_step, reverse=True):
-            ckpt = self._committed(step, by_step[step])
+            objects = by_step[step]
+            ckpt = self._committed(step, objects)
+            if ckpt is None and finish_parts and _has_parts(objects):
+                # Every node's part is there but no manifest: the node that completed
+                # the set died before writing it. Restore finishes the commit itself.
+                done = try_global_commit(self, step)
+                ckpt = done[0] if done is not None else None
             if ckpt is not None:
                 yield ckpt
 
@@ -529,12 +547,21 @@ class CheckpointStore:
                 bytes_staged=bytes_staged,
                 seconds=round(uploaded - t0, 3),
             )
-            remote = self.commit_manifest(
+            committed = self.commit_manifest(
                 step, manifest, manifest_raw, expected, resend=resend, pending=unverified
             )
         except UploadCancelled:
-            self.abort_incomplete_uploads(self.step_prefix(step))
+            # Only this node's files: another node may be uploading the same step.
+            self.abort_incomplete_uploads(
+                self.step_prefix(step), keys={self.file_key(step, e.path) for e in manifest.files}
+            )
             raise
+        remote: RemoteCheckpoint | None = committed
+        part_of: str | None = None
+        if self.node_id is not None and is_node_part(manifest):
+            part_of = incarnation_of(manifest)
+            done = try_global_commit(self, step, part_of)
+            remote = done[0] if done is not None else None
         seconds = time.monotonic() - t0
         result = UploadResult(
             step,
@@ -546,9 +573,10 @@ class CheckpointStore:
             bytes_staged=bytes_staged,
             remote=remote,
             unverified=tuple(sorted(unverified)),
+            part_of=part_of if remote is None else None,
         )
         log.info(
-            "checkpoint_committed",
+            "checkpoint_part_uploaded" if result.part_of else "checkpoint_committed",
             step=step,
             bytes=result.bytes,
             bytes_sent=sent,
@@ -556,7 +584,8 @@ class CheckpointStore:
             bytes_staged=bytes_staged,
             seconds=round(seconds, 3),
             mbps=round(result.mbps, 2),
-            verified=remote.verified,
+            verified=remote.verified if remote is not None else False,
+            **({"incarnation": part_of, "node_id": self.node_id} if part_of else {}),
         )
         return result
 
@@ -620,6 +649,9 @@ class CheckpointStore:
         )
         verified = not pending
         manifest_key = self.file_key(step, MANIFEST_NAME)
+        if self.node_id is not None and is_node_part(manifest):
+            # One node's share: its part manifest, never the step's commit.
+            manifest_key = part_key(self, step, incarnation_of(manifest), self.node_id)
         self._switch.check(f"commit {self.location.url(manifest_key)}")
         self._put_bytes(
             manifest_key,
@@ -854,15 +886,26 @@ class CheckpointStore:
             raise
         return etags
 
-    def abort_incomplete_uploads(self, prefix: str | None = None) -> int:
-        """Abort every unfinished multipart upload under ``prefix`` (default: the run's).
+    def abort_incomplete_uploads(
+        self,
+        prefix: str | None = None,
+        *,
+        keys: Collection[str] | None = None,
+        older_than: float | None = None,
+    ) -> int:
+        """Abort unfinished multipart uploads under ``prefix`` (default: the run's).
 
         At boot, those are leftovers of a machine that went away mid-upload; after a
         cancellation, those s3transfer could not abort itself. Either way they cost
-        storage and are never part of a commit.
+        storage and are never part of a commit. But another instance of the run (a
+        peer node, an early replacement) may be uploading right now, and nothing in a
+        listing says whose an upload is: so a cancellation names its own ``keys``, and
+        the boot-time sweep takes only uploads started over ``older_than`` seconds ago,
+        far beyond any drain.
         """
         prefix = prefix if prefix is not None else self.location.key(self.run_id) + "/"
         bucket = self.location.bucket
+        cutoff = None if older_than is None else time.time() - older_than
 
         def run() -> int:
             aborted = 0
@@ -873,6 +916,10 @@ class CheckpointStore:
                     # Some servers ignore Prefix: filter here too.
                     if not key.startswith(prefix) or not upload_id:
                         continue
+                    if keys is not None and key not in keys:
+                        continue
+                    if cutoff is not None and not started_before(up, cutoff):
+                        continue
                     with contextlib.suppress(ClientError):  # finished or aborted meanwhile
                         self.client.abort_multipart_upload(
                             Bucket=bucket, Key=key, UploadId=upload_id
@@ -881,7 +928,12 @@ class CheckpointStore:
             return aborted
 
         aborted = self._call("abort", prefix, run)
-        log.info("multipart_uploads_aborted", prefix=prefix, aborted=aborted)
+        log.info(
+            "multipart_uploads_aborted",
+            prefix=prefix,
+            aborted=aborted,
+            **({"older_than_s": older_than} if older_than is not None else {}),
+        )
         return aborted
 
     # -- restore ----------------------------------------------------------------------
@@ -902,7 +954,7 @@ class CheckpointStore:
         """
         t0 = time.monotonic()
         local = _LocalCheckpoints(local_dir)
-        for remote in self._iter_committed():
+        for remote in self._iter_committed(finish_parts=True):
             kept = local.newest_at_least(remote.step)
             if kept is not None:
                 return self._keep_local(kept, t0, remote_step=remote.step)
@@ -1064,6 +1116,11 @@ class CheckpointStore:
             # emergency commit still pending): delete nothing.
             return []
         doomed = [s for s in doomed if s < kept[-1] and s < newest_verified]
+        # An older step with no manifest is a leftover, or another node's (or another
+        # instance's) upload in flight: only what nobody touched for an hour goes.
+        doomed = [
+            s for s in doomed if MANIFEST_NAME in by_step[s] or _untouched(by_step[s].values())
+        ]
         for step in doomed:
             self.delete_checkpoint(step)
         if doomed:
@@ -1093,10 +1150,58 @@ class CheckpointStore:
             found = []
             for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
                 for o in page.get("Contents", []):
-                    found.append(RemoteObject(o["Key"], o["Size"], o.get("ETag", "")))
+                    modified = o.get("LastModified")
+                    found.append(
+                        RemoteObject(
+                            o["Key"],
+                            o["Size"],
+                            o.get("ETag", ""),
+                            modified.timestamp() if modified is not None else None,
+                        )
+                    )
             return found
 
         return self._call("list", prefix, run)
+
+    # -- for daemon.global_commit -------------------------------------------------------
+
+    def step_objects(self, step: int) -> dict[str, RemoteObject]:
+        """Every object of one step, by its path within the step."""
+        return self._step_objects(step)
+
+    def committed(self, step: int, objects: dict[str, RemoteObject]) -> RemoteCheckpoint | None:
+        """The checkpoint if ``objects`` (one step's listing) make a committed one."""
+        return self._committed(step, objects)
+
+    def get_object(self, key: str, *, max_bytes: int) -> tuple[bytes, dict[str, str]] | None:
+        """A small object's bytes and metadata (None when it is gone)."""
+        return self._get_object(key, missing_ok=True, max_bytes=max_bytes)
+
+    @staticmethod
+    def metadata_says_verified(metadata: Mapping[str, str]) -> bool:
+        """Whether a manifest's (or part's) metadata says its files passed our sha256."""
+        return metadata.get(VERIFIED_META, _SHA256_VERIFIED) == _SHA256_VERIFIED
+
+    def put_manifest(
+        self, key: str, raw: bytes, *, verified: bool, if_none_match: bool = False
+    ) -> None:
+        """Write a manifest; ``if_none_match``: only if no object is there yet."""
+        self._switch.check(f"commit {self.location.url(key)}")
+        self._put_bytes(
+            key,
+            raw,
+            content_type="application/json",
+            metadata={VERIFIED_META: _SHA256_VERIFIED if verified else _PENDING},
+            if_none_match=if_none_match,
+        )
+
+    def list_objects(self, prefix: str) -> list[RemoteObject]:
+        """Every object under ``prefix`` (one paginated listing)."""
+        return self._list(prefix)
+
+    def put_marker(self, key: str) -> None:
+        """An empty object whose existence is the message (rendezvous markers)."""
+        self._put_bytes(key, b"", content_type="application/octet-stream")
 
     def _step_objects(self, step: int) -> dict[str, RemoteObject]:
         prefix = self.step_prefix(step)
@@ -1141,10 +1246,14 @@ class CheckpointStore:
         *,
         content_type: str,
         metadata: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
     ) -> None:
         extra: dict[str, Any] = {}
         if self._checksum_algorithm:
             extra["ChecksumAlgorithm"] = self._checksum_algorithm
+        if if_none_match:
+            # Create only: a 412 (StoreError "PreconditionFailed") if someone was first.
+            extra["IfNoneMatch"] = "*"
         sha = hashlib.sha256(body).hexdigest()
         md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
         # A server that does not verify the additional checksum (moto, some S3-compatible
@@ -1166,6 +1275,8 @@ class CheckpointStore:
             )
             if self._verify_stored(key, resp, md5, sha) is not None:
                 return
+            # What we wrote arrived corrupt: replacing our own object is no conflict.
+            extra.pop("IfNoneMatch", None)
             etag = normalize_etag(str(resp.get("ETag", "")))
             log.warning("object_etag_mismatch", key=key, attempt=attempt, etag=etag, md5=md5)
         raise IntegrityError(
@@ -1195,9 +1306,31 @@ class _LocalCheckpoints:
                     )
                     self._checked[step] = None
             manifest = self._checked[step]
-            if manifest is not None:
+            # One node's part of a multi-node checkpoint is not a checkpoint to resume
+            # from: the trainer needs every node's files (the global commit).
+            if manifest is not None and not is_node_part(manifest):
                 return step, path, manifest
         return None
+
+
+LEFTOVER_AGE_S = 3600.0
+
+
+def started_before(upload: Mapping[str, Any], cutoff: float) -> bool:
+    """Whether a listed multipart upload was initiated before ``cutoff`` (epoch seconds);
+    an upload with no time is taken as young: never abort what may be in flight."""
+    started = upload.get("Initiated")
+    return started is not None and started.timestamp() < cutoff
+
+
+def _has_parts(objects: Mapping[str, RemoteObject]) -> bool:
+    return any(path.startswith(PARTS_DIR + "/") for path in objects)
+
+
+def _untouched(objects: Iterable[RemoteObject], age: float = LEFTOVER_AGE_S) -> bool:
+    """Whether no object was written in the last ``age`` seconds (unknown times: written)."""
+    cutoff = time.time() - age
+    return all(o.last_modified is not None and o.last_modified < cutoff for o in objects)
 
 
 def _too_large(url: str, size: int | None, limit: int) -> str:

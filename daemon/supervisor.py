@@ -38,6 +38,7 @@ from daemon.config import Config
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
 from daemon.imds import ImdsClient
 from daemon.metrics import Metrics, TextfileWriter
+from daemon.nodes import FINAL_COMMIT_WAIT_S, MultiNode, resolve_node_id
 from daemon.notice_watch import NoticeWatcher
 from daemon.notices import (
     AwsMaintenanceSource,
@@ -47,6 +48,7 @@ from daemon.notices import (
     event_key,
     format_utc,
 )
+from daemon.rendezvous import RendezvousIds, user_chose_rdzv_id
 from daemon.s3client import (
     StoreError,
     checksum_algorithm,
@@ -71,6 +73,10 @@ _MAX_BACKOFF = 60.0
 # upload reserve): the same warning a spot notice gives.
 MAINTENANCE_LEAD_S = 120.0
 _METRICS_EVERY = 15.0
+# At boot only multipart uploads older than this are aborted as leftovers: a younger one
+# may be a peer node's or the previous holder's emergency upload in flight (no drain
+# lasts an hour).
+STALE_UPLOAD_AGE_S = 3600.0
 
 
 @dataclass
@@ -140,7 +146,10 @@ class Supervisor:
         self.events: queue.Queue[Notice] = queue.Queue()
         # Written to by signals (set_wakeup_fd) and by the notice watcher: wakes the loop.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
+        client = self._imds = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
+        # run.nodes > 1: this instance as one node of several (set up at boot).
+        self.nodes: MultiNode | None = None
+        self._rejoin: FlushHandle | None = None
         self._maintenance_source = AwsMaintenanceSource(client)
         self.watcher = NoticeWatcher(
             # instance-action every poll; rebalance and maintenance are slower news: every 5th.
@@ -265,9 +274,9 @@ class Supervisor:
             done.set()
             t.join()
 
-    def _await_flush(self, why: str) -> int | None:
+    def _await_flush(self, why: str, wait_global_s: float = 0.0) -> int | None:
         """A final flush off the main loop, which keeps systemd's watchdog fed meanwhile."""
-        flush = self._flush = self.sync.flush_async()
+        flush = self._flush = self.sync.flush_async(wait_global_s)
         self._wait_done(flush)
         if flush.error is not None:
             log.error("final_flush_failed", why=why, error=flush.error)
@@ -335,11 +344,15 @@ class Supervisor:
 
     def _run_restored(self) -> int:
         with self._start_keepalive():
-            restored = self.store.restore_newest(self.cfg.checkpoints.local_dir)
+            if self.cfg.run.nodes > 1:
+                self.nodes = self._join_as_node()
+                restored = self.nodes.restore()
+            else:
+                restored = self.store.restore_newest(self.cfg.checkpoints.local_dir)
             try:
                 # Leftovers of a machine that went away mid-upload: they cost storage and
-                # are never part of a commit. Boot time, like the restore: nothing else runs.
-                self.store.abort_incomplete_uploads()
+                # are never part of a commit. Boot time, like the restore.
+                self.store.abort_incomplete_uploads(older_than=STALE_UPLOAD_AGE_S)
             except StoreError as exc:
                 log.warning("multipart_cleanup_failed", error=str(exc))
             self.sync.load_remote()
@@ -353,6 +366,25 @@ class Supervisor:
         else:
             self.notifier.ready("draining before start")
         return self._loop()
+
+    def _join_as_node(self) -> MultiNode:
+        cfg = self.cfg
+        node_id = resolve_node_id(cfg.run.node_id, self._imds)
+        user_rdzv = user_chose_rdzv_id(cfg.run.command, {**os.environ, **cfg.run.env})
+        if user_rdzv:
+            log.warning(
+                "rendezvous_id_user_chosen",
+                why="the command names its own rendezvous id: torchrun closes it when it "
+                "exits, so a restarted command may not rejoin; leave it to the supervisor",
+            )
+        log.info("node_joined", node_id=node_id, nodes=cfg.run.nodes)
+        return MultiNode(
+            self.store,
+            self.sync,
+            cfg.checkpoints.local_dir,
+            node_id,
+            None if user_rdzv else RendezvousIds(self.store),
+        )
 
     def _pending_stop(self) -> tuple[str, str, dt.datetime] | None:
         """A notice or a stop signal that means: drain now. (action, source, deadline)."""
@@ -472,6 +504,7 @@ class Supervisor:
                 "SPOT_CHECKPOINT_DIR": str(cfg.checkpoints.local_dir),
                 "SPOT_RUN_ID": cfg.run.id,
                 "SPOT_NOTICE_FILE": str(cfg.notice_file),
+                **(self.nodes.child_env() if self.nodes is not None else {}),
             },
         )
         self.child = TrainerProcess(cfg.run.command, env, cfg.run.workdir, run_as)
@@ -505,8 +538,15 @@ class Supervisor:
                     return self._finish_drain()
             elif self.state.phase is Phase.BACKOFF:
                 due = self._restart_at is not None and time.monotonic() >= self._restart_at
-                if due:
+                rejoined = self._rejoin is None or self._rejoin.done.is_set()
+                if due and rejoined and self._rejoin is not None and self._rejoin.error:
+                    # Could not align with the global commit (S3 down): not safe to start.
+                    code = self._crashed(f"rejoin failed: {self._rejoin.error}")
+                    if code is not None:
+                        return code
+                elif due and rejoined:
                     self._restart_at = None
+                    self._rejoin = None
                     if not self._start_child():
                         return self._give_up("training command could not be restarted")
             elif exit_status is not None:
@@ -589,7 +629,10 @@ class Supervisor:
             self.child.kill_leftovers()
         self.state.update(child_pid=None)
         self.state.transition(Phase.UPLOADING, "emergency commit", **plan.as_fields())
-        flush = self._flush = self.sync.flush_async()
+        # Several nodes: the peers' parts may still be on their way; wait for them until
+        # the cancel deadline (the cancel switch ends the wait).
+        wait = max(plan.cancel_in(), 0.0) if self.nodes is not None else 0.0
+        flush = self._flush = self.sync.flush_async(wait)
         cancelled_at: float | None = None
         while not flush.done.is_set():
             self._ping_watchdog()
@@ -666,14 +709,29 @@ class Supervisor:
             return self._crashed(f"exited 0 at step {step} ({manifest.reason}) without progress")
         self.state.update(child_pid=None)
         self._restart_at = time.monotonic()
+        # Several nodes: a peer stopped us, and is committing its part of this step.
+        self._start_rejoin(step)
         self.state.transition(Phase.BACKOFF, "trainer stopped elsewhere", backoff_s=0.0, step=step)
         return None
+
+    def _start_rejoin(self, wait_for_step: int | None) -> None:
+        """Several nodes: before the next start, align with the global commit (a thread)."""
+        nodes = self.nodes
+        if nodes is None:
+            return
+
+        def rejoin() -> None:
+            nodes.rejoin(wait_for_step)
+
+        self._rejoin = FlushHandle(rejoin, name="rejoin")
 
     def _complete(self) -> int:
         """The trainer finished the run: commit the ``final`` checkpoint, then complete.json."""
         self.state.update(child_pid=None)
         self.state.transition(Phase.UPLOADING, "training command finished")
-        committed = self._await_flush("run complete")
+        committed = self._await_flush(
+            "run complete", wait_global_s=FINAL_COMMIT_WAIT_S if self.nodes else 0.0
+        )
         newest = newest_local_checkpoint(self.cfg.checkpoints.local_dir)
         if newest is None:
             # The command honoured nothing of the checkpoint contract; a restart would only
@@ -755,6 +813,7 @@ class Supervisor:
             )
         backoff = min(_MAX_BACKOFF, 2.0 ** (len(self._failures) - 1))
         self._restart_at = now + backoff
+        self._start_rejoin(None)
         restarts = self.state.snapshot().restarts + 1
         self.state.update(restarts=restarts)
         self.state.transition(Phase.BACKOFF, f"trainer {why}", backoff_s=backoff, restarts=restarts)

@@ -35,6 +35,7 @@ from watchdog.observers import Observer
 
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
+from daemon.global_commit import try_global_commit
 from daemon.pipeline import Stager
 from daemon.s3client import StoreError, UploadCancelled
 from daemon.store import CheckpointStore, RemoteCheckpoint
@@ -132,6 +133,9 @@ class CheckpointSync:
         # One upload pass at a time: the worker's and the final flush never overlap.
         self._pass_lock = threading.Lock()
         self._committed: set[int] = set()
+        # Multi-node: steps whose part this node uploaded, by incarnation, until the
+        # global commit (written by whichever node completes the set) exists.
+        self._parts: dict[int, str] = {}
         self._remote: dict[int, RemoteCheckpoint] = {}
         self._failed_at: dict[int, float] = {}
         self.stats = SyncStats()
@@ -227,33 +231,41 @@ class CheckpointSync:
 
     # --- the work ------------------------------------------------------------------
 
-    def flush(self, skip_superseded: bool = True) -> int | None:
+    def flush(self, skip_superseded: bool = True, wait_global_s: float = 0.0) -> int | None:
         """A final rescan and upload, in the caller's thread; the newest committed step.
 
         Whatever the stager holds for checkpoints that were never completed is then
-        cancelled, and their unfinished multipart uploads aborted.
+        cancelled, and their unfinished multipart uploads aborted. ``wait_global_s``
+        (multi-node): how long to wait for the peers' parts of this node's newest part,
+        so that the global commit exists before we go (the cancel switch ends it early).
         """
         self.stager.stop()
         self.sync_pass(skip_superseded=skip_superseded, reason="flush", retry_failed=True)
+        self._await_global(wait_global_s)
         cancelled = self._store.cancel_switch.cancelled
         self.stager.abandon("uploads cancelled" if cancelled else "checkpoint not completed")
         return self.stats.newest_committed_step
 
-    def flush_async(self) -> FlushHandle:
+    def flush_async(self, wait_global_s: float = 0.0) -> FlushHandle:
         """Stop the worker and flush, in a thread of its own (the drain's final commit)."""
 
         def run() -> int | None:
             self.stop()
-            return self.flush(skip_superseded=True)
+            return self.flush(skip_superseded=True, wait_global_s=wait_global_s)
 
         return FlushHandle(run)
 
     def sync_pass(self, skip_superseded: bool, reason: str, retry_failed: bool = False) -> None:
         """Rescan ``local_dir`` and commit what is complete and not yet remote, newest first."""
         with self._pass_lock:
+            self._try_global_commits()
             local = layout.list_step_dirs(self._dir)
             self._set(newest_local_step=local[0][0] if local else None)
-            queue = [(step, path) for step, path in local if step not in self._committed]
+            queue = [
+                (step, path)
+                for step, path in local
+                if step not in self._committed and step not in self._parts
+            ]
             for i, (step, path) in enumerate(queue):
                 if self._stopping.is_set() and reason == "background":
                     return
@@ -264,7 +276,7 @@ class CheckpointSync:
                         error=f"not started: {self._store.cancel_switch.reason}",
                     )
                     return
-                if step in self._committed or self._retired(step):
+                if step in self._committed or step in self._parts or self._retired(step):
                     continue
                 newest = max(self._committed, default=-1)
                 superseded = i > 0 or step < newest
@@ -328,24 +340,80 @@ class CheckpointSync:
             self.stats.failures += 1
             log.warning("checkpoint_upload_failed", step=step, error=str(exc))
             return
-        self._committed.add(step)
-        if result.remote is not None:
-            self._remote[step] = result.remote
         if not result.already_committed and result.bytes_sent:
             # Only what went over the wire in the commit says anything about bandwidth.
             self._throughput.record(result.bytes_sent, result.seconds)
-        self.stats.committed += 1
         self.stats.bytes_uploaded += result.bytes_sent + result.bytes_staged
         self.stats.bytes_copied += result.bytes_copied
         self.stats.upload_seconds += result.seconds
-        self._set(
-            newest_committed_step=max(self._committed),
-            last_upload_mbps=round(result.mbps, 2) if result.seconds > 0 else None,
-        )
+        if result.seconds > 0:
+            self._set(last_upload_mbps=round(result.mbps, 2))
+        if result.part_of is not None:
+            self._parts[step] = result.part_of  # committed when the set is complete
+            return
+        self._mark_committed(step, result.remote)
         if result.remote is not None and not result.remote.verified:
             self._verify_later(result.remote, path, result.unverified)
             return
         self._apply_retention()
+
+    def _mark_committed(self, step: int, remote: RemoteCheckpoint | None) -> None:
+        self._committed.add(step)
+        if remote is not None:
+            self._remote[step] = remote
+        self.stats.committed += 1
+        self._set(newest_committed_step=max(self._committed))
+
+    # --- multi-node: the global commit ------------------------------------------------
+
+    def _try_global_commits(self) -> None:
+        """Commit the steps whose parts are now complete (caller holds the pass lock)."""
+        newest = max(self._committed, default=-1)
+        for step in sorted(self._parts, reverse=True):
+            incarnation = self._parts[step]
+            if step <= newest:
+                del self._parts[step]  # superseded, or committed by a peer
+                continue
+            try:
+                done = try_global_commit(self._store, step, incarnation)
+            except StoreError as exc:
+                log.warning("global_commit_failed", step=step, error=str(exc))
+                continue
+            if done is not None:
+                del self._parts[step]
+                self._mark_committed(step, done[0])
+                newest = max(newest, step)
+                self._apply_retention()
+
+    def _await_global(self, timeout: float) -> None:
+        """Wait (bounded, cancellable) for the global commit of this node's newest part."""
+        if not self._parts or timeout <= 0:
+            return
+        deadline = time.monotonic() + timeout
+        while self._parts and not self._store.cancel_switch.cancelled:
+            with self._pass_lock:
+                self._try_global_commits()
+            if not self._parts or time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
+        if self._parts:
+            log.warning(
+                "global_commit_not_complete",
+                steps=sorted(self._parts),
+                waited_s=round(timeout, 1),
+                why="the other nodes' parts did not arrive in time",
+            )
+
+    def commit_parts_now(self) -> int | None:
+        """Try the global commit of every part waiting for it; the newest committed step."""
+        with self._pass_lock:
+            self._try_global_commits()
+        return self.stats.newest_committed_step
+
+    def awaiting_global(self) -> dict[int, str]:
+        """Steps with this node's part up, waiting for the others' (by incarnation)."""
+        with self._pass_lock:
+            return dict(self._parts)
 
     # --- verifying pending (emergency) commits ---------------------------------------
 

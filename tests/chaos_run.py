@@ -66,7 +66,7 @@ from daemon.emulator import MetadataEmulator  # noqa: E402
 from daemon.faultproxy import FaultProxy, Rule  # noqa: E402
 from daemon.s3client import RemoteLocation, make_s3_client  # noqa: E402
 from daemon.standins import FAKE_AWS_ENV, LocalS3, start_local_s3  # noqa: E402
-from daemon.store import CheckpointStore  # noqa: E402
+from daemon.store import LEFTOVER_AGE_S, CheckpointStore  # noqa: E402
 
 RUN_ID = "chaos-run"
 BUCKET = "chaos"
@@ -195,6 +195,9 @@ class Snapshot:
     committed: dict[int, dict[str, Any]] = field(default_factory=dict)
     verified: dict[int, bool] = field(default_factory=dict)
     uncommitted: set[int] = field(default_factory=set)
+    # Uncommitted steps with an object written within the last LEFTOVER_AGE_S: retention
+    # leaves those alone (an upload in flight, another node's or instance's).
+    recent: set[int] = field(default_factory=set)
     objects: int = 0
 
     @property
@@ -267,6 +270,9 @@ class Checker:
             mkey = f"{self.prefix}step-{step:09d}/manifest.json"
             if "manifest.json" not in files:
                 snap.uncommitted.add(step)
+                cutoff = time.time() - LEFTOVER_AGE_S
+                if any(o["LastModified"].timestamp() >= cutoff for o in files.values()):
+                    snap.recent.add(step)
                 continue
             try:
                 resp = self.s3.get_object(Bucket=BUCKET, Key=mkey)
@@ -346,7 +352,7 @@ class Checker:
                     f"({sorted(committed)}), retention keeps {self.keep}"
                 )
             oldest = min(committed, default=0)
-            stale = sorted(s for s in snap.uncommitted if s < oldest)
+            stale = sorted(s for s in snap.uncommitted - snap.recent if s < oldest)
             if stale:
                 raise InvariantViolation(
                     f"{label}: uncommitted leftovers {stale} older than the oldest kept {oldest}"

@@ -153,6 +153,8 @@ WRONG_TYPE: dict[str, tuple[object, str]] = {
     "run.workdir": (["/a"], "expected a string"),
     "run.env": (["A=1"], "expected a table of string values"),
     "run.user": (1000, "expected a string"),
+    "run.nodes": ("2", "expected an integer"),
+    "run.node_id": (7, "expected a string"),
     "run.group": (["video"], "expected a string"),
     "checkpoints.local_dir": (1, "expected a string"),
     "checkpoints.remote": (True, "expected a string"),
@@ -172,6 +174,7 @@ WRONG_TYPE: dict[str, tuple[object, str]] = {
     "daemon.max_restarts": (2.0, "expected an integer"),
     "daemon.restart_window": ("10m", "expected a number"),
     "daemon.progress_timeout": ("1h", "expected a number"),
+    "daemon.exit_code_after_notice": ("75", "expected an integer"),
     "metrics.textfile": (1, "expected a string"),
 }
 
@@ -181,6 +184,8 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "run.workdir": ("relative/dir", "must be an absolute path"),
     "run.env": ({"A": 1}, "expected a table of string values"),
     "run.user": ("", "must not be empty"),
+    "run.nodes": (0, "must be between 1 and 1024"),
+    "run.node_id": ("i-0/../x", "must match"),
     "run.group": ("a:b", "is not a user or group name"),
     "checkpoints.local_dir": ("ckpt", "must be an absolute path"),
     "checkpoints.remote": ("gs://bucket", "must look like s3://bucket"),
@@ -200,6 +205,7 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "daemon.max_restarts": (-1, "must be between 0 and 1000"),
     "daemon.restart_window": (0.5, "must be between"),
     "daemon.progress_timeout": (-1, "must be between"),
+    "daemon.exit_code_after_notice": (256, "must be between 0 and 255"),
     "metrics.textfile": ("/var/lib/node_exporter/spot.txt", "must end in .prom"),
 }
 
@@ -456,3 +462,19 @@ def test_unknown_run_group_is_refused_by_the_machine_checks() -> None:
     with pytest.raises(ConfigError) as exc:
         config.check_paths(config.build(doc))
     assert str(exc.value).startswith("run.group: ") and "no-such-group-7f3a" in str(exc.value)
+
+
+def test_exit_code_after_notice_defaults_to_0_and_refuses_2() -> None:
+    assert config.build(BASE).daemon.exit_code_after_notice == 0  # systemd: a drain is success
+    doc = with_key("daemon.exit_code_after_notice", 75)
+    assert config.build(doc).daemon.exit_code_after_notice == 75
+    # From the environment it is an integer too (SkyPilot recipes set it there).
+    env = {"SPOT_SUPERVISOR_DAEMON_EXIT_CODE_AFTER_NOTICE": "75"}
+    assert config.build(BASE, env).daemon.exit_code_after_notice == 75
+    # 2 is "bad configuration": the unit never restarts it, an orchestrator gives up on it.
+    with pytest.raises(ConfigError) as exc:
+        config.build(with_key("daemon.exit_code_after_notice", 2))
+    assert str(exc.value).startswith("daemon.exit_code_after_notice: 2 is reserved")
+    for bad, words in ((-1, "between 0 and 255"), (True, "expected an integer"), (7.5, "integer")):
+        with pytest.raises(ConfigError, match=words):
+            config.build(with_key("daemon.exit_code_after_notice", bad))
