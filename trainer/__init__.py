@@ -11,8 +11,12 @@
 
 Periodic saves are written in a background thread (the loop waits only for a copy of
 the state into CPU memory); large values are split into files of at most ~1 GB; under
-``torch.distributed`` the ranks agree on every stop and save. Imports torch, never
-boto3: uploading is the supervisor's job (``daemon``).
+``torch.distributed`` the ranks agree on every stop and save, and on several nodes each
+node writes its own part of every checkpoint into its own ``$SPOT_CHECKPOINT_DIR``
+(:mod:`trainer.nodes`); sharded state (FSDP2, DTensor) is saved through
+``torch.distributed.checkpoint`` (:meth:`CheckpointManager.track_sharded`,
+:mod:`trainer.sharded`). Imports torch, never boto3: uploading is the supervisor's job
+(``daemon``).
 """
 
 from daemon.layout import Manifest, ManifestError

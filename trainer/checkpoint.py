@@ -16,10 +16,18 @@ checkpoint does not depend on disk speed). The save made because the loop stops
 (SIGTERM, or the final step) is written at once and waited for, and so is any save in
 flight, before :meth:`CheckpointManager.step_done` returns True.
 
-Under ``torch.distributed`` (two or more ranks) each rank saves its own RNG state as
-``rng-rank<5 digits>.pt`` into rank 0's temporary directory; rank 0 writes everything
-else and the manifest, which lists every rank's files (:mod:`trainer.distributed`).
-All ranks share one ``local_dir`` (one machine).
+Under ``torch.distributed`` (two or more ranks) the ranks are grouped by node
+(:mod:`trainer.distributed`), and each node's ``local_dir`` is its own (each node's
+supervisor sets ``$SPOT_CHECKPOINT_DIR`` on its own disk). Global rank 0 writes the
+replicated state (tracked objects, progress, its RNG); every other rank writes only its
+own RNG state, as ``rng-rank<5 digits>.pt``; every rank writes its shards of sharded
+state (FSDP2 / DTensor, through DCP: :mod:`trainer.sharded`). Each rank writes into its
+own node's temporary directory, and each node's leader commits the node's
+``step-<9 digits>/`` with a manifest of exactly the node's files and the keys ``ranks``,
+``world_size`` and ``node`` (:mod:`trainer.nodes`). On one node that is one directory
+holding every rank's files. A resume point is a checkpoint holding every rank's files:
+one node's part of a multi-node save is one only once the supervisor has restored the
+run's global checkpoint (every node's files) into the node's ``local_dir``.
 """
 
 from __future__ import annotations
@@ -54,10 +62,13 @@ from daemon.layout import (
     parse_tmp_dir,
     read_manifest,
     step_dir_name,
-    write_file,
 )
+from trainer import sharded as _sharded
 from trainer import shards
 from trainer.distributed import Ranks, detect, rank_suffix
+from trainer.errors import CheckpointError as CheckpointError
+from trainer.errors import first_line as _first_line
+from trainer.nodes import is_partial, save_per_node
 from trainer.rng import capture_rng, restore_rng
 from trainer.signals import SignalFlags, notice_deadline
 from trainer.snapshot import SnapshotPool
@@ -98,10 +109,6 @@ _PLAIN_LEAVES: tuple[type, ...] = (
     torch.dtype,
     torch.device,
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, or does not fit the objects it is restored into."""
 
 
 class Stateful(Protocol):
@@ -204,11 +211,6 @@ def _remove_dir(path: Path, step: int, tag: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _nothing() -> None:
     """A snapshot that needs no waiting for (the state is already in CPU memory)."""
 
@@ -301,6 +303,8 @@ class CheckpointManager:
         self.deadline_margin = deadline_margin
         self.skipped_step: int | None = None
         self._tracked: dict[str, Stateful] = {}
+        # Saved through DCP (trainer.sharded), every rank its own shards.
+        self._sharded: dict[str, Stateful] = {}
         self._last_step: int | None = None
         self._last_save_seconds: float | None = None
         self._job: _Job | None = None
@@ -394,7 +398,28 @@ class CheckpointManager:
                 continue
             if name in (RNG_KEY, PROGRESS_KEY) or not _KEY_RE.match(name):
                 raise ValueError(f"{name!r} cannot name a tracked object")
+            if name in self._sharded:
+                raise ValueError(f"{name!r} is tracked as sharded state already")
             self._tracked[name] = obj
+
+    def track_sharded(self, **objects: Stateful | None) -> None:
+        """Register sharded objects (FSDP2 models, DTensor state), saved through DCP.
+
+        Each ``state_dict()`` (of DTensors: use :class:`trainer.sharded.ModelState` for a
+        model with its optimizer) goes into every checkpoint under its name, in one DCP
+        checkpoint in ``dcp/``: each rank writes its own shards into its node's
+        checkpoint directory, global rank 0 also DCP's ``.metadata``. Every rank must
+        track the same names (the save and the load are collective). :meth:`restore`
+        loads them with ``dcp.load``, each rank reading the parts its shards need.
+        """
+        for name, obj in objects.items():
+            if obj is None:
+                continue
+            if name in (RNG_KEY, PROGRESS_KEY) or not _KEY_RE.match(name):
+                raise ValueError(f"{name!r} cannot name a tracked object")
+            if name in self._tracked:
+                raise ValueError(f"{name!r} is tracked as replicated state already")
+            self._sharded[name] = obj
 
     def snapshot(self, step: int, **progress: Any) -> dict[str, Any]:
         """The state to save at ``step``: tracked objects, RNG and ``progress`` (plain values).
@@ -545,7 +570,8 @@ class CheckpointManager:
         self.wait()
         self._validate(state, reason)
         started = time.monotonic()
-        manifest, written = self._write(step, state, reason, started, _nothing)
+        parts = _sharded.state_of(self._sharded) if self._sharded else None
+        manifest, written = self._write(step, state, reason, started, _nothing, parts)
         self._last_step = step
         self._finished(manifest, written, started)
         if written and self.on_save is not None and self.rank == 0:
@@ -565,12 +591,13 @@ class CheckpointManager:
         started = time.monotonic()
         self._join_warmup()
         copy, ready = self._pool.copy(state)
+        parts = _sharded.cpu_copy(_sharded.state_of(self._sharded)) if self._sharded else None
         job = _Job(step, reason, self._last_step)
         self._last_step = step
 
         def run() -> None:
             try:
-                job.manifest, job.written = self._write(step, copy, reason, started, ready)
+                job.manifest, job.written = self._write(step, copy, reason, started, ready, parts)
                 self._finished(job.manifest, job.written, started)
             except BaseException as exc:  # reported on the training thread by wait()
                 job.error = exc
@@ -591,7 +618,10 @@ class CheckpointManager:
         self._warmed = True
         sizes = SnapshotPool.sizes(state)
         self._warmup = threading.Thread(
-            target=self._pool.allocate, args=(sizes,), name="checkpoint-warmup", daemon=True
+            target=self._pool.allocate,
+            args=(sizes,),
+            name="checkpoint-warmup",
+            daemon=True,
         )
         self._warmup.start()
 
@@ -638,8 +668,9 @@ class CheckpointManager:
             return
         self._last_save_seconds = time.monotonic() - started
         self._known_good.add(final_dir)
-        if self.rank != 0:
-            return
+        ranks = self._ranks
+        if ranks is not None and not ranks.is_leader:
+            return  # each node's leader logs and prunes its own local_dir
         log.info(
             "checkpoint %s saved (reason %s, %.1f MB in %.2f s)",
             final_dir.name,
@@ -656,12 +687,35 @@ class CheckpointManager:
         reason: str,
         started: float,
         ready: Callable[[], None],
+        parts: dict[str, Any] | None = None,
     ) -> tuple[Manifest, bool]:
-        """Write one checkpoint (any thread); its manifest, and False when it already existed."""
+        """Write one checkpoint (any thread); its manifest, and False when it already existed.
+
+        ``parts``: the sharded objects' state, written through DCP (collectively).
+        """
         ready()
         ranks = self._ranks
+        write_sharded: Callable[[Path], list[FileEntry]] | None = None
+        if parts is not None:
+            group = ranks.io if ranks is not None else None
+
+            def write_sharded(tmp_dir: Path) -> list[FileEntry]:
+                return _sharded.save(parts, tmp_dir, self.directory, step, group)
+
         if ranks is not None:
-            return self._write_distributed(ranks, step, state, reason, started)
+            return save_per_node(
+                ranks,
+                self.directory,
+                self.run_id,
+                step,
+                reason,
+                started,
+                existing=self._existing_complete,
+                set_aside=self._set_aside,
+                write_files=lambda open_file: self._write_files(open_file, state),
+                write_sharded=write_sharded,
+                active=_ACTIVE_TMP_DIRS,
+            )
         final_dir = self.directory / step_dir_name(step)
         existing = self._existing_complete(final_dir, step)
         if existing is not None:
@@ -670,6 +724,8 @@ class CheckpointManager:
             _ACTIVE_TMP_DIRS.add(writer.tmp_dir)
             try:
                 self._write_files(writer.open_file, state)
+                if write_sharded is not None:
+                    writer.add_files(write_sharded(writer.tmp_dir))
                 writer.extra["save_seconds"] = round(time.monotonic() - started, 3)
                 return writer.commit(), True
             finally:
@@ -701,75 +757,6 @@ class CheckpointManager:
                 entries.append(FileEntry(name, f.size, f.sha256))
         return entries
 
-    def _write_distributed(
-        self, ranks: Ranks, step: int, state: Mapping[str, Any], reason: str, started: float
-    ) -> tuple[Manifest, bool]:
-        """The multi-rank protocol, on the io group; every rank runs it for the same step.
-
-        1. rank 0 makes the ``.tmp-`` directory (or finds the step complete) and
-           broadcasts its name;
-        2. every rank writes its files into it (``.partial``, fsync, rename);
-        3. all_gather of each rank's (path, size, sha256) list, or its error;
-        4. rank 0 lists them all in the manifest and commits, or removes the directory
-           when any rank failed; it broadcasts the outcome, so all ranks agree.
-        """
-        final_dir = self.directory / step_dir_name(step)
-        writer: CheckpointWriter | None = None
-        opening: tuple[str, Any] | None = None
-        if ranks.is_writer:
-            try:
-                existing = self._existing_complete(final_dir, step)
-                if existing is not None:
-                    opening = ("exists", existing)
-                else:
-                    writer = CheckpointWriter(self.directory, self.run_id, step, reason)
-                    writer.__enter__()
-                    _ACTIVE_TMP_DIRS.add(writer.tmp_dir)
-                    opening = ("tmp", writer.tmp_dir.name)
-            except Exception as exc:
-                opening = ("error", f"rank 0: {_first_line(exc)}")
-        try:
-            kind, value = ranks.broadcast(opening)
-            if kind == "exists":
-                return cast(Manifest, value), False
-            if kind == "error":
-                raise CheckpointError(f"saving {final_dir.name} failed: {value}")
-            tmp_dir = self.directory / str(value)
-            entries: list[FileEntry] = []
-            problem: str | None = None
-            try:
-                if writer is not None:
-                    self._write_files(writer.open_file, state)
-                else:
-                    entries = self._write_files(lambda n: write_file(tmp_dir, n), state)
-            except Exception as exc:
-                problem = f"rank {ranks.rank}: {_first_line(exc)}"
-            reports = ranks.gather((entries, problem))
-            outcome: tuple[str, Any] | None = None
-            if writer is not None:
-                try:
-                    problems = [p for _, p in reports if p]
-                    if problems:
-                        raise CheckpointError("; ".join(problems))
-                    for other in reports[1:]:
-                        writer.add_files(other[0])
-                    writer.extra["save_seconds"] = round(time.monotonic() - started, 3)
-                    writer.extra["world_size"] = ranks.world_size
-                    outcome = ("ok", writer.commit())
-                except Exception as exc:
-                    outcome = ("error", _first_line(exc))
-                finally:
-                    writer.__exit__(None, None, None)  # removes the directory unless committed
-            kind, value = ranks.broadcast(outcome)
-            if kind == "error":
-                raise CheckpointError(f"saving {final_dir.name} failed: {value}")
-            return cast(Manifest, value), True
-        finally:
-            if writer is not None:
-                _ACTIVE_TMP_DIRS.discard(writer.tmp_dir)
-                if not writer.committed:
-                    shutil.rmtree(writer.tmp_dir, ignore_errors=True)
-
     def _existing_complete(self, final_dir: Path, step: int) -> Manifest | None:
         """The manifest of a usable checkpoint already at ``final_dir``; clears a broken one."""
         if not final_dir.exists():
@@ -790,6 +777,12 @@ class CheckpointManager:
         _remove_dir(final_dir, step, "broken")
         self._unloadable.discard(final_dir)
         return None
+
+    def _set_aside(self, final_dir: Path, step: int) -> None:
+        """Remove a complete checkpoint that this save replaces (renamed out first)."""
+        _remove_dir(final_dir, step, "aside")
+        self._known_good.discard(final_dir)
+        self._unloadable.discard(final_dir)
 
     def prune(self) -> None:
         """Delete ``step-*`` directories older than the newest ``keep`` complete ones."""
@@ -817,17 +810,20 @@ class CheckpointManager:
                 complete += 1
 
     def _sweep_stale_tmp_dirs(self) -> None:
-        """Remove ``.tmp-step-*`` directories whose writer process is gone."""
+        """Remove ``.tmp-step-*`` (and DCP scratch) directories whose writer process is gone."""
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
             return
         me = os.getpid()
         for entry in entries:
-            pid = _tmp_dir_pid(entry.name)
+            scratch = _sharded.scratch_pid(entry.name)
+            pid = _tmp_dir_pid(entry.name) if scratch is None else scratch
             if pid is None or not entry.is_dir(follow_symlinks=False):
                 continue
             path = Path(entry.path)
+            if scratch is not None and pid == me:
+                continue  # DCP scratch is not registered as active: never sweep our own
             if pid == me:
                 # Our pid but not being written by us: a previous process that had the
                 # same pid (common in containers) died mid-save.
@@ -848,7 +844,10 @@ class CheckpointManager:
         Each one skipped (bad manifest, wrong size or sha256, a file torch.load refuses)
         is logged as a WARNING naming the file and the reason. Sharded values come back
         reassembled. Under ``torch.distributed`` all ranks agree on one checkpoint (the
-        newest every rank could load) and each loads its own ``rng-rank*`` file only.
+        newest every rank could load) and each loads its own ``rng-rank*`` file only. One
+        node's part of a multi-node save (its manifest's ``ranks`` are not every rank)
+        is never loaded: the run resumes from a checkpoint holding every rank's files.
+        Sharded state is not loaded here (``dcp.load`` is collective): :meth:`restore`.
         """
         candidates = list_step_dirs(self.directory)
         ranks = self._dist()
@@ -871,6 +870,13 @@ class CheckpointManager:
                 log.warning("skipping checkpoint %s: another rank could not load it", found)
             candidates = [(s, p) for s, p in candidates if s < step]
 
+    def _needed(self) -> list[str]:
+        """The files a restore of the tracked objects reads (sharded: DCP's metadata)."""
+        names = [name + FILE_SUFFIX for name in self._tracked] + [PROGRESS_KEY + FILE_SUFFIX]
+        if self._sharded:
+            names.append(f"{_sharded.DCP_DIR}/{_sharded.METADATA_NAME}")
+        return names
+
     def _load_dir(self, path: Path, map_location: Any, rank: int) -> Checkpoint | None:
         """One checkpoint verified and loaded, or None (and a warning) when it fails."""
         try:
@@ -878,6 +884,27 @@ class CheckpointManager:
         except (ManifestError, OSError) as exc:
             log.warning("skipping checkpoint %s: %s", path.name, exc)
             return None
+        if is_partial(manifest):
+            # One node's part of a multi-node save (its supervisor restores the whole
+            # global checkpoint before a start): it lacks the other nodes' files, so it
+            # is no resume point, though still a complete checkpoint for keep and sync.
+            listed = {f.path for f in manifest.files}
+            lacks = [n for n in self._needed() if n not in listed]
+            log.warning(
+                "skipping checkpoint %s: only the part of node %r (ranks %s of %s)%s",
+                path.name,
+                manifest.extra.get("node"),
+                manifest.extra.get("ranks"),
+                manifest.extra.get("world_size"),
+                f" and lacks {', '.join(lacks)}" if lacks else "",
+            )
+            return None
+        if self._sharded and any(f.path.startswith(_sharded.DCP_DIR + "/") for f in manifest.files):
+            problem = _sharded.problem(path, manifest)
+            if problem is not None:
+                log.warning("skipping checkpoint %s: %s", path.name, problem)
+                self._unloadable.add(path)
+                return None
         names = []
         for entry in manifest.files:
             if not entry.path.endswith(FILE_SUFFIX) or "/" in entry.path:
@@ -936,28 +963,42 @@ class CheckpointManager:
         *,
         map_location: Any = "cpu",
         rng: bool = True,
+        sharded: Mapping[str, Stateful] | None = None,
         **others: Stateful,
     ) -> Resume:
         """Track the given objects and load the newest good checkpoint into them.
 
         Objects are saved as ``model.pt``, ``optimizer.pt``, ``scheduler.pt`` and
         ``<keyword>.pt`` for each of ``others`` (an AMP ``scaler=torch.amp.GradScaler``,
-        a data loader's state, ...). Also restores the RNG states (unless ``rng=False``;
+        a data loader's state, ...). ``sharded`` objects (FSDP2 / DTensor state, e.g.
+        ``{"model": trainer.sharded.ModelState(model, optimizer)}``) are tracked with
+        :meth:`track_sharded` and loaded with ``dcp.load`` (collectively: every rank
+        passes the same names). Also restores the RNG states (unless ``rng=False``;
         each rank its own under ``torch.distributed``). Returns the step to continue
         from and the saved progress.
         """
         self.track(model=model, optimizer=optimizer, scheduler=scheduler, **others)
+        self.track_sharded(**(sharded or {}))
         ckpt = self.load_latest(map_location)
         if ckpt is None:
             log.info("no checkpoint in %s; starting at step 0", self.directory)
             return Resume()
-        missing = [name for name in self._tracked if name not in ckpt.state]
+        missing = [name + FILE_SUFFIX for name in self._tracked if name not in ckpt.state]
+        dcp_metadata = f"{_sharded.DCP_DIR}/{_sharded.METADATA_NAME}"
+        if self._sharded and all(f.path != dcp_metadata for f in ckpt.manifest.files):
+            missing.append(dcp_metadata)
         if missing:
-            raise CheckpointError(
-                f"{ckpt.path} has no {', '.join(m + FILE_SUFFIX for m in missing)} to restore from"
-            )
+            raise CheckpointError(f"{ckpt.path} has no {', '.join(missing)} to restore from")
         for name, obj in self._tracked.items():
             obj.load_state_dict(ckpt.state[name])
+        if self._sharded:
+            ranks = self._dist()
+            try:
+                _sharded.load(self._sharded, ckpt.path, ranks.io if ranks is not None else None)
+            except Exception as exc:  # DCP raises on every rank alike
+                raise CheckpointError(
+                    f"{ckpt.path}: the sharded state does not load: {_first_line(exc)}"
+                ) from exc
         if rng:
             rank = self.rank
             rng_key = RNG_KEY + rank_suffix(rank) if rank else RNG_KEY
@@ -965,7 +1006,10 @@ class CheckpointManager:
                 restore_rng(ckpt.state[rng_key])
             else:
                 log.warning(
-                    "%s has no %s%s; RNG state not restored", ckpt.path, rng_key, FILE_SUFFIX
+                    "%s has no %s%s; RNG state not restored",
+                    ckpt.path,
+                    rng_key,
+                    FILE_SUFFIX,
                 )
         progress = dict(ckpt.state.get(PROGRESS_KEY) or {})
         progress.pop("step", None)  # the directory's step is authoritative

@@ -9,7 +9,10 @@ and resumed any number of times on CPU, it ends with the same parameters, bit fo
 Periodic saves are written in the background (``--sync-save`` writes them in the loop).
 Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins a gloo process group, wraps the model
 in DistributedDataParallel and gives each rank its slice of every batch; only rank 0
-prints, and each rank's RNG (its own dropout stream) is saved and restored.
+prints, and each rank's RNG (its own dropout stream) is saved and restored. Across
+several nodes (``torchrun --nnodes=N``, each node with its own ``$SPOT_CHECKPOINT_DIR``)
+each node saves its own part of every checkpoint (trainer.nodes) and resumes from the
+whole checkpoint its supervisor restored.
 
 stdout, one line per event, flushed (supervisors and tests follow it):
 
