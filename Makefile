@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pinned with its dependencies in tests/npm/package-lock.json. Needs node and npm.
 S3RVER := tests/npm/node_modules/s3rver/package.json
 
-.PHONY: install demo test lint bench chaos clean
+.PHONY: install demo test lint bench chaos clean skypilot-check
 
 install: $(VENV)/.installed $(S3RVER)
 
@@ -34,6 +34,18 @@ test: install
 lint: install
 	$(BIN)/ruff check daemon trainer tests bench
 	$(BIN)/mypy
+	$(BIN)/cfn-lint --regions us-east-1 us-west-2 -- deploy/aws/spot-training.yaml
+
+# SkyPilot's own parser on deploy/skypilot/train.yaml. SkyPilot pins packages of its own,
+# so it lives in a venv of its own; the schema check in `make test` runs without it.
+SKY := .venv-skypilot
+$(SKY)/.installed:
+	$(PYTHON) -m venv $(SKY)
+	$(SKY)/bin/pip install --quiet "skypilot==0.14.1"
+	touch $@
+
+skypilot-check: install $(SKY)/.installed
+	SKYPILOT_PYTHON=$(SKY)/bin/python $(BIN)/python -m pytest -q tests/test_skypilot_recipe.py
 
 bench: install
 	$(BIN)/python -m bench
@@ -43,4 +55,4 @@ chaos: install
 	$(BIN)/python tests/chaos_run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/npm/node_modules
+	rm -rf $(VENV) $(SKY) .mypy_cache .ruff_cache .pytest_cache tests/npm/node_modules

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,6 +60,57 @@ def _parser() -> argparse.ArgumentParser:
         "complete: against a local metadata emulator and a local S3 server.",
     )
     demo.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
+
+    # The fleet side (daemon/fleet/): run on an operator's machine, never on the run path.
+    ud = with_config(
+        "user-data",
+        "cloud-init user-data that installs this config and starts the unit "
+        "(or, with --cfn-parameters, the stack's parameters)",
+    )
+    ud.add_argument(
+        "--cfn-parameters",
+        action="store_true",
+        help="print RunId=... Bucket=... Prefix=... Nodes=... RunConfig=... for "
+        "`aws cloudformation deploy --parameter-overrides` (deploy/aws/spot-training.yaml)",
+    )
+    doc = sub.add_parser(
+        "doctor",
+        help="why a fleet does not run: scaling activities, spot prices, offerings, quotas",
+        description="Reads the Auto Scaling group's scaling activities, the spot price "
+        "history and instance type offerings of the ladder's types, the Spot vCPU quotas and "
+        "the launch template's AMI; one line per finding, each failure with its fix. "
+        "Exit 0: nothing failed; 1: something did (or AWS could not be asked).",
+    )
+    doc.add_argument(
+        "--asg", metavar="NAME", help="the Auto Scaling group (the stack's SpotGroupName output)"
+    )
+    doc.add_argument(
+        "--types", metavar="T1,T2,...", help="instance types to check (default: the group's ladder)"
+    )
+    doc.add_argument("--region", metavar="REGION", help="default: the AWS configuration's region")
+    doc.add_argument(
+        "--nodes", type=int, metavar="N", help="instances the run needs (default: group's desired)"
+    )
+    doc.add_argument("--json", action="store_true", help="the findings as JSON")
+    pr = sub.add_parser(
+        "prices",
+        help="spot and on-demand prices per region and AZ, and the saving",
+        description="The current spot price of each type in each Availability Zone, against "
+        "the on-demand list price (daemon/fleet/catalog.py, dated), and the saving.",
+    )
+    pr.add_argument("--types", metavar="T1,T2,...", required=True, help="instance types")
+    pr.add_argument(
+        "--regions", metavar="R1,R2,...", help="regions (default: the AWS configuration's region)"
+    )
+    pr.add_argument(
+        "--on-demand",
+        metavar="TYPE=USD",
+        action="append",
+        default=[],
+        help="an on-demand price per hour to compare against instead of the table's "
+        "(repeatable)",
+    )
+    pr.add_argument("--json", action="store_true", help="the prices as JSON")
     return p
 
 
@@ -147,6 +199,92 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+def cmd_user_data(args: argparse.Namespace) -> int:
+    from daemon.config import resolve_path
+    from daemon.fleet.userdata import UserDataError, launch_from_file
+
+    path = resolve_path(args.config, os.environ)
+    try:
+        launch = launch_from_file(path)
+    except UserDataError as exc:
+        print(f"spot-supervisor user-data: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.cfn_parameters:
+        print(" ".join(f"{k}={v}" for k, v in launch.cfn_parameters().items()))
+    else:
+        sys.stdout.write(launch.user_data())
+    return EXIT_OK
+
+
+def _aws_session(region: str | None) -> Any:
+    import boto3
+
+    return boto3.session.Session(region_name=region) if region else boto3.session.Session()
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from daemon.fleet.catalog import parse_instance_types, parse_regions
+    from daemon.fleet.doctor import Doctor
+
+    try:
+        types = parse_instance_types("--types", args.types)
+        parse_regions("--region", args.region)
+    except ValueError as exc:
+        return _usage(str(exc))
+    if not args.asg and not types:
+        return _usage("doctor: give --asg NAME, --types TYPE,..., or both")
+    if args.nodes is not None and args.nodes < 1:
+        return _usage("--nodes: must be at least 1")
+    session = _aws_session(args.region)
+    region = session.region_name
+    if not region:
+        return _usage("--region: none given and none in the AWS configuration")
+    doctor = Doctor(
+        region,
+        session.client("autoscaling"),
+        session.client("ec2"),
+        session.client("service-quotas"),
+    )
+    try:
+        doctor.run(args.asg, types, args.nodes)
+    except (ClientError, BotoCoreError) as exc:
+        # What was found so far still helps (e.g. the group was read, then access denied).
+        print(doctor.report())
+        print(f"spot-supervisor doctor: cannot ask AWS in {region}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(doctor.as_json() if args.json else doctor.report())
+    return EXIT_FAILURE if doctor.failed else EXIT_OK
+
+
+def cmd_prices(args: argparse.Namespace) -> int:
+    from daemon.fleet import prices
+    from daemon.fleet.catalog import parse_instance_types, parse_regions
+
+    try:
+        types = parse_instance_types("--types", args.types)
+        regions = parse_regions("--regions", args.regions)
+        on_demand = prices.parse_on_demand(args.on_demand)
+    except ValueError as exc:
+        return _usage(str(exc))
+    if not types:
+        return _usage("--types: give at least one instance type")
+    if not regions:
+        default = _aws_session(None).region_name
+        if not default:
+            return _usage("--regions: none given and none in the AWS configuration")
+        regions = [default]
+    found = prices.collect(lambda r: _aws_session(r).client("ec2"), regions, types, on_demand)
+    print(prices.as_json(found) if args.json else prices.render(found, on_demand))
+    return EXIT_FAILURE if any(r.error for r in found) else EXIT_OK
+
+
+def _usage(message: str) -> int:
+    print(f"spot-supervisor: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "restore": cmd_restore,
@@ -154,6 +292,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "check": cmd_check,
     "demo": cmd_demo,
+    "user-data": cmd_user_data,
+    "doctor": cmd_doctor,
+    "prices": cmd_prices,
 }
 
 
