@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("spot-supervisor needs Python >= 3.10") if sys.version_info < (3, 10) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[trainer,demo,dev]'
+	$(BIN)/pip install --quiet -e '.[trainer,demo,dev,integrations]'
 	touch $@
 
 $(S3RVER): tests/npm/package.json tests/npm/package-lock.json

@@ -22,17 +22,20 @@ node writes its own part of every checkpoint into its own ``$SPOT_CHECKPOINT_DIR
 from daemon.layout import Manifest, ManifestError
 from trainer.checkpoint import (
     DEFAULT_SHARD_BYTES,
+    Boundary,
     Checkpoint,
     CheckpointError,
     CheckpointManager,
     Resume,
     Stateful,
+    newest_verified,
 )
 from trainer.rng import capture_rng, restore_rng
 from trainer.signals import Notice, SignalFlags, notice_deadline, read_notice
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
+    "Boundary",
     "Checkpoint",
     "CheckpointError",
     "CheckpointManager",
@@ -43,6 +46,7 @@ __all__ = [
     "SignalFlags",
     "Stateful",
     "capture_rng",
+    "newest_verified",
     "notice_deadline",
     "read_notice",
     "restore_rng",

@@ -28,15 +28,25 @@ own node's temporary directory, and each node's leader commits the node's
 holding every rank's files. A resume point is a checkpoint holding every rank's files:
 one node's part of a multi-node save is one only once the supervisor has restored the
 run's global checkpoint (every node's files) into the node's ``local_dir``.
+
+For loops the manager does not drive (``transformers.Trainer``, Lightning, Accelerate;
+:mod:`trainer.integrations`), :meth:`CheckpointManager.decide` is the step-boundary
+decision alone, and :meth:`CheckpointManager.save_directory` commits a directory another
+library wrote (in a ``.tmp-staging-step-*`` directory, or its own output directory) by
+renaming it into a ``.tmp-step-*`` one, hashing it and writing the manifest last: the
+same layout, no byte copied (one node).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -45,11 +55,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import torch
 
 from daemon.layout import (
+    MANIFEST_NAME,
+    PARTIAL_SUFFIX,
     REASONS,
     TMP_PREFIX,
     CheckpointWriter,
@@ -57,11 +69,14 @@ from daemon.layout import (
     HashingWriter,
     Manifest,
     ManifestError,
+    fsync_dir,
     list_step_dirs,
     load_complete,
+    open_listed,
     parse_tmp_dir,
     read_manifest,
     step_dir_name,
+    write_file,
 )
 from trainer import sharded as _sharded
 from trainer import shards
@@ -74,6 +89,7 @@ from trainer.signals import SignalFlags, notice_deadline
 from trainer.snapshot import SnapshotPool
 
 log = logging.getLogger("trainer.checkpoint")
+_T = TypeVar("_T")
 
 CHECKPOINT_DIR_ENV = "SPOT_CHECKPOINT_DIR"
 RUN_ID_ENV = "SPOT_RUN_ID"
@@ -89,6 +105,13 @@ SAVE_TIME_FACTOR = 1.25
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _RANK_FILE_RE = re.compile(r"-rank(\d{5})(?:-\d{5})?\.pt$")
+# Where another library writes a checkpoint before it is moved, by one rename, into a
+# ``.tmp-step-`` directory (:meth:`CheckpointManager.save_directory`). Not a ``.tmp-step-``
+# name: the supervisor uploads files from those as soon as they carry their final name,
+# and a library writing in place gives its files their final names while still writing.
+STAGING_PREFIX = TMP_PREFIX + "staging-"
+_HASH_CHUNK = 4 << 20
+_STAGING_RE = re.compile(r"^\.tmp-staging-step-\d{9}-(\d+)-.+$")
 
 # Temporary directories this process is writing right now. The stale-directory sweep
 # skips them even though they carry our own pid (a second manager in one process).
@@ -155,6 +178,24 @@ class Resume:
         return self.path is not None
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """What one step boundary calls for, as every rank agreed (:meth:`CheckpointManager.decide`)."""
+
+    step: int
+    reason: str | None
+    """The reason to save with; None when no save is due or this step is already saved."""
+    stop: bool
+    """SIGTERM arrived (on any rank): stop after this boundary."""
+    skip: bool
+    """The stop's save is skipped: the notice deadline leaves too little time for it."""
+
+    @property
+    def save(self) -> bool:
+        """Whether to write a checkpoint of this step now."""
+        return self.reason is not None and not self.skip
+
+
 def _check_plain(obj: Any, where: str) -> None:
     """Raise TypeError naming the first value weights_only loading would refuse."""
     if isinstance(obj, _PLAIN_LEAVES):
@@ -190,7 +231,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _tmp_dir_pid(name: str) -> int | None:
-    """The writer pid in ``.tmp-step-<9 digits>-<pid>-<anything>``, else None."""
+    """The writer pid in ``.tmp-step-<9 digits>-<pid>-<anything>`` (or a staging dir), else None."""
+    staging = _STAGING_RE.match(name)
+    if staging is not None:
+        return int(staging.group(1))
     if parse_tmp_dir(name) is None:
         return None
     rest = name[len(TMP_PREFIX) + len("step-") + 10 :]
@@ -209,6 +253,94 @@ def _remove_dir(path: Path, step: int, tag: str) -> None:
     )
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _finished_files(staging: Path) -> list[str]:
+    """The files of a finished staging directory, fsynced; its sub-directories fsynced too.
+
+    Only regular files and directories: a symlink could point anywhere (the supervisor
+    would never upload through one, and loading would refuse it), so it is an error.
+    """
+    names: list[str] = []
+    for root, dirs, files in os.walk(staging):
+        here = Path(root)
+        for name in sorted(dirs):
+            if (here / name).is_symlink():
+                raise CheckpointError(f"{here / name} is a symlink; a checkpoint holds files only")
+        for name in sorted(files):
+            path = here / name
+            rel = path.relative_to(staging).as_posix()
+            if rel == MANIFEST_NAME or name.endswith(PARTIAL_SUFFIX):
+                raise CheckpointError(f"{path}: this name is reserved in a checkpoint")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    msg = f"{path} is a symlink; a checkpoint holds files only"
+                    raise CheckpointError(msg) from None
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise CheckpointError(f"{path} is not a regular file")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            names.append(rel)
+        fsync_dir(here)
+    return sorted(names)
+
+
+def _commit_staged(
+    local_dir: Path, run_id: str, step: int, reason: str, staging: Path, extra: dict[str, Any]
+) -> Manifest:
+    """Move a finished staging directory into ``.tmp-step-*``, list it in a manifest, commit it.
+
+    CONTRACT §4 by one rename instead of a copy: every file is fsynced while it is still
+    out of the supervisor's sight, then the whole directory becomes ``.tmp-step-N-*``,
+    so each file appears there under its final name already finished. Its sha256 is
+    read back, the manifest written last, and the directory renamed to ``step-N``.
+    """
+    names = _finished_files(staging)
+    writer = CheckpointWriter(local_dir, run_id, step, reason, extra)
+    try:
+        os.rename(staging, writer.tmp_dir)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise CheckpointError(
+                f"{staging} is on another filesystem than {local_dir}: a checkpoint is moved "
+                "there by a rename, never copied; put the library's output directory on the "
+                "same filesystem (for example inside the checkpoint directory)"
+            ) from None
+        raise
+    _ACTIVE_TMP_DIRS.add(writer.tmp_dir)
+    try:
+        entries = []
+        for rel in names:
+            h, size = hashlib.sha256(), 0
+            with open_listed(writer.tmp_dir, rel) as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+            entries.append(FileEntry(rel, size, h.hexdigest()))
+        writer.add_files(entries)
+        return writer.commit()
+    finally:
+        _ACTIVE_TMP_DIRS.discard(writer.tmp_dir)
+        writer.__exit__(None, None, None)  # removes the directory unless committed
+
+
+def newest_verified(directory: str | os.PathLike[str]) -> tuple[Path, Manifest] | None:
+    """The newest complete checkpoint in ``directory`` whose every file matches its sha256.
+
+    Reads no file into memory beyond hashing it: for a checkpoint another library will
+    load itself. Each one skipped is logged as a WARNING with the reason.
+    """
+    for _step, path in list_step_dirs(Path(directory)):
+        try:
+            return path, load_complete(path, hash_files=True)
+        except (ManifestError, OSError) as exc:
+            log.warning("skipping checkpoint %s: %s", path.name, exc)
+    return None
 
 
 def _nothing() -> None:
@@ -261,6 +393,11 @@ class CheckpointManager:
             stopping, a save that cannot finish before its deadline is skipped.
         deadline_margin: seconds kept free before the notice deadline, on top of
             ``1.25 x`` the duration of the last save.
+        save_dir: for a library that saves its own state into a directory (Accelerate's
+            ``accelerator.save_state``): each save calls it with an empty staging
+            directory, then commits what it wrote (:meth:`save_directory`) with the
+            progress of :meth:`step_done` as ``progress.pt``. :meth:`restore` then
+            takes no objects and returns the checkpoint's path for the library to load.
     """
 
     def __init__(
@@ -276,6 +413,7 @@ class CheckpointManager:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         notice_file: str | os.PathLike[str] | None = None,
         deadline_margin: float = 5.0,
+        save_dir: Callable[[Path], object] | None = None,
     ) -> None:
         if directory is None:
             env = os.environ.get(CHECKPOINT_DIR_ENV)
@@ -301,6 +439,7 @@ class CheckpointManager:
         self.shard_bytes = shard_bytes
         self.notice_file = notice_file
         self.deadline_margin = deadline_margin
+        self.save_dir = save_dir
         self.skipped_step: int | None = None
         self._tracked: dict[str, Stateful] = {}
         # Saved through DCP (trainer.sharded), every rank its own shards.
@@ -391,6 +530,14 @@ class CheckpointManager:
         """Behave as if SIGUSR1 arrived: save at the next step boundary."""
         self.signals.save_requested = True
 
+    def mark_saved(self, step: int) -> None:
+        """Record that the state at ``step`` is in a complete checkpoint already.
+
+        For a framework that restored that checkpoint itself: a SIGTERM at that
+        boundary then writes nothing new, as after :meth:`restore`.
+        """
+        self._last_step = step
+
     def track(self, **objects: Stateful | None) -> None:
         """Register objects whose ``state_dict()`` goes into each checkpoint as ``<name>.pt``."""
         for name, obj in objects.items():
@@ -470,24 +617,14 @@ class CheckpointManager:
         call it at every boundary: one all_reduce agrees on stop and save.
         """
         self._collect()
-        if self.async_save and not self._warmed:
+        if self.async_save and self.save_dir is None and not self._warmed:
             self._warm(self.snapshot(step, **progress))
-        ranks = self._dist()
-        stop = self.signals.stop_requested
-        save_request = self.signals.take_save_request()
-        saved = step == self._last_step  # in a complete checkpoint, or the one being written
-        reason = self._reason(step, final, stop, save_request)
-        doomed = bool(stop and reason is not None and not saved and self._doomed(step))
-        if ranks is not None:
-            agreed = ranks.agree_max([int(stop), int(save_request), int(doomed)])
-            if agreed[0] and not stop:
-                log.info("stop agreed at step %d: another rank received SIGTERM", step)
-                self.signals.stop_requested = True
-            stop, save_request, doomed = (bool(v) for v in agreed)
-            reason = self._reason(step, final, stop, save_request)
-        if reason is not None and not saved:
-            if stop and doomed:
-                self._skip(step, reason)
+        boundary = self.decide(step, final=final)
+        stop, reason = boundary.stop, boundary.reason
+        if boundary.save and reason is not None:
+            if self.save_dir is not None:
+                _check_plain(progress, "progress")
+                self.save_directory(step, reason, fill=self.save_dir, progress=progress)
             elif stop or final or not self.async_save:
                 self.save(step, self.snapshot(step, **progress), reason)
             else:
@@ -503,14 +640,55 @@ class CheckpointManager:
             )
         return final or stop
 
-    def _reason(self, step: int, final: bool, stop: bool, save_request: bool) -> str | None:
+    def decide(self, step: int, *, final: bool = False, periodic: bool | None = None) -> Boundary:
+        """Whether to save (and why) and whether to stop at boundary ``step``, all ranks agreed.
+
+        The decision part of :meth:`step_done`, for a loop the manager does not drive (a
+        framework's trainer, whose callbacks then save and stop): consumes SIGUSR1,
+        looks at SIGTERM and the notice deadline, and under ``torch.distributed`` makes
+        every rank agree with one all_reduce (every rank must call it at every
+        boundary). ``periodic`` says whether a periodic save is due (the framework's own
+        schedule); None uses ``save_every``. The reason is None when the step is already
+        in a checkpoint. A stop whose save the deadline does not leave time for is
+        logged and recorded (:attr:`skipped_step`) here.
+        """
+        ranks = self._dist()
+        stop = self.signals.stop_requested
+        save_request = self.signals.take_save_request()
+        saved = step == self._last_step  # in a complete checkpoint, or the one being written
+        reason = self._reason(step, final, stop, save_request, periodic)
+        doomed = bool(stop and reason is not None and not saved and self._doomed(step))
+        if ranks is not None:
+            agreed = ranks.agree_max([int(stop), int(save_request), int(doomed)])
+            if agreed[0] and not stop:
+                log.info("stop agreed at step %d: another rank received SIGTERM", step)
+                self.signals.stop_requested = True
+            stop, save_request, doomed = (bool(v) for v in agreed)
+            reason = self._reason(step, final, stop, save_request, periodic)
+        if saved:
+            reason = None
+        skip = bool(stop and doomed and reason is not None)
+        if skip and reason is not None:
+            self._skip(step, reason)
+        return Boundary(step, reason, stop, skip)
+
+    def _reason(
+        self,
+        step: int,
+        final: bool,
+        stop: bool,
+        save_request: bool,
+        periodic: bool | None = None,
+    ) -> str | None:
         if final:
             return "final"
         if stop:
             # CONTRACT §3: a save made because of SIGTERM is an interrupt save, even at a
             # periodic boundary; and SIGTERM wins over SIGUSR1, as the save is the last one.
             return "interrupt"
-        if self.save_every and step > 0 and step % self.save_every == 0:
+        if periodic is None:
+            periodic = bool(self.save_every and step > 0 and step % self.save_every == 0)
+        if periodic:
             return "periodic"
         # A request at a step already saved is answered by that save.
         return "requested" if save_request else None
@@ -608,6 +786,171 @@ class CheckpointManager:
         self._job = job
         job.thread.start()
         log.debug("step %d: state copied in %.3f s", step, time.monotonic() - started)
+
+    def save_directory(
+        self,
+        step: int,
+        reason: str = "periodic",
+        *,
+        source: str | os.PathLike[str] | None = None,
+        fill: Callable[[Path], object] | None = None,
+        progress: Mapping[str, Any] | None = None,
+        began: float | None = None,
+    ) -> Manifest:
+        """Commit a directory another library wrote, as checkpoint ``step``, without copying it.
+
+        Give either ``source``, a finished directory (a ``transformers`` Trainer's
+        ``checkpoint-N``), which is moved here by one rename, so it must be on the
+        filesystem of the checkpoint directory; or ``fill``, called with an empty
+        staging directory (``.tmp-staging-step-*``) to write into (Lightning's
+        ``trainer.save_checkpoint``, Accelerate's ``save_state``). Either way each file
+        is fsynced before the directory is renamed to ``.tmp-step-*`` (where the
+        supervisor may upload it at once), its sha256 read back for the manifest, which
+        is written last, and the directory renamed to ``step-<9 digits>`` (CONTRACT §4).
+        ``progress`` (plain values) is added as ``progress.pt``. ``began``: when the
+        library started writing (``time.monotonic()``), so that the duration kept for
+        the deadline check covers its part too.
+
+        When a complete checkpoint of ``step`` exists already nothing is written (a
+        ``source`` is deleted) and its manifest is returned. Under ``torch.distributed``
+        every rank calls it: ``fill`` runs on every rank (into rank 0's staging
+        directory), then rank 0 commits; all ranks share one ``local_dir``.
+        """
+        if (source is None) == (fill is None):
+            raise ValueError("give exactly one of source= and fill=")
+        if reason not in REASONS:
+            raise ValueError(f"reason {reason!r} is not one of {', '.join(REASONS)}")
+        if progress is not None:
+            _check_plain(dict(progress), "progress")
+        self.wait()
+        started = time.monotonic() if began is None else began
+        src = Path(source) if source is not None else None
+        ranks = self._dist()
+        if ranks is None:
+            manifest, written = self._adopt(step, reason, src, fill, progress, started)
+        else:
+            manifest, written = self._adopt_distributed(
+                ranks, step, reason, src, fill, progress, started
+            )
+        self._last_step = step
+        self._finished(manifest, written, started)
+        if written and self.on_save is not None and self.rank == 0:
+            self.on_save(manifest)
+        return manifest
+
+    def _new_staging(self, step: int) -> Path:
+        path = self.directory / (
+            f"{STAGING_PREFIX}{step_dir_name(step)}-{os.getpid()}-{os.urandom(4).hex()}"
+        )
+        path.mkdir()
+        _ACTIVE_TMP_DIRS.add(path)
+        return path
+
+    def _write_progress(self, staging: Path, step: int, progress: Mapping[str, Any]) -> None:
+        with write_file(staging, PROGRESS_KEY + FILE_SUFFIX) as f:
+            torch.save({"step": step, **progress}, cast("IO[bytes]", f))
+
+    def _adopt(
+        self,
+        step: int,
+        reason: str,
+        source: Path | None,
+        fill: Callable[[Path], object] | None,
+        progress: Mapping[str, Any] | None,
+        started: float,
+    ) -> tuple[Manifest, bool]:
+        final_dir = self.directory / step_dir_name(step)
+        existing = self._existing_complete(final_dir, step)
+        if existing is not None:
+            if source is not None:
+                shutil.rmtree(source, ignore_errors=True)
+            return existing, False
+        staging = source if source is not None else self._new_staging(step)
+        try:
+            if fill is not None:
+                fill(staging)
+            if progress is not None:
+                self._write_progress(staging, step, progress)
+            extra = {"save_seconds": round(time.monotonic() - started, 3)}
+            manifest = _commit_staged(self.directory, self.run_id, step, reason, staging, extra)
+        finally:
+            _ACTIVE_TMP_DIRS.discard(staging)
+            if fill is not None:
+                shutil.rmtree(staging, ignore_errors=True)  # gone already when committed
+        return manifest, True
+
+    def _adopt_distributed(
+        self,
+        ranks: Ranks,
+        step: int,
+        reason: str,
+        source: Path | None,
+        fill: Callable[[Path], object] | None,
+        progress: Mapping[str, Any] | None,
+        started: float,
+    ) -> tuple[Manifest, bool]:
+        """:meth:`_adopt` on every rank: rank 0 stages and commits, ``fill`` runs everywhere."""
+        if ranks.node_count > 1:
+            # Every rank's files would have to reach rank 0's local_dir; a library's own
+            # directory is not split by node as this manager's own saves are.
+            raise CheckpointError(
+                "save_directory serves one node: this job spans "
+                f"{ranks.node_count} nodes (use the manager's own saves there)"
+            )
+        final_dir = self.directory / step_dir_name(step)
+        opening: tuple[str, Any] | None = None
+        staging: Path | None = None
+        if ranks.is_writer:
+            try:
+                existing = self._existing_complete(final_dir, step)
+                if existing is not None:
+                    opening = ("exists", existing)
+                else:
+                    staging = source if source is not None else self._new_staging(step)
+                    opening = ("stage", str(staging))
+            except Exception as exc:
+                opening = ("error", f"rank 0: {_first_line(exc)}")
+        try:
+            kind, value = ranks.broadcast(opening)
+            if kind == "exists":
+                if source is not None and ranks.is_writer:
+                    shutil.rmtree(source, ignore_errors=True)
+                return cast(Manifest, value), False
+            if kind == "error":
+                raise CheckpointError(f"saving {final_dir.name} failed: {value}")
+            problem: str | None = None
+            if fill is not None:
+                try:
+                    fill(Path(str(value)))
+                except Exception as exc:
+                    problem = f"rank {ranks.rank}: {_first_line(exc)}"
+            problems = [p for p in ranks.gather(problem) if p]
+            outcome: tuple[str, Any] | None = None
+            if staging is not None:
+                try:
+                    if problems:
+                        raise CheckpointError("; ".join(problems))
+                    if progress is not None:
+                        self._write_progress(staging, step, progress)
+                    extra = {
+                        "save_seconds": round(time.monotonic() - started, 3),
+                        "world_size": ranks.world_size,
+                    }
+                    manifest = _commit_staged(
+                        self.directory, self.run_id, step, reason, staging, extra
+                    )
+                    outcome = ("ok", manifest)
+                except Exception as exc:
+                    outcome = ("error", _first_line(exc))
+            kind, value = ranks.broadcast(outcome)
+            if kind == "error":
+                raise CheckpointError(f"saving {final_dir.name} failed: {value}")
+            return cast(Manifest, value), True
+        finally:
+            if staging is not None:
+                _ACTIVE_TMP_DIRS.discard(staging)
+                if fill is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
 
     def _warm(self, state: Mapping[str, Any]) -> None:
         """Allocate the snapshot buffers in the background, before the first save needs them.
@@ -849,25 +1192,29 @@ class CheckpointManager:
         is never loaded: the run resumes from a checkpoint holding every rank's files.
         Sharded state is not loaded here (``dcp.load`` is collective): :meth:`restore`.
         """
+        return self._newest(lambda path, rank: self._load_dir(path, map_location, rank))
+
+    def _newest(self, load: Callable[[Path, int], _T | None]) -> _T | None:
+        """The first checkpoint, newest first, that ``load(path, rank)`` accepts on every rank."""
         candidates = list_step_dirs(self.directory)
         ranks = self._dist()
         if ranks is None:
             for _step, path in candidates:
-                ckpt = self._load_dir(path, map_location, 0)
-                if ckpt is not None:
-                    return ckpt
+                found = load(path, 0)
+                if found is not None:
+                    return found
             return None
         while True:
             # The newest step every rank has; then whether every rank could load it.
             step = ranks.agree_min(candidates[0][0] if candidates else -1)
             if step < 0:
                 return None
-            found = dict(candidates).get(step)
-            ckpt = self._load_dir(found, map_location, ranks.rank) if found else None
-            if ranks.agree_min(int(ckpt is not None)) == 1:
-                return ckpt
-            if ckpt is not None:
-                log.warning("skipping checkpoint %s: another rank could not load it", found)
+            at = dict(candidates).get(step)
+            found = load(at, ranks.rank) if at else None
+            if ranks.agree_min(int(found is not None)) == 1:
+                return found
+            if found is not None:
+                log.warning("skipping checkpoint %s: another rank could not load it", at)
             candidates = [(s, p) for s, p in candidates if s < step]
 
     def _needed(self) -> list[str]:
@@ -955,6 +1302,35 @@ class CheckpointManager:
         log.info("loaded checkpoint %s (reason %s)", path.name, manifest.reason)
         return Checkpoint(path, manifest, state)
 
+    def _verify_dir(self, path: Path, rank: int) -> tuple[Manifest, dict[str, Any]] | None:
+        """A checkpoint another library will load: every hash checked, ``progress.pt`` read."""
+        try:
+            manifest = load_complete(path, hash_files=True)
+            progress: dict[str, Any] = {}
+            if any(f.path == PROGRESS_KEY + FILE_SUFFIX for f in manifest.files):
+                loaded = torch.load(path / (PROGRESS_KEY + FILE_SUFFIX), weights_only=True)
+                progress = dict(loaded) if isinstance(loaded, dict) else {}
+        except Exception as exc:  # a bad hash, or a progress file that does not load
+            log.warning("skipping checkpoint %s: %s", path.name, _first_line(exc))
+            return None
+        self._known_good.add(path)
+        return manifest, progress
+
+    def _restore_directory(self) -> Resume:
+        found = self._newest(self._verify_dir)
+        if found is None:
+            log.info("no checkpoint in %s; starting at step 0", self.directory)
+            return Resume()
+        manifest, progress = found
+        progress.pop("step", None)  # the directory's step is authoritative
+        self._last_step = manifest.step
+        took = manifest.extra.get("save_seconds")
+        if isinstance(took, (int, float)) and not isinstance(took, bool):
+            self._last_save_seconds = float(took)
+        path = self.directory / step_dir_name(manifest.step)
+        log.info("found checkpoint %s (reason %s)", path.name, manifest.reason)
+        return Resume(manifest.step, progress, path, manifest.reason)
+
     def restore(
         self,
         model: Stateful | None = None,
@@ -977,6 +1353,14 @@ class CheckpointManager:
         each rank its own under ``torch.distributed``). Returns the step to continue
         from and the saved progress.
         """
+        if self.save_dir is not None:
+            objects = (model, optimizer, scheduler, *others.values())
+            if sharded or any(o is not None for o in objects):
+                raise ValueError(
+                    "with save_dir= the library restores its own state: call restore() "
+                    "without objects, then load the returned Resume.path with it"
+                )
+            return self._restore_directory()
         self.track(model=model, optimizer=optimizer, scheduler=scheduler, **others)
         self.track_sharded(**(sharded or {}))
         ckpt = self.load_latest(map_location)

@@ -62,6 +62,31 @@ class SignalFlags:
         self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_usr1)
         return True
 
+    @property
+    def active(self) -> bool:
+        """Whether our handlers are the ones installed now (nothing replaced them since)."""
+        return (
+            self.installed
+            and signal.getsignal(signal.SIGTERM) == self._on_term
+            and signal.getsignal(signal.SIGUSR1) == self._on_usr1
+        )
+
+    def reclaim(self) -> bool:
+        """Put our handlers back over whatever replaced them; True when something had.
+
+        For frameworks that install their own SIGTERM handler after ours (Lightning):
+        what they installed is dropped, what was there before us is still what
+        :meth:`uninstall` restores. Main thread only, as :meth:`install`.
+        """
+        if not self.installed:
+            self.install()
+            return False
+        if self.active or threading.current_thread() is not threading.main_thread():
+            return False
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        return True
+
     def uninstall(self) -> None:
         """Put back the handlers that were there before :meth:`install`."""
         for signum, previous in self._previous.items():
