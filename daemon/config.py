@@ -79,6 +79,8 @@ class DaemonConfig:
     max_restarts: int = 5
     restart_window: float = 600.0
     progress_timeout: float = 0.0
+    # Seconds a slot's lease may go unrenewed before a standby takes it over.
+    lease_ttl: float = 30.0
     # What ``run`` exits with after an orderly drain on a cloud notice (not after our own
     # SIGTERM): an orchestrator that recovers only on chosen codes (SkyPilot's
     # ``recover_on_exit_codes``) must not read the drain as success. 0 for systemd.
@@ -353,6 +355,8 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         # Seconds without a new complete checkpoint before a running trainer counts as
         # hung (killed, restarted like a crash); 0 turns the check off.
         "progress_timeout": (_number(0.0, 7 * 86400.0), 0.0),
+        # A slot's lease unrenewed this long (as a standby watches it) may be taken over.
+        "lease_ttl": (_number(3.0, 3600.0), 30.0),
         # The exit code after an orderly drain on a cloud notice (0-255, not 2).
         "exit_code_after_notice": (_exit_code, 0),
     },

@@ -16,13 +16,16 @@ the set writes it; no node is the leader. Two nodes finishing at once both see t
 complete and write byte-identical manifests (the merge is deterministic), so even a
 store whose conditional writes are not atomic ends with one commit. Parts of two
 incarnations that reached the same step are never merged: the key names the incarnation.
-Anyone may finish a commit whose writer died between the last part and the manifest:
-restore does (:func:`try_global_commit` without an incarnation tries each one found).
+A commit whose writer died between the last part and the manifest is finished by the
+next restore: it downloads the complete set, verifies every byte against the parts'
+sha256, and only then writes the manifest (:func:`complete_sets`, :func:`commit_set`),
+so a stale or hostile set that does not verify is never committed.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -122,24 +125,27 @@ def _parts_by_incarnation(listed: dict[str, Any]) -> dict[str, list[str]]:
     return found
 
 
-def try_global_commit(
-    store: CheckpointStore, step: int, incarnation: str | None = None
-) -> tuple[RemoteCheckpoint, bool] | None:
-    """Commit ``step`` if the parts of one incarnation cover every rank.
+@dataclass(frozen=True)
+class CompleteSet:
+    """The parts of one incarnation that cover every rank, merged, not yet committed."""
 
-    ``(checkpoint, written)``: ``written`` is False when the commit existed already (or
-    another node wrote it first). None while the set is incomplete. Storage failures
-    raise :class:`StoreError`; a hostile or broken part is skipped with a warning.
-    """
-    listed = store.step_objects(step)
-    if MANIFEST_NAME in listed:
-        existing = store.committed(step, listed)
-        return (existing, False) if existing is not None else None
+    step: int
+    incarnation: str
+    manifest: Manifest
+    objects: dict[str, Any]
+    verified: bool  # every part's own files passed its node's sha256
+    parts: int
+
+
+def complete_sets(
+    store: CheckpointStore, step: int, listed: dict[str, Any], incarnation: str | None = None
+) -> list[CompleteSet]:
+    """Every incarnation (or only ``incarnation``) whose parts of ``step`` cover every rank
+    and whose files are all listed with their sizes. Nothing is written."""
     by_inc = _parts_by_incarnation(listed)
-    candidates = [incarnation] if incarnation is not None else sorted(by_inc)
-    for inc in candidates:
-        paths = by_inc.get(inc, [])
-        parts, verified = _read_parts(store, step, listed, paths)
+    found = []
+    for inc in [incarnation] if incarnation is not None else sorted(by_inc):
+        parts, verified = _read_parts(store, step, listed, by_inc.get(inc, []))
         if not parts:
             continue
         try:
@@ -157,7 +163,31 @@ def try_global_commit(
             # server: a file missing now was deleted or overwritten since. Not committable.
             log.warning("global_commit_refused", step=step, incarnation=inc, missing=missing[:5])
             continue
-        return _write_commit(store, step, merged, listed, verified, inc, len(parts))
+        objects = {f.path: listed[f.path] for f in merged.files}
+        found.append(CompleteSet(step, inc, merged, objects, verified, len(parts)))
+    return found
+
+
+def try_global_commit(
+    store: CheckpointStore, step: int, incarnation: str
+) -> tuple[RemoteCheckpoint, bool] | None:
+    """Commit ``step`` if the parts of ``incarnation`` cover every rank.
+
+    A node names its own incarnation: its parts were checked on the server by their
+    nodes before they were written, which is what makes writing the commit without
+    reading the files back safe. (Restore, which knows no incarnation, verifies a set's
+    bytes first and commits it afterwards: :func:`commit_set`.)
+
+    ``(checkpoint, written)``: ``written`` is False when the commit existed already (or
+    another node wrote it first). None while the set is incomplete. Storage failures
+    raise :class:`StoreError`; a hostile or broken part is skipped with a warning.
+    """
+    listed = store.step_objects(step)
+    if MANIFEST_NAME in listed:
+        existing = store.committed(step, listed)
+        return (existing, False) if existing is not None else None
+    for found in complete_sets(store, step, listed, incarnation):
+        return commit_set(store, found)
     return None
 
 
@@ -180,38 +210,30 @@ def _read_parts(
     return parts, verified
 
 
-def _write_commit(
-    store: CheckpointStore,
-    step: int,
-    merged: Manifest,
-    listed: dict[str, Any],
-    verified: bool,
-    incarnation: str,
-    nparts: int,
-) -> tuple[RemoteCheckpoint, bool] | None:
+def commit_set(store: CheckpointStore, found: CompleteSet) -> tuple[RemoteCheckpoint, bool] | None:
+    """Write the manifest of a complete set, unless someone was first (then theirs)."""
     from daemon.store import RemoteCheckpoint  # store imports this module
 
+    step, merged = found.step, found.manifest
     raw = merged.to_json()
     key = store.file_key(step, MANIFEST_NAME)
     try:
-        store.put_manifest(key, raw, verified=verified, if_none_match=True)
+        store.put_manifest(key, raw, verified=found.verified, if_none_match=True)
     except StoreError as exc:
         if exc.code not in ("PreconditionFailed", "ConditionalRequestConflict"):
             raise
         # Another node completed the set first: its commit is the one.
-        listed = store.step_objects(step)
-        existing = store.committed(step, listed)
+        existing = store.committed(step, store.step_objects(step))
         return (existing, False) if existing is not None else None
-    objects = {f.path: listed[f.path] for f in merged.files}
     log.info(
         "global_checkpoint_committed",
         step=step,
-        incarnation=incarnation,
-        parts=nparts,
+        incarnation=found.incarnation,
+        parts=found.parts,
         nodes=merged.extra.get("nodes"),
         files=len(merged.files),
         bytes=merged.total_bytes,
         reason=merged.reason,
-        verified=verified,
+        verified=found.verified,
     )
-    return RemoteCheckpoint(step, merged, key, raw, objects, verified), True
+    return RemoteCheckpoint(step, merged, key, raw, found.objects, found.verified), True

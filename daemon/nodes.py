@@ -35,14 +35,13 @@ log = structlog.get_logger(__name__)
 SET_ASIDE_DIR = ".set-aside"
 
 
-def resolve_node_id(configured: str | None, client: ImdsClient) -> str:
-    """``run.node_id``, else the instance id from the metadata service, else the hostname."""
-    if configured:
-        return configured
+def instance_identity(client: ImdsClient) -> str:
+    """The instance id from the metadata service, else the hostname: this machine's name
+    in leases, and ``run.node_id``'s default."""
     try:
         instance_id = client.get_text(INSTANCE_ID_PATH)
     except MetadataUnavailable as exc:
-        log.warning("node_id_from_hostname", why=f"instance id unavailable: {exc}")
+        log.warning("instance_id_from_hostname", why=f"instance id unavailable: {exc}")
         instance_id = None
     name = (instance_id or socket.gethostname()).strip()
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:128] or "node"

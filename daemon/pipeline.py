@@ -95,6 +95,7 @@ class Stager:
         self._rescan_interval = rescan_interval
         self._lock = threading.Lock()
         self._dirs: dict[int, _TmpDir] = {}  # by step: one writer's directory per step
+        self._refused_steps: set[int] = set()  # committed already: never staged
         self._hash_pool = ThreadPoolExecutor(max_workers=hash_workers, thread_name_prefix="stage")
         self._hint = threading.Event()
         self._stopping = threading.Event()
@@ -176,6 +177,19 @@ class Stager:
                 return None  # two writers of one step: stage the first only
             # The writer of the first died (its directory is gone): start over with this one.
             self._drop(cur, why="writer directory gone")
+        if step in self._refused_steps:
+            return None
+        try:
+            committed = self._store.is_committed(step)
+        except StoreError as exc:
+            log.warning("staging_check_failed", step=step, error=str(exc))
+            return None
+        if committed:
+            # Another instance (or an earlier life of this one) committed this step: its
+            # objects are someone's commit, and staged bytes must never replace them.
+            self._refused_steps.add(step)
+            log.warning("staging_refused_committed_step", step=step, path=str(path))
+            return None
         tmp = _TmpDir(path, step, ino)
         with self._lock:
             self._dirs[step] = tmp

@@ -3,11 +3,18 @@
 The phases, in the order a run goes through them::
 
     starting ──> restoring ──> training ──> draining ──> uploading ──> done
-                    │             │  ▲                                  ▲
-                    │             ▼  │                                  │
-                    │           backoff (trainer crashed; restart)       │
+                    │  ▲          │  ▲                                  ▲
+                    │  │          ▼  │                                  │
+                    │  │        backoff (trainer crashed, or stopped     │
+                    │  │          elsewhere; restart)                   │
+                    ▼  │                                                │
+                  standby (every slot held: restored, waiting) ─────────┤
                     └──────────────────────────── (complete.json) ───────┘
     any phase ──> failed (gave up: restarts exhausted, or an unrecoverable error)
+
+``standby`` is a healthy supervisor that holds none of the run's slots (another
+instance trains): it has restored the newest commit and waits to take a slot; on a
+notice or a stop it exits 0 (``done``) without ever starting the trainer.
 
 ``training`` ends in ``draining`` on a notice or a stop (SIGTERM forwarded, drain clock
 running), or straight in ``uploading`` when the trainer finished the run. ``uploading``
@@ -40,6 +47,7 @@ class Phase(str, enum.Enum):
     RESTORING = "restoring"
     TRAINING = "training"
     BACKOFF = "backoff"
+    STANDBY = "standby"
     DRAINING = "draining"
     UPLOADING = "uploading"
     DONE = "done"
@@ -48,7 +56,10 @@ class Phase(str, enum.Enum):
 
 _ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.STARTING: frozenset({Phase.RESTORING}),
-    Phase.RESTORING: frozenset({Phase.TRAINING, Phase.DONE, Phase.DRAINING, Phase.UPLOADING}),
+    Phase.RESTORING: frozenset(
+        {Phase.TRAINING, Phase.DONE, Phase.DRAINING, Phase.UPLOADING, Phase.STANDBY}
+    ),
+    Phase.STANDBY: frozenset({Phase.RESTORING, Phase.DONE}),
     Phase.TRAINING: frozenset({Phase.DRAINING, Phase.UPLOADING, Phase.BACKOFF}),
     Phase.BACKOFF: frozenset({Phase.TRAINING, Phase.DRAINING, Phase.UPLOADING}),
     Phase.DRAINING: frozenset({Phase.UPLOADING}),

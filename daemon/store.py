@@ -47,6 +47,9 @@ from s3transfer.exceptions import CancelledError
 
 from daemon.global_commit import (
     PARTS_DIR,
+    CompleteSet,
+    commit_set,
+    complete_sets,
     incarnation_of,
     is_node_part,
     part_key,
@@ -153,6 +156,9 @@ class RemoteCheckpoint:
     objects: dict[str, RemoteObject] = field(repr=False)
     # Every file checked against the manifest's sha256 (before the commit, or since).
     verified: bool = True
+    # Restore only: a complete set of node parts with no manifest yet (its last finisher
+    # died). Committed once its bytes verified on download.
+    pending_set: CompleteSet | None = field(default=None, repr=False, compare=False)
 
     @property
     def keys(self) -> dict[str, str]:
@@ -286,13 +292,17 @@ class CheckpointStore:
         for step in sorted(by_step, reverse=True):
             objects = by_step[step]
             ckpt = self._committed(step, objects)
-            if ckpt is None and finish_parts and _has_parts(objects):
-                # Every node's part is there but no manifest: the node that completed
-                # the set died before writing it. Restore finishes the commit itself.
-                done = try_global_commit(self, step)
-                ckpt = done[0] if done is not None else None
             if ckpt is not None:
                 yield ckpt
+            elif finish_parts and MANIFEST_NAME not in objects and _has_parts(objects):
+                # Every node's part is there but no manifest: the node that completed the
+                # set died before writing it. A candidate: restore verifies, then commits.
+                for found in complete_sets(self, step, objects):
+                    raw = found.manifest.to_json()
+                    key = self.file_key(step, MANIFEST_NAME)
+                    yield RemoteCheckpoint(
+                        step, found.manifest, key, raw, found.objects, False, pending_set=found
+                    )
 
     def _committed(self, step: int, objects: dict[str, RemoteObject]) -> RemoteCheckpoint | None:
         """The checkpoint if ``objects`` (one step's listing) make a committed one."""
@@ -981,6 +991,8 @@ class CheckpointStore:
                     f"cannot restore step {remote.step} into {local_dir}: {exc.strerror or exc}",
                     "LocalIO",
                 ) from exc
+            if remote.pending_set is not None:
+                self._finish_set(remote.pending_set)
             seconds = time.monotonic() - t0
             nbytes = remote.manifest.total_bytes
             result = RestoreResult(
@@ -1000,6 +1012,14 @@ class CheckpointStore:
             return self._keep_local(kept, t0, remote_step=None)
         log.info("restore_nothing", reason="no checkpoint, local or remote")
         return None
+
+    def _finish_set(self, found: CompleteSet) -> None:
+        """Commit a set of parts whose bytes just verified on download."""
+        try:
+            commit_set(self, found)
+        except StoreError as exc:
+            # The restore stands (verified here); another node or boot commits it later.
+            log.warning("global_commit_failed", step=found.step, error=str(exc))
 
     def _keep_local(
         self, kept: tuple[int, Path, Manifest], t0: float, remote_step: int | None
@@ -1195,6 +1215,10 @@ class CheckpointStore:
             if_none_match=if_none_match,
         )
 
+    def is_committed(self, step: int) -> bool:
+        """Whether ``step`` has a manifest in storage (one listing of its prefix)."""
+        return MANIFEST_NAME in self._step_objects(step)
+
     def list_objects(self, prefix: str) -> list[RemoteObject]:
         """Every object under ``prefix`` (one paginated listing)."""
         return self._list(prefix)
@@ -1202,6 +1226,48 @@ class CheckpointStore:
     def put_marker(self, key: str) -> None:
         """An empty object whose existence is the message (rendezvous markers)."""
         self._put_bytes(key, b"", content_type="application/octet-stream")
+
+    # -- small coordination objects (leases) -------------------------------------------
+
+    def read_small(self, key: str, max_bytes: int = 64 * 1024) -> tuple[bytes, str] | None:
+        """A small object's bytes and ETag; None when it does not exist."""
+
+        def run() -> tuple[bytes, str] | None:
+            try:
+                resp = self.client.get_object(Bucket=self.location.bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            body = resp["Body"].read(max_bytes + 1)
+            if len(body) > max_bytes:
+                raise IntegrityError(_too_large(self.location.url(key), None, max_bytes))
+            return body, normalize_etag(str(resp.get("ETag", "")))
+
+        return self._call("read", key, run)
+
+    def write_small(
+        self, key: str, body: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        """Write a small object conditionally; its new ETag. A lost condition raises
+        :class:`StoreError` with code ``PreconditionFailed``."""
+        extra: dict[str, Any] = {}
+        if if_match is not None:
+            extra["IfMatch"] = f'"{if_match}"'
+        if if_none_match:
+            extra["IfNoneMatch"] = "*"
+        resp = self._call(
+            "write",
+            key,
+            lambda: self.client.put_object(
+                Bucket=self.location.bucket,
+                Key=key,
+                Body=body,
+                ContentType="application/json",
+                **extra,
+            ),
+        )
+        return normalize_etag(str(resp.get("ETag", "")))
 
     def _step_objects(self, step: int) -> dict[str, RemoteObject]:
         prefix = self.step_prefix(step)

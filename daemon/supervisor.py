@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 
@@ -37,8 +38,9 @@ from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_env
 from daemon.config import Config
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
 from daemon.imds import ImdsClient
+from daemon.lease import Heartbeat, Identity, Leases, Taken, parse_time
 from daemon.metrics import Metrics, TextfileWriter
-from daemon.nodes import FINAL_COMMIT_WAIT_S, MultiNode, resolve_node_id
+from daemon.nodes import FINAL_COMMIT_WAIT_S, MultiNode, instance_identity
 from daemon.notice_watch import NoticeWatcher
 from daemon.notices import (
     AwsMaintenanceSource,
@@ -59,7 +61,7 @@ from daemon.s3client import (
 )
 from daemon.sdnotify import Notifier, watchdog_interval
 from daemon.state import Phase, StateMachine, write_json_atomic
-from daemon.store import CheckpointStore
+from daemon.store import CheckpointStore, RestoreResult
 from daemon.sync import CheckpointSync, FlushHandle, SyncStats
 
 log = structlog.get_logger(__name__)
@@ -77,6 +79,8 @@ _METRICS_EVERY = 15.0
 # may be a peer node's or the previous holder's emergency upload in flight (no drain
 # lasts an hour).
 STALE_UPLOAD_AGE_S = 3600.0
+# How often a standby looks for a free slot (and for the run's completion elsewhere).
+STANDBY_POLL_S = 1.5
 
 
 @dataclass
@@ -142,6 +146,9 @@ class Supervisor:
             cfg.daemon.rescan_interval,
             on_change=self._sync_changed,
             keep_remote=cfg.checkpoints.keep_remote,
+            # One instance deletes: the holder of slot 0 (never a standby, never a peer).
+            retention_allowed=lambda: getattr(self, "leases", None) is not None
+            and self.leases.slot == 0,
         )
         self.events: queue.Queue[Notice] = queue.Queue()
         # Written to by signals (set_wakeup_fd) and by the notice watcher: wakes the loop.
@@ -150,6 +157,9 @@ class Supervisor:
         # run.nodes > 1: this instance as one node of several (set up at boot).
         self.nodes: MultiNode | None = None
         self._rejoin: FlushHandle | None = None
+        self.leases: Leases  # set at boot, once the instance is known
+        self._heartbeat: Heartbeat | None = None
+        self._standby_result: Taken | str | None = None
         self._maintenance_source = AwsMaintenanceSource(client)
         self.watcher = NoticeWatcher(
             # instance-action every poll; rebalance and maintenance are slower news: every 5th.
@@ -336,6 +346,8 @@ class Supervisor:
             return self._run_restored()
         finally:
             self.watcher.stop()
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
             self._write_metrics(force=True)
             if self._flush is None or self._flush.done.is_set():
                 # A flush still stuck on the network past the deadline is left behind.
@@ -344,11 +356,29 @@ class Supervisor:
 
     def _run_restored(self) -> int:
         with self._start_keepalive():
+            instance_id = instance_identity(self._imds)
+            node_id = self.cfg.run.node_id or instance_id
+            self.leases = Leases(
+                self.store,
+                self.cfg.run.nodes,
+                Identity.this_boot(node_id, instance_id),
+                self.cfg.daemon.lease_ttl,
+            )
+            taken = self.leases.try_acquire()
             if self.cfg.run.nodes > 1:
-                self.nodes = self._join_as_node()
-                restored = self.nodes.restore()
-            else:
-                restored = self.store.restore_newest(self.cfg.checkpoints.local_dir)
+                self.nodes = self._join_as_node(node_id)
+            restored = self._restore()
+        if taken is None:
+            waited = self._standby()
+            if isinstance(waited, int):
+                return waited
+            taken = waited
+            with self._start_keepalive():
+                restored = self._restore()
+            self._log_handoff(taken, restored)
+        self._heartbeat = Heartbeat(self.leases)
+        self._heartbeat.start()
+        with self._start_keepalive():
             try:
                 # Leftovers of a machine that went away mid-upload: they cost storage and
                 # are never part of a commit. Boot time, like the restore.
@@ -367,9 +397,86 @@ class Supervisor:
             self.notifier.ready("draining before start")
         return self._loop()
 
-    def _join_as_node(self) -> MultiNode:
+    def _restore(self) -> RestoreResult | None:
+        if self.nodes is not None:
+            return self.nodes.restore()
+        return self.store.restore_newest(self.cfg.checkpoints.local_dir)
+
+    # --- slots and standby ---------------------------------------------------------------
+
+    def _standby(self) -> Taken | int:
+        """Every slot is held: wait, restored, until one frees up (the slot), or a
+        notice or stop, or the run's completion by another instance (an exit code).
+
+        Nothing of the run is aborted, deleted or written meanwhile: no sync, no
+        retention, no multipart cleanup; only reads, and the attempts to take a slot.
+        """
+        holders = [self.leases.holder(k) for k in range(self.cfg.run.nodes)]
+        self.state.transition(
+            Phase.STANDBY,
+            "every slot is held by another instance",
+            holders=[(h or {}).get("instance_id") for h in holders],
+        )
+        self.notifier.ready("standby: another instance holds every slot")
+        while True:
+            self._ping_watchdog()
+            stop = self._pending_stop()
+            if stop is not None:
+                action, source, _deadline = stop
+                log.info("standby_stopped", action=action, source=source)
+                self.state.transition(Phase.DONE, f"{action} from {source} in standby")
+                self.notifier.stopping("done")
+                return self._exit_code_after(source)
+            poll = self._off_loop(self._standby_poll, "standby-poll")
+            if poll.error is not None:
+                log.warning("standby_poll_failed", error=poll.error)
+            elif self._standby_result == "complete":
+                log.info("run_completed_elsewhere", run_id=self.cfg.run.id)
+                self.state.transition(Phase.DONE, "run completed by another instance")
+                self.notifier.stopping("done")
+                return 0
+            elif isinstance(self._standby_result, Taken):
+                taken = self._standby_result
+                self.state.transition(Phase.RESTORING, f"took slot {taken.slot} ({taken.how})")
+                return taken
+            self._wait(STANDBY_POLL_S)
+
+    def _standby_poll(self) -> None:
+        """One look from standby: the run finished elsewhere, or a slot to take."""
+        self._standby_result = None
+        if self.store.read_complete() is not None:
+            self._standby_result = "complete"
+            return
+        self._standby_result = self.leases.try_acquire()
+
+    def _log_handoff(self, taken: Taken, restored: RestoreResult | None) -> None:
+        released = parse_time((taken.previous or {}).get("released_at"))
+        fields: dict[str, Any] = {
+            "slot": taken.slot,
+            "how": taken.how,
+            "restored_step": restored.step if restored is not None else None,
+            "restore_seconds": round(restored.seconds, 3) if restored is not None else None,
+        }
+        if released is not None:
+            # The handoff as the operator sees it: from the holder's release (right after
+            # its emergency commit) to our trainer's start, which follows this line.
+            since = (dt.datetime.now(dt.timezone.utc) - released).total_seconds()
+            fields["handoff_seconds"] = round(max(since, 0.0), 3)
+        log.info("slot_handoff", **fields)
+
+    def _release_slot(self, committed: int | None) -> None:
+        """After the emergency commit, the completion or an orderly stop: free the slot
+        for a standby (off the main loop: it is S3 I/O)."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        self._off_loop(lambda: self.leases.release(committed), "lease-release")
+
+    def _exit_code_after(self, source: str) -> int:
+        """0 after our own stop; ``daemon.exit_code_after_notice`` after a cloud's notice."""
+        return 0 if source == "signal" else self.cfg.daemon.exit_code_after_notice
+
+    def _join_as_node(self, node_id: str) -> MultiNode:
         cfg = self.cfg
-        node_id = resolve_node_id(cfg.run.node_id, self._imds)
         user_rdzv = user_chose_rdzv_id(cfg.run.command, {**os.environ, **cfg.run.env})
         if user_rdzv:
             log.warning(
@@ -670,9 +777,11 @@ class Supervisor:
             log.info("emergency_committed", **fields)
         else:
             log.warning("emergency_not_committed", **fields)
+        # The slot is free for a standby (or a replacement) only now, after the commit.
+        self._release_slot(committed)
         self.state.transition(Phase.DONE, "shut down in order", **fields)
         self.notifier.stopping("done")
-        return 0
+        return self._exit_code_after(self.drain.source)
 
     # --- completion and crashes ------------------------------------------------------------
 
@@ -759,6 +868,7 @@ class Supervisor:
             self.notifier.stopping("failed")
             return 1
         log.info("run_completed", step=newest_local)
+        self._release_slot(newest_local)
         self.state.transition(Phase.DONE, "run complete", step=newest_local)
         self.notifier.stopping("done")
         return 0

@@ -121,6 +121,7 @@ class CheckpointSync:
         *,
         keep_remote: int | None = None,
         stage_rescan_interval: float = 0.25,
+        retention_allowed: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
         self._dir = local_dir
@@ -128,6 +129,7 @@ class CheckpointSync:
         self._rescan_interval = rescan_interval
         self._on_change = on_change
         self._keep_remote = keep_remote
+        self._retention_allowed = retention_allowed
         self._hint = threading.Event()
         self._stopping = threading.Event()
         # One upload pass at a time: the worker's and the final flush never overlap.
@@ -501,6 +503,8 @@ class CheckpointSync:
 
     def _apply_retention(self) -> None:
         if not self._keep_remote or self._store.cancel_switch.cancelled:
+            return
+        if not self._retention_allowed():
             return
         try:
             deleted = self._store.apply_retention(self._keep_remote)

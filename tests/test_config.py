@@ -174,6 +174,7 @@ WRONG_TYPE: dict[str, tuple[object, str]] = {
     "daemon.max_restarts": (2.0, "expected an integer"),
     "daemon.restart_window": ("10m", "expected a number"),
     "daemon.progress_timeout": ("1h", "expected a number"),
+    "daemon.lease_ttl": ("30s", "expected a number"),
     "daemon.exit_code_after_notice": ("75", "expected an integer"),
     "metrics.textfile": (1, "expected a string"),
 }
@@ -205,6 +206,7 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "daemon.max_restarts": (-1, "must be between 0 and 1000"),
     "daemon.restart_window": (0.5, "must be between"),
     "daemon.progress_timeout": (-1, "must be between"),
+    "daemon.lease_ttl": (1, "must be between 3 and 3600"),
     "daemon.exit_code_after_notice": (256, "must be between 0 and 255"),
     "metrics.textfile": ("/var/lib/node_exporter/spot.txt", "must end in .prom"),
 }

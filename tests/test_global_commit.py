@@ -6,6 +6,7 @@ them (daemon.layout.CheckpointWriter with ranks, world_size, node, incarnation).
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,32 @@ def test_retention_spares_a_young_uncommitted_step(
     assert store.apply_retention(2) == [2]
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])}
     assert lagging in keys
+
+
+def test_restore_never_commits_a_complete_set_whose_bytes_do_not_verify(
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """Found by the two-node stale-part scenario: restore committed a planted set of
+    parts (claiming every rank) before reading a byte of it."""
+    prefix = f"spot-runs/{RUN}/checkpoints/{layout.step_dir_name(30)}/"
+    bogus = {
+        "format": "spot-checkpoint/1",
+        "run_id": RUN,
+        "step": 30,
+        "created_at": "2026-01-01T00:00:00Z",
+        "reason": "periodic",
+        "files": [{"path": "model.pt", "size": 5, "sha256": "0" * 64}],
+        "ranks": [0, 1],
+        "world_size": 2,
+        "incarnation": "run-1-s0-a9",
+    }
+    s3_client.put_object(
+        Bucket=bucket, Key=prefix + "parts/run-1-s0-a9/i-x.json", Body=json.dumps(bogus)
+    )
+    s3_client.put_object(Bucket=bucket, Key=prefix + "model.pt", Body=b"stale")
+    store = node_store(s3_server, bucket, "node-c")
+    with capture_logs() as logs:
+        assert store.restore_newest(tmp_path / "c") is None
+    assert events(logs, "restore_skipped")
+    assert not events(logs, "global_checkpoint_committed")
+    assert store.list_committed() == []
