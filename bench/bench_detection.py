@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from bench.common import Context, Row, s3_with_bucket, spawn_quiet
-from daemon.demo import write_config
-from daemon.emulator import MetadataEmulator
-from daemon.imds import INSTANCE_ACTION_PATH
+from daemon.notices.imds import INSTANCE_ACTION_PATH
+from daemon.standins.demo import write_config
+from daemon.standins.emulator import MetadataEmulator
 
 POLL_INTERVAL = 1.0
 SEED_INTERVAL = 5.0

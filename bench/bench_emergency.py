@@ -8,7 +8,7 @@ shape of checkpoint (>= 512 MB in 8 files; ``--quick``: 64 MB):
 * write alone: the writer, from start to rename;
 * upload alone: :meth:`CheckpointStore.upload_checkpoint` of the finished checkpoint;
 * sequential: write, then upload (what a supervisor without the pipeline does);
-* pipelined: the :class:`~daemon.pipeline.Stager` sends each shard as soon as it is
+* pipelined: the :class:`~daemon.storage.pipeline.Stager` sends each shard as soon as it is
   renamed, the commit follows the directory's rename (what ``run`` does on a notice).
 
 The physical limit is max(write alone, upload alone); the target is pipelined <= 1.15x it.
@@ -39,7 +39,7 @@ from bench.bench_transfer import MotoProcess, make_store, moto_process
 from bench.common import Context, Row
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
-from daemon.sync import CheckpointSync
+from daemon.storage.sync import CheckpointSync
 
 MiB = 1024 * 1024
 SHARDS = 8

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 
 from bench.common import Context, Row, s3_with_bucket, spawn_quiet
-from daemon.demo import write_config
-from daemon.emulator import MetadataEmulator
+from daemon.standins.demo import write_config
+from daemon.standins.emulator import MetadataEmulator
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(3600)"]
 

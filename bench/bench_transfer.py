@@ -33,9 +33,9 @@ from structlog.testing import capture_logs
 
 from bench.common import Context, Row
 from daemon import layout
-from daemon.s3client import RemoteLocation, make_s3_client, make_transfer_config
 from daemon.standins import FAKE_AWS_ENV, use_fake_aws_credentials
-from daemon.store import CheckpointStore
+from daemon.storage.s3client import RemoteLocation, make_s3_client, make_transfer_config
+from daemon.storage.store import CheckpointStore
 
 MiB = 1024 * 1024
 RUN = "bench"

@@ -152,8 +152,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     from daemon import log
     from daemon.deadline import ThroughputEstimate
+    from daemon.storage.sync import CheckpointSync
     from daemon.supervisor import build_store
-    from daemon.sync import CheckpointSync
 
     log.configure()
     sync = CheckpointSync(
@@ -194,7 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from daemon.standins.demo import run_demo
 
     return run_demo(keep=args.keep)
 
@@ -309,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from daemon.s3client import StoreError
+        from daemon.storage.s3client import StoreError
 
         if not isinstance(exc, StoreError):
             raise

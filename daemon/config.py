@@ -189,7 +189,7 @@ def _checksum_algorithm(key: str, v: Any) -> str:
     return name
 
 
-# The same rules as daemon.s3client.parse_remote, which cannot be imported here (boto3);
+# The same rules as daemon.storage.s3client.parse_remote, which cannot be imported here (boto3);
 # tests/test_config.py checks that the two agree on every case it lists.
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$")
 
@@ -241,7 +241,7 @@ def _region(key: str, v: Any) -> str:
 
 
 def _metadata_url(key: str, v: Any) -> str:
-    from daemon.imds import parse_base_url  # the client's own rule: config agrees with it
+    from daemon.notices.imds import parse_base_url  # the client's own rule: config agrees with it
 
     s = _nonempty_string(key, v)
     try:

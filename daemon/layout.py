@@ -37,7 +37,7 @@ MAX_STEP = 10**STEP_DIGITS - 1
 _STEP_DIR_RE = re.compile(r"^step-(\d{9})$")
 _TMP_DIR_RE = re.compile(r"^\.tmp-step-(\d{9})-.+$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 4 * 1024 * 1024
+HASH_CHUNK = 4 * 1024 * 1024  # bytes read at a time to hash a file (daemon and trainer)
 # The most a manifest may weigh (about half a million files): a larger one, local or
 # remote, is never read into memory, and so is never a checkpoint.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -230,7 +230,7 @@ def sha256_file(path: Path) -> str:
 
 def _sha256_of(f: BinaryIO) -> str:
     h = hashlib.sha256()
-    while chunk := f.read(_HASH_CHUNK):
+    while chunk := f.read(HASH_CHUNK):
         h.update(chunk)
     return h.hexdigest()
 

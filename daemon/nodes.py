@@ -24,11 +24,11 @@ from pathlib import Path
 import structlog
 
 from daemon import layout
-from daemon.global_commit import is_node_part
-from daemon.imds import INSTANCE_ID_PATH, ImdsClient, MetadataUnavailable
+from daemon.notices.imds import INSTANCE_ID_PATH, ImdsClient, MetadataUnavailable
 from daemon.rendezvous import RDZV_ENV, RendezvousIds
-from daemon.store import CheckpointStore, RestoreResult
-from daemon.sync import CheckpointSync
+from daemon.storage.global_commit import is_node_part
+from daemon.storage.store import CheckpointStore, RestoreResult
+from daemon.storage.sync import CheckpointSync
 
 log = structlog.get_logger(__name__)
 

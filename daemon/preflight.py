@@ -63,7 +63,7 @@ def _as_user(cfg: Config) -> str:
 
 
 def check_metadata(cfg: Config) -> str:
-    from daemon.imds import INSTANCE_ACTION_PATH, ImdsClient, MetadataUnavailable
+    from daemon.notices.imds import INSTANCE_ACTION_PATH, ImdsClient, MetadataUnavailable
 
     client = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
     try:
@@ -77,7 +77,7 @@ def check_metadata(cfg: Config) -> str:
 
 
 def check_bucket(cfg: Config) -> str:
-    from daemon.s3client import StoreError
+    from daemon.storage.s3client import StoreError
     from daemon.supervisor import build_store
 
     try:

@@ -31,7 +31,7 @@ import structlog
 from daemon.layout import step_dir_name
 
 if TYPE_CHECKING:
-    from daemon.store import CheckpointStore
+    from daemon.storage.store import CheckpointStore
 
 log = structlog.get_logger(__name__)
 

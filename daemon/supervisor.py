@@ -37,11 +37,8 @@ from daemon import layout
 from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_environment
 from daemon.config import Config
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
-from daemon.imds import ImdsClient
-from daemon.lease import Heartbeat, Identity, Leases, Taken, parse_time
 from daemon.metrics import Metrics, TextfileWriter
 from daemon.nodes import FINAL_COMMIT_WAIT_S, MultiNode, instance_identity
-from daemon.notice_watch import NoticeWatcher
 from daemon.notices import (
     AwsMaintenanceSource,
     AwsRebalanceSource,
@@ -50,8 +47,13 @@ from daemon.notices import (
     event_key,
     format_utc,
 )
+from daemon.notices.imds import ImdsClient
+from daemon.notices.watch import NoticeWatcher
 from daemon.rendezvous import RendezvousIds, user_chose_rdzv_id
-from daemon.s3client import (
+from daemon.sdnotify import Notifier, watchdog_interval
+from daemon.state import Phase, StateMachine, write_json_atomic
+from daemon.storage.lease import Heartbeat, Identity, Leases, Taken, parse_time
+from daemon.storage.s3client import (
     StoreError,
     checksum_algorithm,
     make_s3_client,
@@ -59,10 +61,8 @@ from daemon.s3client import (
     parse_remote,
     use_crt,
 )
-from daemon.sdnotify import Notifier, watchdog_interval
-from daemon.state import Phase, StateMachine, write_json_atomic
-from daemon.store import CheckpointStore, RestoreResult
-from daemon.sync import CheckpointSync, FlushHandle, SyncStats
+from daemon.storage.store import CheckpointStore, RestoreResult
+from daemon.storage.sync import CheckpointSync, FlushHandle, SyncStats
 
 log = structlog.get_logger(__name__)
 

@@ -61,12 +61,12 @@ if str(REPO) not in sys.path:
 import boto3  # noqa: E402
 from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
 
-from daemon.demo import SupervisorProcess, trainer_command, write_config  # noqa: E402
-from daemon.emulator import MetadataEmulator  # noqa: E402
-from daemon.faultproxy import FaultProxy, Rule  # noqa: E402
-from daemon.s3client import RemoteLocation, make_s3_client  # noqa: E402
 from daemon.standins import FAKE_AWS_ENV, LocalS3, start_local_s3  # noqa: E402
-from daemon.store import LEFTOVER_AGE_S, CheckpointStore  # noqa: E402
+from daemon.standins.demo import SupervisorProcess, trainer_command, write_config  # noqa: E402
+from daemon.standins.emulator import MetadataEmulator  # noqa: E402
+from daemon.standins.faultproxy import FaultProxy, Rule  # noqa: E402
+from daemon.storage.s3client import RemoteLocation, make_s3_client  # noqa: E402
+from daemon.storage.store import LEFTOVER_AGE_S, CheckpointStore  # noqa: E402
 
 RUN_ID = "chaos-run"
 BUCKET = "chaos"

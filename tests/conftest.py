@@ -12,9 +12,9 @@ from typing import Any
 import boto3
 import pytest
 
-from daemon.demo import SupervisorProcess, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV, LocalS3, start_local_s3, use_fake_aws_credentials
+from daemon.standins.demo import SupervisorProcess, write_config
+from daemon.standins.emulator import MetadataEmulator
 
 # Before anything builds a boto3 client: fake credentials, and no real metadata lookups.
 use_fake_aws_credentials()

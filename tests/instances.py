@@ -12,9 +12,9 @@ from typing import Any
 import psutil
 
 from daemon.child import TRAINER_TOKEN_ENV
-from daemon.demo import SupervisorProcess, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV
+from daemon.standins.demo import SupervisorProcess, write_config
+from daemon.standins.emulator import MetadataEmulator
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from daemon.demo import SupervisorProcess, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV
+from daemon.standins.demo import SupervisorProcess, write_config
+from daemon.standins.emulator import MetadataEmulator
 
 REPO = Path(__file__).resolve().parent.parent
 FINAL_RE = re.compile(r"^final_params_sha256=([0-9a-f]{64})$")

@@ -17,10 +17,10 @@ import pytest
 from chaos_run import KINDS, SHORT, Chaos
 from test_store import PART, RUN, make_checkpoint, make_store
 
-from daemon.faultproxy import FaultProxy
-from daemon.s3client import RemoteLocation, StoreError, make_s3_client, make_transfer_config
 from daemon.standins import LocalS3
-from daemon.store import CheckpointStore
+from daemon.standins.faultproxy import FaultProxy
+from daemon.storage.s3client import RemoteLocation, StoreError, make_s3_client, make_transfer_config
+from daemon.storage.store import CheckpointStore
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from daemon import layout
-from daemon.demo import write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV, LocalS3
+from daemon.standins.demo import write_config
+from daemon.standins.emulator import MetadataEmulator
 from daemon.state import Phase, StateMachine
 
 RUN_ID = "cli-run"

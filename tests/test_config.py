@@ -333,7 +333,7 @@ def test_remote_the_store_would_refuse_is_refused_at_load(remote: str) -> None:
 
 @pytest.mark.parametrize("remote", REMOTES)
 def test_remote_is_refused_at_load_exactly_when_the_store_refuses_it(remote: str) -> None:
-    from daemon.s3client import parse_remote
+    from daemon.storage.s3client import parse_remote
 
     assert (refusal("checkpoints.remote", remote) is None) == accepted_by(parse_remote, remote)
 
@@ -363,7 +363,7 @@ def test_imds_url_the_client_cannot_speak_is_refused_at_load(url: str, words: st
 
 @pytest.mark.parametrize("url", METADATA_URLS)
 def test_imds_url_is_refused_at_load_exactly_when_the_client_refuses_it(url: str) -> None:
-    from daemon.imds import ImdsClient
+    from daemon.notices.imds import ImdsClient
 
     assert (refusal("imds.url", url) is None) == accepted_by(ImdsClient, url)
 

@@ -12,15 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from daemon.emulator import (
-    CONTROL_FAULT_PATH,
-    CONTROL_NOTICE_PATH,
-    EmulatorControl,
-    MetadataEmulator,
-    format_event_time,
-    scheduled_event,
-)
-from daemon.imds import (
+from daemon.notices.imds import (
     AVAILABILITY_ZONE_PATH,
     INSTANCE_ACTION_PATH,
     INSTANCE_ID_PATH,
@@ -31,6 +23,14 @@ from daemon.imds import (
     TOKEN_HEADER,
     TOKEN_PATH,
     TOKEN_TTL_HEADER,
+)
+from daemon.standins.emulator import (
+    CONTROL_FAULT_PATH,
+    CONTROL_NOTICE_PATH,
+    EmulatorControl,
+    MetadataEmulator,
+    format_event_time,
+    scheduled_event,
 )
 
 UTC = dt.timezone.utc
@@ -333,7 +333,7 @@ def test_control_api_rejects_bad_requests(wire: Http) -> None:
 
 def test_standalone_process_prints_its_url_and_is_driven_over_http() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.emulator", "--port", "0"],
+        [sys.executable, "-m", "daemon.standins.emulator", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

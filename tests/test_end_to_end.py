@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from daemon.demo import SupervisorProcess, trainer_command, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV, LocalS3
+from daemon.standins.demo import SupervisorProcess, trainer_command, write_config
+from daemon.standins.emulator import MetadataEmulator
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from conftest import SUPERVISOR_RUN_ID as RUN_ID
 
-from daemon.emulator import MetadataEmulator, scheduled_event
+from daemon.standins.emulator import MetadataEmulator, scheduled_event
 
 
 def now() -> dt.datetime:

@@ -22,8 +22,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from daemon.faultproxy import CONTROL_RULES_PATH, CONTROL_STATS_PATH, FaultProxy, Rule
 from daemon.standins import LocalS3
+from daemon.standins.faultproxy import CONTROL_RULES_PATH, CONTROL_STATS_PATH, FaultProxy, Rule
 
 BODY = bytes(range(256)) * 800  # 204 800 bytes, every offset's value known
 

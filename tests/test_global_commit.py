@@ -14,11 +14,11 @@ from structlog.testing import capture_logs
 from test_store import RUN, events, make_store
 
 from daemon import layout
-from daemon.global_commit import merge_parts, try_global_commit
 from daemon.nodes import align_to_global_commit
 from daemon.rendezvous import RendezvousIds, parse_id, user_chose_rdzv_id
 from daemon.standins import LocalS3
-from daemon.store import CheckpointStore, started_before
+from daemon.storage.global_commit import merge_parts, try_global_commit
+from daemon.storage.store import CheckpointStore, started_before
 
 INC = "run-1-s0-a0"
 

@@ -22,17 +22,17 @@ from test_cli_commands import cli, make_config
 from test_store import RUN, events, make_checkpoint, make_store, same_tree
 
 from daemon import layout
-from daemon import store as store_mod
 from daemon.deadline import ThroughputEstimate
-from daemon.demo import SupervisorProcess, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.layout import MANIFEST_NAME, list_step_dirs, step_dir_name
-from daemon.pipeline import Stager
-from daemon.restore import download_checkpoint
-from daemon.s3client import IntegrityError, RemoteLocation
 from daemon.standins import FAKE_AWS_ENV, LocalS3
-from daemon.store import CheckpointStore
-from daemon.sync import CheckpointSync
+from daemon.standins.demo import SupervisorProcess, write_config
+from daemon.standins.emulator import MetadataEmulator
+from daemon.storage import listing as store_mod  # where the size limits are read
+from daemon.storage.download import download_checkpoint
+from daemon.storage.pipeline import Stager
+from daemon.storage.s3client import IntegrityError, RemoteLocation
+from daemon.storage.store import CheckpointStore
+from daemon.storage.sync import CheckpointSync
 
 GOOD, BAD = 10, 20
 REPO = Path(__file__).resolve().parent.parent

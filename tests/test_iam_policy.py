@@ -40,9 +40,9 @@ import botocore.exceptions
 import pytest
 from conftest import REPO, SCRIPTED_TRAINER
 
-from daemon.demo import SupervisorProcess, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV
+from daemon.standins.demo import SupervisorProcess, write_config
+from daemon.standins.emulator import MetadataEmulator
 
 BUCKET = "iam-enforced"
 PREFIX = "runs"

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.emulator import MetadataEmulator
-from daemon.imds import (
+from daemon.notices.imds import (
     INSTANCE_ACTION_PATH,
     INSTANCE_ID_PATH,
     TOKEN_PATH,
@@ -17,6 +16,7 @@ from daemon.imds import (
     MetadataUnavailable,
     token_refresh_margin,
 )
+from daemon.standins.emulator import MetadataEmulator
 
 
 @pytest.fixture

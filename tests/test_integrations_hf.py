@@ -31,9 +31,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from daemon.emulator import MetadataEmulator
 from daemon.layout import Manifest, list_step_dirs, load_complete, read_manifest
 from daemon.standins import LocalS3
+from daemon.standins.emulator import MetadataEmulator
 from trainer.example_hf import Sequences, make_model
 from trainer.integrations.huggingface import SpotTrainerCallback, latest_checkpoint
 

@@ -26,9 +26,9 @@ import lightning.pytorch as pl
 import torch
 from integration_runs import supervised_resume
 
-from daemon.emulator import MetadataEmulator
 from daemon.layout import Manifest, list_step_dirs, load_complete
 from daemon.standins import LocalS3
+from daemon.standins.emulator import MetadataEmulator
 from trainer.example import make_data, params_sha256
 from trainer.example_lightning import Regression, make_loader
 from trainer.integrations.lightning import (

@@ -48,7 +48,7 @@ def test_trainer_imports_without_the_frameworks() -> None:
         + """
 import trainer, trainer.checkpoint, trainer.example, trainer.integrations
 import trainer.integrations.data
-import daemon.cli, daemon.supervisor, daemon.sync
+import daemon.cli, daemon.supervisor, daemon.storage.sync
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not loaded, loaded
 for name in ("trainer.integrations.huggingface", "trainer.integrations.lightning",
@@ -70,7 +70,7 @@ print("ok")
 
 def test_the_supervisor_never_imports_a_framework_or_torch() -> None:
     r = _python(
-        "import sys, daemon.cli, daemon.supervisor, daemon.sync, daemon.restore\n"
+        "import sys, daemon.cli, daemon.supervisor, daemon.storage.sync, daemon.storage.download\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {(*FRAMEWORKS, 'torch')!r})\n"
         "assert not bad, bad\n"
     )

@@ -25,9 +25,9 @@ import psutil
 import pytest
 from instances import Instances, kill_instance, process_env
 
-from daemon.demo import SupervisorProcess
-from daemon.emulator import MetadataEmulator
 from daemon.standins import LocalS3
+from daemon.standins.demo import SupervisorProcess
+from daemon.standins.emulator import MetadataEmulator
 
 pytestmark = pytest.mark.slow
 

@@ -11,16 +11,6 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.emulator import MetadataEmulator, scheduled_event
-from daemon.imds import (
-    INSTANCE_ACTION_PATH,
-    REBALANCE_PATH,
-    SCHEDULED_EVENTS_PATH,
-    TOKEN_PATH,
-    ImdsClient,
-    MetadataUnavailable,
-)
-from daemon.notice_watch import NoticeWatcher, is_degraded_threshold
 from daemon.notices import (
     AwsMaintenanceSource,
     AwsRebalanceSource,
@@ -29,6 +19,16 @@ from daemon.notices import (
     parse_event_time,
     parse_iso_utc,
 )
+from daemon.notices.imds import (
+    INSTANCE_ACTION_PATH,
+    REBALANCE_PATH,
+    SCHEDULED_EVENTS_PATH,
+    TOKEN_PATH,
+    ImdsClient,
+    MetadataUnavailable,
+)
+from daemon.notices.watch import NoticeWatcher, is_degraded_threshold
+from daemon.standins.emulator import MetadataEmulator, scheduled_event
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 11, 28, 9, 0, 0, tzinfo=UTC)

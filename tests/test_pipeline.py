@@ -17,10 +17,15 @@ from test_store import PART, RUN, MiB, events, make_checkpoint, same_tree
 
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
-from daemon.s3client import RemoteLocation, UploadCancelled, make_s3_client, make_transfer_config
 from daemon.standins import LocalS3
-from daemon.store import CheckpointStore
-from daemon.sync import CheckpointSync
+from daemon.storage.s3client import (
+    RemoteLocation,
+    UploadCancelled,
+    make_s3_client,
+    make_transfer_config,
+)
+from daemon.storage.store import CheckpointStore
+from daemon.storage.sync import CheckpointSync
 
 
 def make_store(
@@ -301,9 +306,9 @@ def test_supervisor_stages_the_emergency_checkpoint_while_it_is_written(
     import datetime as dt
     import sys
 
-    from daemon.demo import SupervisorProcess, write_config
-    from daemon.emulator import MetadataEmulator
     from daemon.standins import FAKE_AWS_ENV
+    from daemon.standins.demo import SupervisorProcess, write_config
+    from daemon.standins.emulator import MetadataEmulator
 
     script = tmp_path / "slow_trainer.py"
     script.write_text(SLOW_TRAINER)

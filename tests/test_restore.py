@@ -88,7 +88,7 @@ def test_remote_object_gone_after_listing_is_skipped(
     # Delete a file between the listing and the download, through the store's own listing.
     s3_client.delete_object(Bucket=bucket, Key=committed[0].keys["optimizer.pt"])
     original = store._iter_committed
-    store._iter_committed = lambda: iter(committed)  # type: ignore[method-assign]
+    store._iter_committed = lambda **_kw: iter(committed)  # type: ignore[method-assign]
     try:
         with capture_logs() as logs:
             result = store.restore_newest(tmp_path / "dest")

@@ -22,9 +22,9 @@ import pytest
 from conftest import SUPERVISOR_RUN_ID as RUN_ID
 
 from daemon import layout, runas
-from daemon.demo import SupervisorProcess, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV, LocalS3
+from daemon.standins.demo import SupervisorProcess, write_config
+from daemon.standins.emulator import MetadataEmulator
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not runas.can_switch(), reason="needs root (CAP_SETUID, CAP_SETGID)"

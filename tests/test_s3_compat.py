@@ -22,11 +22,11 @@ from s3rver import S3rverUnavailable, start_s3rver
 from structlog.testing import capture_logs
 from test_store import events, same_tree
 
-from daemon.faultproxy import FaultProxy
 from daemon.layout import CheckpointWriter, Manifest
-from daemon.s3client import RemoteLocation, make_s3_client, make_transfer_config
 from daemon.standins import LocalS3
-from daemon.store import CheckpointStore
+from daemon.standins.faultproxy import FaultProxy
+from daemon.storage.s3client import RemoteLocation, make_s3_client, make_transfer_config
+from daemon.storage.store import CheckpointStore
 
 RUN = "compat-run"
 MiB = 1024 * 1024

@@ -23,14 +23,14 @@ from structlog.testing import capture_logs
 from test_store import events
 
 from daemon.layout import MANIFEST_NAME, CheckpointWriter, Manifest
-from daemon.s3client import (
+from daemon.storage.s3client import (
     IntegrityError,
     RemoteLocation,
     etag_is_md5,
     is_aws_endpoint,
     make_s3_client,
 )
-from daemon.store import CheckpointStore, RemoteCheckpoint
+from daemon.storage.store import CheckpointStore, RemoteCheckpoint
 
 RUN = "enc-run"
 BUCKET = "enc-bucket"

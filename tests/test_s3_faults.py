@@ -1,7 +1,7 @@
 """S3 faults, each a named test of what the store does: retry, back off, fall back, or stop.
 
 Every test runs real store operations (``upload_checkpoint``, ``restore_newest``) over
-HTTP through the fault-injecting proxy (daemon/faultproxy.py) to moto, with checkpoints
+HTTP through the fault-injecting proxy (daemon/standins/faultproxy.py) to moto, with checkpoints
 of realistic shape: several files, a nested one, an empty one, and a 12 MiB file that
 goes up in three 5 MiB parts and comes down in three ranged GETs. The proxy's counters
 and request records show what the client did (how many attempts, which requests failed);
@@ -20,17 +20,17 @@ import pytest
 from structlog.testing import capture_logs
 from test_store import PART, events, make_checkpoint, make_store, same_tree
 
-from daemon.faultproxy import FaultProxy, RequestRecord
 from daemon.layout import MANIFEST_NAME, list_step_dirs
-from daemon.s3client import (
+from daemon.standins import LocalS3
+from daemon.standins.faultproxy import FaultProxy, RequestRecord
+from daemon.storage.s3client import (
     IntegrityError,
     RemoteLocation,
     StoreError,
     make_s3_client,
     make_transfer_config,
 )
-from daemon.standins import LocalS3
-from daemon.store import CheckpointStore
+from daemon.storage.store import CheckpointStore
 
 RUN = "run-1"
 MiB = 1024 * 1024

@@ -20,9 +20,9 @@ import pytest
 from conftest import SCRIPTED_TRAINER
 from instances import Instances, kill_instance
 
-from daemon.demo import SupervisorProcess, trainer_command
-from daemon.faultproxy import FaultProxy
 from daemon.standins import LocalS3
+from daemon.standins.demo import SupervisorProcess, trainer_command
+from daemon.standins.faultproxy import FaultProxy
 
 RUN_ID = "standby-run"
 FINAL_RE = re.compile(r"^final_params_sha256=([0-9a-f]{64})$")

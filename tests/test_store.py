@@ -14,7 +14,8 @@ from botocore.compat import HAS_CRT
 from structlog.testing import capture_logs
 
 from daemon.layout import MANIFEST_NAME, CheckpointWriter, Manifest, step_dir_name
-from daemon.s3client import (
+from daemon.standins import LocalS3
+from daemon.storage.s3client import (
     IntegrityError,
     RemoteLocation,
     StoreError,
@@ -23,8 +24,7 @@ from daemon.s3client import (
     make_transfer_config,
     parse_remote,
 )
-from daemon.standins import LocalS3
-from daemon.store import CheckpointStore
+from daemon.storage.store import CheckpointStore
 
 RUN = "run-1"
 MiB = 1024 * 1024

@@ -15,9 +15,9 @@ from typing import Any
 from conftest import SCRIPTED_TRAINER as SCRIPT
 from conftest import SUPERVISOR_RUN_ID as RUN_ID
 
-from daemon.demo import SupervisorProcess, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV, LocalS3
+from daemon.standins.demo import SupervisorProcess, write_config
+from daemon.standins.emulator import MetadataEmulator
 
 
 def committed_steps(s3_client: Any, bucket: str) -> list[int]:

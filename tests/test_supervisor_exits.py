@@ -24,10 +24,10 @@ import psutil
 import pytest
 from conftest import SCRIPTED_TRAINER, SUPERVISOR_RUN_ID
 
-from daemon.demo import SupervisorProcess, trainer_command, write_config
-from daemon.emulator import MetadataEmulator
-from daemon.faultproxy import FaultProxy
 from daemon.standins import FAKE_AWS_ENV, LocalS3
+from daemon.standins.demo import SupervisorProcess, trainer_command, write_config
+from daemon.standins.emulator import MetadataEmulator
+from daemon.standins.faultproxy import FaultProxy
 
 REPO = Path(__file__).resolve().parent.parent
 COMPLETE_KEY = f"runs/{SUPERVISOR_RUN_ID}/complete.json"

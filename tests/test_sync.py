@@ -18,8 +18,8 @@ from test_store import PART, RUN, events, make_checkpoint
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
 from daemon.standins import LocalS3
-from daemon.store import CheckpointStore
-from daemon.sync import CheckpointSync
+from daemon.storage.store import CheckpointStore
+from daemon.storage.sync import CheckpointSync
 
 
 @pytest.fixture

@@ -28,9 +28,9 @@ import pytest
 from systemd_sandbox import Sandbox, kept_paths, unavailable_reason
 
 from daemon import journal
-from daemon.demo import write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV, LocalS3
+from daemon.standins.demo import write_config
+from daemon.standins.emulator import MetadataEmulator
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(Path(__file__).with_name("scripted_trainer.py"))

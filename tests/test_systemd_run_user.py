@@ -14,8 +14,8 @@ import pytest
 from test_systemd import RUN_ID, UNIT, Booted, booted, unit_for_test
 
 from daemon import runas
-from daemon.demo import write_config
 from daemon.standins import FAKE_AWS_ENV
+from daemon.standins.demo import write_config
 
 __all__ = ["booted"]  # the fixture, shared with test_systemd.py
 

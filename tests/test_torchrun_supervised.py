@@ -19,9 +19,9 @@ import pytest
 from conftest import REPO
 from test_end_to_end import committed_manifests
 
-from daemon.demo import SupervisorProcess, write_config
-from daemon.emulator import MetadataEmulator
 from daemon.standins import FAKE_AWS_ENV, LocalS3
+from daemon.standins.demo import SupervisorProcess, write_config
+from daemon.standins.emulator import MetadataEmulator
 
 pytestmark = pytest.mark.slow
 

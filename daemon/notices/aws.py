@@ -1,33 +1,23 @@
-"""Notices that the instance is going away, and the sources that find them.
-
-Every source produces the one :class:`Notice` type behind the two-member
-:class:`NoticeSource` interface (``name``, ``poll()``), so another cloud is one more
-source class. The AWS sources read the instance metadata service through
-:class:`~daemon.imds.ImdsClient`, one HTTP request per poll:
+"""The AWS sources: the EC2 instance metadata service, one HTTP request per poll
+through :class:`~daemon.notices.imds.ImdsClient`:
 
 * :class:`AwsSpotSource`: ``spot/instance-action``, the spot interruption notice.
 * :class:`AwsRebalanceSource`: ``events/recommendations/rebalance``, an early hint
   that the instance is at elevated risk of interruption.
 * :class:`AwsMaintenanceSource`: ``events/maintenance/scheduled``, stops, reboots and
   retirements AWS has scheduled.
-
-A notice's ``id`` is a hash of what the cloud said (source, kind, action, time as
-given), so polling the same notice again yields the same id and the watcher delivers
-it once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import structlog
 
-from daemon.imds import (
+from daemon.notices.base import Clock, Notice, deadline_or_now, notice_id, parse_iso_utc, utc_now
+from daemon.notices.imds import (
     INSTANCE_ACTION_PATH,
     REBALANCE_PATH,
     SCHEDULED_EVENTS_PATH,
@@ -36,8 +26,6 @@ from daemon.imds import (
 )
 
 log = structlog.get_logger(__name__)
-
-NoticeKind = Literal["interruption", "rebalance", "maintenance"]
 
 AWS_IMDS_SOURCE = "aws-imds"
 """``Notice.source`` of everything read from the EC2 metadata service."""
@@ -53,80 +41,6 @@ INTERRUPTING_EVENT_CODES = frozenset(
 
 FINISHED_EVENT_STATES = frozenset({"completed", "canceled"})
 
-Clock = Callable[[], dt.datetime]
-
-
-def utc_now() -> dt.datetime:
-    """Now, as an aware UTC datetime."""
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def format_utc(t: dt.datetime) -> str:
-    """ISO 8601 UTC with a ``Z``, second precision (the notice file's form)."""
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def notice_id(source: str, kind: str, action: str, when: str) -> str:
-    """A stable id: the same notice polled twice hashes the same."""
-    digest = hashlib.sha256(f"{source}\x00{kind}\x00{action}\x00{when}".encode()).hexdigest()
-    return digest[:16]
-
-
-@dataclass(frozen=True)
-class Notice:
-    """A warning that the instance (and so the trainer) is going away.
-
-    ``deadline`` is when the cloud acts (aware UTC); a notice that gives no usable
-    time, or a past one, gets "now": act at once. ``raw`` is what the cloud sent,
-    parsed, for the logs; it takes no part in equality.
-    """
-
-    id: str
-    kind: NoticeKind
-    action: str
-    deadline: dt.datetime
-    source: str
-    raw: Any = field(default=None, compare=False, hash=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, for state.json and events."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "action": self.action,
-            "deadline": format_utc(self.deadline),
-            "source": self.source,
-        }
-
-    def notice_file_payload(self) -> dict[str, str]:
-        """What the supervisor writes to ``$SPOT_NOTICE_FILE`` (CONTRACT §3)."""
-        return {"action": self.action, "deadline": format_utc(self.deadline), "source": self.source}
-
-
-class NoticeSource(Protocol):
-    """Where notices come from. ``poll()`` returns the notices present now (often none).
-
-    ``poll`` raises :class:`~daemon.imds.MetadataUnavailable` when it cannot tell:
-    the service did not answer, or answered something that does not parse. An empty
-    list means "asked, and there is nothing".
-    """
-
-    name: str
-
-    def poll(self) -> list[Notice]: ...
-
-
-def parse_iso_utc(value: str) -> dt.datetime | None:
-    """``2026-11-28T09:02:00Z`` (or with an offset) as aware UTC; None if unparseable."""
-    try:
-        t = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)  # AWS times are UTC
-    return t.astimezone(dt.timezone.utc)
-
-
 def parse_event_time(value: str) -> dt.datetime | None:
     """``21 Jan 2019 09:00:43 GMT`` (scheduled events) as aware UTC; None if unparseable."""
     try:
@@ -136,11 +50,6 @@ def parse_event_time(value: str) -> dt.datetime | None:
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.timezone.utc)
     return t.astimezone(dt.timezone.utc)
-
-
-def _deadline(when: dt.datetime | None, now: dt.datetime) -> dt.datetime:
-    # No usable time, or one already past: the cloud is acting now.
-    return now if when is None or when < now else when
 
 
 class AwsSpotSource:
@@ -179,7 +88,7 @@ def parse_instance_action(doc: Any, *, now: dt.datetime) -> Notice:
     if action not in SPOT_ACTIONS:
         # A new action AWS added later is still an interruption: act on it.
         log.warning("notice_action_unknown", action=action)
-    deadline = now if action == "hibernate" else _deadline(when, now)
+    deadline = now if action == "hibernate" else deadline_or_now(when, now)
     return Notice(
         id=notice_id(AWS_IMDS_SOURCE, "interruption", action, when_text),
         kind="interruption",
@@ -282,7 +191,7 @@ class AwsMaintenanceSource:
                     id=notice_id(AWS_IMDS_SOURCE, "maintenance", str(code), key),
                     kind="maintenance",
                     action=str(code),
-                    deadline=_deadline(when, now),
+                    deadline=deadline_or_now(when, now),
                     source=AWS_IMDS_SOURCE,
                     raw=event,
                 )
@@ -298,20 +207,3 @@ def event_key(notice: Notice) -> str:
     return str(raw.get("EventId") or notice.id)
 
 
-__all__ = [
-    "AWS_IMDS_SOURCE",
-    "INTERRUPTING_EVENT_CODES",
-    "AwsMaintenanceSource",
-    "AwsRebalanceSource",
-    "AwsSpotSource",
-    "Notice",
-    "NoticeKind",
-    "NoticeSource",
-    "event_key",
-    "format_utc",
-    "notice_id",
-    "parse_event_time",
-    "parse_instance_action",
-    "parse_iso_utc",
-    "utc_now",
-]

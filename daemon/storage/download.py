@@ -5,7 +5,8 @@ moto) do not all verify checksums, and an object can be overwritten after it was
 The directory is built the way every writer builds one (CONTRACT §4): files as
 ``<name>.partial`` in ``.tmp-step-<9 digits>-restore-<random>/``, fsynced and renamed,
 the manifest last, the directory fsynced and renamed into place, ``local_dir`` fsynced.
-Choosing *which* checkpoint to restore is :meth:`daemon.store.CheckpointStore.restore_newest`.
+Choosing *which* checkpoint to restore is
+:meth:`daemon.storage.store.CheckpointStore.restore_newest`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from daemon.layout import (
     fsync_dir,
     step_dir_name,
 )
-from daemon.s3client import (
+from daemon.storage.s3client import (
     IntegrityError,
     RemoteLocation,
     RemoteObject,

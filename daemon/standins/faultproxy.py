@@ -28,7 +28,7 @@ Drive it from Python (:meth:`FaultProxy.add`, :meth:`FaultProxy.error`, ...) or,
 another process, over HTTP on ``/__faultproxy__/`` (``GET stats``, ``POST rules`` with a
 rule as JSON, ``DELETE rules``). Run standalone::
 
-    python -m daemon.faultproxy --upstream http://127.0.0.1:5000 [--port 0] [--seed 1]
+    python -m daemon.standins.faultproxy --upstream http://127.0.0.1:5000 [--port 0] [--seed 1]
 
 Only loopback: the proxy listens on 127.0.0.1 and forwards only to a loopback upstream.
 """
@@ -1174,8 +1174,10 @@ class _Upstream:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m daemon.faultproxy --upstream URL``: serve until SIGINT or SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m daemon.faultproxy", description=__doc__)
+    """``python -m daemon.standins.faultproxy --upstream URL``: serve until SIGINT or SIGTERM."""
+    parser = argparse.ArgumentParser(
+        prog="python -m daemon.standins.faultproxy", description=__doc__
+    )
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:<port> of the server")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any)")
     parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic rules")

@@ -11,15 +11,15 @@ manifest gives. A file that was not (staged too late, failed, or different) is s
 again by the commit.
 
 What the server stored is checked without a second pass over the bytes: s3transfer's
-reads of each part feed an MD5 (:class:`~daemon.s3client.EtagDigest`), whose ETag the
+reads of each part feed an MD5 (:class:`~daemon.storage.s3client.EtagDigest`), whose ETag the
 commit compares with the stored object's before it writes the manifest. Our own sha256
 of staged files is not computed before the commit (a file under its final name never
 changes, and the CPU is the bottleneck while the trainer is still writing): the commit
-is ``pending``, and :class:`daemon.sync.CheckpointSync` hashes its files afterwards
+is ``pending``, and :class:`daemon.storage.sync.CheckpointSync` hashes its files afterwards
 before it may count as verified for retention. Files that may be copied server-side
 from the previous commit are still hashed first (the sha256 decides the copy).
 
-Events are hints, rescans are truth: the watchdog handler of :mod:`daemon.sync` only
+Events are hints, rescans are truth: the watchdog handler of :mod:`daemon.storage.sync` only
 calls :meth:`Stager.hint`; the stager thread rescans every ``.tmp-step-*`` directory on
 each hint and every ``rescan_interval`` seconds.
 """
@@ -40,12 +40,12 @@ from typing import Any
 import structlog
 
 from daemon import layout
-from daemon.s3client import EtagDigest, StoreError, UploadCancelled
-from daemon.store import CheckpointStore, RemoteCheckpoint, StagedFile, copy_etag
+from daemon.layout import HASH_CHUNK
+from daemon.storage.s3client import EtagDigest, StoreError, UploadCancelled
+from daemon.storage.store import CheckpointStore, RemoteCheckpoint, StagedFile, copy_etag
 
 log = structlog.get_logger(__name__)
 
-_HASH_CHUNK = 4 * 1024 * 1024
 # A writer's own temporary directory, not a restore's nor one set aside as invalid.
 _SKIP_MARKERS = ("-restore-", "-invalid")
 
@@ -269,7 +269,7 @@ class Stager:
         except FileNotFoundError:
             f = open(self.resolve(path), "rb")  # noqa: SIM115
         with f:
-            while chunk := f.read(_HASH_CHUNK):
+            while chunk := f.read(HASH_CHUNK):
                 h.update(chunk)
                 if digest is not None:
                     digest.update(chunk)

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon.layout import MANIFEST_NAME, FileEntry, Manifest, ManifestError, parse_manifest
-from daemon.s3client import IntegrityError, StoreError
+from daemon.storage.s3client import IntegrityError, StoreError
 
 if TYPE_CHECKING:
-    from daemon.store import CheckpointStore, RemoteCheckpoint
+    from daemon.storage.listing import ListingLayer as CheckpointStore
+    from daemon.storage.records import RemoteCheckpoint
 
 log = structlog.get_logger(__name__)
 
@@ -212,7 +213,7 @@ def _read_parts(
 
 def commit_set(store: CheckpointStore, found: CompleteSet) -> tuple[RemoteCheckpoint, bool] | None:
     """Write the manifest of a complete set, unless someone was first (then theirs)."""
-    from daemon.store import RemoteCheckpoint  # store imports this module
+    from daemon.storage.records import RemoteCheckpoint  # store imports this module
 
     step, merged = found.step, found.manifest
     raw = merged.to_json()

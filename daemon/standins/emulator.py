@@ -18,7 +18,7 @@ it answer 5xx/429, stall, hang up, or serve a broken body, for the next N reques
 path prefix. ``stats()`` counts requests per method and path, tokens issued and
 connections accepted, so a test can assert how many requests a client made.
 
-Run standalone: ``python -m daemon.emulator --port 8169`` prints its URL.
+Run standalone: ``python -m daemon.standins.emulator --port 8169`` prints its URL.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from daemon.imds import (
+from daemon.log import configure as configure_logging
+from daemon.notices.imds import (
     AVAILABILITY_ZONE_PATH,
     INSTANCE_ACTION_PATH,
     INSTANCE_ID_PATH,
@@ -61,7 +62,6 @@ from daemon.imds import (
     TOKEN_PATH,
     TOKEN_TTL_HEADER,
 )
-from daemon.log import configure as configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -795,9 +795,10 @@ class EmulatorControl:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m daemon.emulator``: serve until SIGINT or SIGTERM."""
+    """``python -m daemon.standins.emulator``: serve until SIGINT or SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m daemon.emulator", description="A local EC2 metadata service (IMDSv2)."
+        prog="python -m daemon.standins.emulator",
+        description="A local EC2 metadata service (IMDSv2).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default 0: a free one)")

@@ -9,7 +9,7 @@ bandwidth is short: when sending it would take longer than the trainer takes to 
 the next checkpoint, and always in the final flush, where the deadline is near.
 
 After each verified commit, remote retention keeps the newest ``keep_remote``
-committed checkpoints (see :meth:`daemon.store.CheckpointStore.apply_retention`). During
+committed checkpoints (see :meth:`daemon.storage.store.CheckpointStore.apply_retention`). During
 a drain, :meth:`CheckpointSync.begin_emergency` also starts the :class:`Stager`, which
 uploads the files of the checkpoint being written before the writer has finished it.
 Such a commit is checked against the server (ETags) but not yet against the manifest's
@@ -35,12 +35,11 @@ from watchdog.observers import Observer
 
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
-from daemon.global_commit import try_global_commit
-from daemon.pipeline import Stager
-from daemon.s3client import StoreError, UploadCancelled
-from daemon.store import CheckpointStore, RemoteCheckpoint
-
-_HASH_CHUNK = 4 * 1024 * 1024
+from daemon.layout import HASH_CHUNK
+from daemon.storage.global_commit import try_global_commit
+from daemon.storage.pipeline import Stager
+from daemon.storage.s3client import StoreError, UploadCancelled
+from daemon.storage.store import CheckpointStore, RemoteCheckpoint
 
 log = structlog.get_logger(__name__)
 
@@ -461,7 +460,7 @@ class CheckpointSync:
             h = hashlib.sha256()
             try:
                 with open(path / rel, "rb") as f:
-                    while chunk := f.read(_HASH_CHUNK):
+                    while chunk := f.read(HASH_CHUNK):
                         h.update(chunk)
             except FileNotFoundError:
                 # Pruned locally (keep-K): cannot tell; restore still checks every sha256.

@@ -214,8 +214,8 @@ def run_demo(keep: bool = False, echo: bool = False) -> int:
 
 
 def _run_demo(keep: bool, echo: bool) -> int:
-    from daemon.emulator import MetadataEmulator
     from daemon.standins import StandinUnavailable, start_local_s3
+    from daemon.standins.emulator import MetadataEmulator
 
     try:
         import torch  # noqa: F401  (the reference trainer needs it)

@@ -48,8 +48,8 @@ from typing import Any
 
 import structlog
 
-from daemon.s3client import StoreError
-from daemon.store import CheckpointStore
+from daemon.storage.s3client import StoreError
+from daemon.storage.store import CheckpointStore
 
 log = structlog.get_logger(__name__)
 

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import structlog
 
-from daemon.imds import MetadataUnavailable
 from daemon.notices import Notice, NoticeSource
+from daemon.notices.imds import MetadataUnavailable
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,27 @@
+"""Stand-ins for the cloud, for the demo and the tests: never imported by production code.
+
+* :mod:`~daemon.standins.s3`: moto's S3 server on loopback, and fake credentials.
+* :mod:`~daemon.standins.emulator`: an EC2 metadata service (IMDSv2) emulator.
+* :mod:`~daemon.standins.faultproxy`: a fault-injecting HTTP proxy for S3.
+* :mod:`~daemon.standins.demo`: ``spot-supervisor demo`` (the one command that may
+  import stand-ins; the CLI imports it only inside that command), and the helpers the
+  tests use to run real supervisor processes.
+
+``tests/test_layout_house.py`` imports the daemon with this package made unimportable.
+"""
+
+from daemon.standins.s3 import (
+    FAKE_AWS_ENV,
+    LocalS3,
+    StandinUnavailable,
+    start_local_s3,
+    use_fake_aws_credentials,
+)
+
+__all__ = [
+    "FAKE_AWS_ENV",
+    "LocalS3",
+    "StandinUnavailable",
+    "start_local_s3",
+    "use_fake_aws_credentials",
+]

@@ -1,0 +1,136 @@
+"""Uploads through s3transfer (or CRT): transfer managers, upload arguments, ETag digests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.exceptions import CancelledError
+
+from daemon.storage.s3client import (
+    EtagDigest,
+    UploadCancelled,
+    describe_error,
+    make_transfer_manager,
+    multipart_part_size,
+)
+
+if TYPE_CHECKING:
+    pass
+from daemon.storage.objects import ObjectStore
+
+log = structlog.get_logger(__name__)
+
+
+class TransferLayer(ObjectStore):
+    """Uploads through s3transfer (or CRT): transfer managers, upload arguments, ETag digests."""
+
+
+
+    @property
+    def transfer_manager(self) -> Any:
+        """The transfer manager of complete files (its concurrency is shared by their uploads)."""
+        return self._manager(self._crt)
+
+    def _manager(self, crt: bool) -> Any:
+        with self._tm_lock:
+            tm = self._tms.get(crt)
+            if tm is None:
+                tm = self._tms[crt] = make_transfer_manager(
+                    self.client, self.transfer_config, crt=crt, osutil=self._osutil
+                )
+            return tm
+
+    def _uses_crt(self, staged: bool) -> bool:
+        """Whether an upload goes through the CRT client.
+
+        Never for a staged file: it lives in a writer's ``.tmp-`` directory, which is
+        renamed into place while the file is being sent. The classic manager reopens it
+        under its new name (:class:`RenameTolerantOSUtils`); the CRT client reads the
+        path natively, part by part, and would fail in the middle of the upload.
+        """
+        return self._crt and not staged
+
+    def close(self) -> None:
+        """Shut the transfer managers down (waiting for what is in flight)."""
+        with self._tm_lock:
+            tms, self._tms = list(self._tms.values()), {}
+        for tm in tms:
+            tm.shutdown(cancel=self._switch.cancelled)
+
+    def upload_args(self, sha256: str | None) -> dict[str, Any]:
+        """Extra arguments of every file upload: our sha256 (when known before it is
+        sent), and the server-side checksum."""
+        extra: dict[str, Any] = {"Metadata": {"sha256": sha256}} if sha256 else {}
+        if self._checksum_algorithm:
+            extra["ChecksumAlgorithm"] = self._checksum_algorithm
+        return extra
+
+    def etag_digest(self, size: int) -> EtagDigest:
+        """A digest of the ETag a file of ``size`` bytes gets from this store's uploads."""
+        return EtagDigest(size, multipart_part_size(self.transfer_config, size))
+
+    def etag_checkable(self, size: int, *, staged: bool = False) -> bool:
+        """Whether we know the part boundaries of an upload of ``size`` bytes.
+
+        The classic transfer manager's we know (s3transfer's own rule); the CRT client
+        splits files its own way, so its multipart ETags are not checked (AWS S3, the
+        only endpoint it is used with, verifies the additional checksum itself).
+        ``staged``: a file of a checkpoint still being written (see :meth:`_uses_crt`).
+        """
+        return not self._uses_crt(staged) or multipart_part_size(self.transfer_config, size) is None
+
+    def start_upload(
+        self,
+        path: Path,
+        key: str,
+        sha256: str | None,
+        digest: EtagDigest | None = None,
+        *,
+        staged: bool = False,
+    ) -> Any:
+        """Submit one file to the transfer manager; its future, cancelled with the switch.
+
+        ``digest`` (classic transfer manager only) is fed with the bytes as they are read
+        to be sent: its :meth:`~daemon.storage.s3client.EtagDigest.etag` is then the ETag the
+        object must have, at no extra read. ``staged``: a file of a checkpoint still
+        being written, always sent by the classic manager (see :meth:`_uses_crt`).
+        """
+        self._switch.check(f"upload {self.location.url(key)}")
+        crt = self._uses_crt(staged)
+        watch = digest is not None and not crt
+        if watch and digest is not None:
+            self._osutil.watch(str(path), digest)
+        try:
+            future = self._manager(crt).upload(
+                str(path), self.location.bucket, key, extra_args=self.upload_args(sha256)
+            )
+        except BaseException:
+            if watch:
+                self._osutil.unwatch(str(path))
+            raise
+        if watch:
+            with self._tm_lock:
+                self._watching[id(future)] = str(path)
+        self._switch.track(future)
+        return future
+
+    def _release(self, future: Any) -> None:
+        self._switch.untrack(future)
+        with self._tm_lock:
+            path = self._watching.pop(id(future), None)
+        if path is not None:
+            self._osutil.unwatch(path)
+
+    def wait_upload(self, future: Any, key: str) -> None:
+        """Wait for one submitted upload; its failure as :class:`StoreError`."""
+        try:
+            future.result()
+        except FileNotFoundError:
+            raise
+        except (ClientError, BotoCoreError, OSError, CancelledError, UploadCancelled) as exc:
+            raise describe_error(exc, action="upload", location=self.location, key=key) from exc
+        finally:
+            self._release(future)

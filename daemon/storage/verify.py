@@ -1,0 +1,221 @@
+"""Does the server hold our bytes? ETags where they are MD5s, else AWS checksums or a read-back."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from daemon.layout import (
+    HASH_CHUNK,
+    Manifest,
+)
+from daemon.storage.s3client import (
+    BY_ETAG,
+    BY_READ_BACK,
+    BY_SERVER_CHECKSUM,
+    EndpointIntegrity,
+    IntegrityError,
+    RemoteObject,
+    encryption_hiding_md5,
+    endpoint_integrity,
+    normalize_etag,
+)
+
+if TYPE_CHECKING:
+    pass
+from daemon.storage.records import (
+    _PENDING,
+    _SHA256_VERIFIED,
+    VERIFIED_META,
+    RemoteCheckpoint,
+    _ListingCheck,
+)
+from daemon.storage.transfers import TransferLayer
+
+log = structlog.get_logger(__name__)
+
+
+class VerifyLayer(TransferLayer):
+    """Does the server hold our bytes? ETags where they are MD5s, else AWS checksums or a read-back.
+    """
+
+    def _check_listing(
+        self,
+        step: int,
+        manifest: Manifest,
+        listed: Mapping[str, RemoteObject],
+        expected: Mapping[str, str | None],
+    ) -> _ListingCheck:
+        """Every file of ``manifest`` listed with its size, and whether it holds the
+        local bytes (see :meth:`_verify_stored`)."""
+        check = _ListingCheck()
+        for entry in manifest.files:
+            obj = listed.get(entry.path)
+            if obj is None or obj.size != entry.size:
+                raise IntegrityError(
+                    f"commit {self.location.url(self.file_key(step, entry.path))}: "
+                    f"not listed with {entry.size} bytes after upload; manifest not written"
+                )
+            check.objects[entry.path] = obj
+            want = expected.get(entry.path)
+            if want is None:
+                check.skipped[entry.path] = "no expected ETag (part boundaries or source unknown)"
+                continue
+            if normalize_etag(obj.etag) == normalize_etag(want):
+                check.how[entry.path] = BY_ETAG  # the common case: no request
+                continue
+            # A listing says nothing of encryption: the object's own fields do.
+            how = self._verify_stored(obj.key, self._head(obj.key), want, entry.sha256)
+            if how is None:
+                check.bad.append(entry.path)
+            else:
+                check.how[entry.path] = how
+        return check
+
+    @property
+    def _integrity(self) -> EndpointIntegrity:
+        return endpoint_integrity(str(self.client.meta.endpoint_url))
+
+    def _verify_stored(
+        self, key: str, fields: Mapping[str, Any], md5_etag: str, sha256: str
+    ) -> str | None:
+        """How the object ``key`` was found to hold the local bytes (``BY_ETAG``,
+        ``BY_SERVER_CHECKSUM``, ``BY_READ_BACK``); None when it holds other bytes.
+
+        ``fields`` are the object's response fields (PutObject, HeadObject); ``md5_etag``
+        the ETag AWS gives the local bytes, ``sha256`` their hash. An ETag that is not
+        ``md5_etag`` is a corruption only if the bytes read back say so: otherwise the
+        encryption or the endpoint's ETag convention explains it.
+        """
+        etag = normalize_etag(str(fields.get("ETag") or ""))
+        if etag == normalize_etag(md5_etag):
+            return BY_ETAG
+        multipart = "-" in md5_etag
+        how = self._integrity.method(fields, multipart=multipart)
+        if how == BY_SERVER_CHECKSUM:
+            return how
+        if self._read_back_sha256(key) != sha256:
+            return None
+        if encryption_hiding_md5(fields) is None:
+            # Unencrypted, the right bytes, not their MD5: the endpoint's own ETags.
+            self._integrity.etag_convention_differs(
+                multipart=multipart, key=key, etag=etag, expected=md5_etag
+            )
+        return BY_READ_BACK
+
+    def _head(self, key: str) -> dict[str, Any]:
+        """The object's response fields: encryption, ETag and its additional checksum."""
+        resp = self._call(
+            "head",
+            key,
+            lambda: self.client.head_object(
+                Bucket=self.location.bucket, Key=key, ChecksumMode="ENABLED"
+            ),
+        )
+        return dict(resp)
+
+    def _read_back_sha256(self, key: str) -> str:
+        """The sha256 of the object's bytes as the server returns them (one streamed GET;
+        stopped by the cancel switch, since no manifest may follow it then)."""
+        what = f"verify {self.location.url(key)}"
+
+        def run() -> str:
+            resp = self.client.get_object(Bucket=self.location.bucket, Key=key)
+            h = hashlib.sha256()
+            body = resp["Body"]
+            try:
+                for chunk in body.iter_chunks(HASH_CHUNK):
+                    self._switch.check(what)
+                    h.update(chunk)
+            finally:
+                body.close()
+            return h.hexdigest()
+
+        return self._call("verify", key, run)
+
+    def mark_verified(self, remote: RemoteCheckpoint) -> RemoteCheckpoint:
+        """Record that every file of a ``pending`` commit now checked out against the
+        manifest's sha256: the same manifest bytes are written again, ``verified``."""
+        if remote.verified:
+            return remote
+        self._switch.check(f"verify {self.location.url(remote.manifest_key)}")
+        self._put_bytes(
+            remote.manifest_key,
+            remote.manifest_raw,
+            content_type="application/json",
+            metadata={VERIFIED_META: _SHA256_VERIFIED},
+        )
+        log.info("checkpoint_verified", step=remote.step, key=remote.manifest_key)
+        return RemoteCheckpoint(
+            remote.step,
+            remote.manifest,
+            remote.manifest_key,
+            remote.manifest_raw,
+            remote.objects,
+            verified=True,
+        )
+
+    def _put_bytes(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
+    ) -> None:
+        extra: dict[str, Any] = {}
+        if self._checksum_algorithm:
+            extra["ChecksumAlgorithm"] = self._checksum_algorithm
+        if if_none_match:
+            # Create only: a 412 (StoreError "PreconditionFailed") if someone was first.
+            extra["IfNoneMatch"] = "*"
+        sha = hashlib.sha256(body).hexdigest()
+        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        # A server that does not verify the additional checksum (moto, some S3-compatible
+        # stores) keeps whatever arrived: check that it holds our bytes as the files are
+        # checked (_verify_stored), and send again once. This is the commit itself for a
+        # manifest.
+        for attempt in (1, 2):
+            resp = self._call(
+                "write",
+                key,
+                lambda: self.client.put_object(
+                    Bucket=self.location.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType=content_type,
+                    Metadata={"sha256": sha, **(metadata or {})},
+                    **extra,
+                ),
+            )
+            if self._verify_stored(key, resp, md5, sha) is not None:
+                return
+            # What we wrote arrived corrupt: replacing our own object is no conflict.
+            extra.pop("IfNoneMatch", None)
+            etag = normalize_etag(str(resp.get("ETag", "")))
+            log.warning("object_etag_mismatch", key=key, attempt=attempt, etag=etag, md5=md5)
+        raise IntegrityError(
+            f"{self.location.url(key)}: the server stored other bytes than were sent "
+            f"(ETag {etag}, MD5 {md5}; read back, another sha256), twice"
+        )
+
+    def put_manifest(
+        self, key: str, raw: bytes, *, verified: bool, if_none_match: bool = False
+    ) -> None:
+        """Write a manifest; ``if_none_match``: only if no object is there yet."""
+        self._switch.check(f"commit {self.location.url(key)}")
+        self._put_bytes(
+            key,
+            raw,
+            content_type="application/json",
+            metadata={VERIFIED_META: _SHA256_VERIFIED if verified else _PENDING},
+            if_none_match=if_none_match,
+        )
+
+    def put_marker(self, key: str) -> None:
+        """An empty object whose existence is the message (rendezvous markers)."""
+        self._put_bytes(key, b"", content_type="application/octet-stream")
