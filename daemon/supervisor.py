@@ -17,19 +17,13 @@ What a trainer's exit means is decided here, and never from its exit code alone:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import queue
-import select
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 import structlog
 
@@ -37,6 +31,8 @@ from daemon import layout
 from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_environment
 from daemon.config import Config
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
+from daemon.loop import IDLE_WAIT_S, MainLoop
+from daemon.maintenance import MAINTENANCE_LEAD_S, MaintenanceSchedule
 from daemon.metrics import Metrics, TextfileWriter
 from daemon.nodes import FINAL_COMMIT_WAIT_S, MultiNode, instance_identity
 from daemon.notices import (
@@ -44,15 +40,16 @@ from daemon.notices import (
     AwsRebalanceSource,
     AwsSpotSource,
     Notice,
-    event_key,
     format_utc,
 )
 from daemon.notices.imds import ImdsClient
 from daemon.notices.watch import NoticeWatcher
+from daemon.policy import Step, exit_code_after_drain, on_hang, on_notice, on_trainer_exit
 from daemon.rendezvous import RendezvousIds, user_chose_rdzv_id
-from daemon.sdnotify import Notifier, watchdog_interval
+from daemon.sdnotify import Notifier
+from daemon.standby import Standby, log_handoff
 from daemon.state import Phase, StateMachine, write_json_atomic
-from daemon.storage.lease import Heartbeat, Identity, Leases, Taken, parse_time
+from daemon.storage.lease import Heartbeat, Identity, Leases
 from daemon.storage.s3client import (
     StoreError,
     checksum_algorithm,
@@ -67,13 +64,7 @@ from daemon.storage.sync import CheckpointSync, FlushHandle, SyncStats
 log = structlog.get_logger(__name__)
 
 _TICK = 0.05
-# The longest the main loop sleeps when nothing wakes it: a signal, a notice or the
-# trainer's exit all wake it at once, so idle it costs next to no CPU.
-_IDLE_WAIT = 1.0
 _MAX_BACKOFF = 60.0
-# A scheduled maintenance event is acted on this long before its NotBefore (plus the
-# upload reserve): the same warning a spot notice gives.
-MAINTENANCE_LEAD_S = 120.0
 _METRICS_EVERY = 15.0
 # At boot only multipart uploads older than this are aborted as leftovers: a younger one
 # may be a peer node's or the previous holder's emergency upload in flight (no drain
@@ -81,14 +72,6 @@ _METRICS_EVERY = 15.0
 STALE_UPLOAD_AGE_S = 3600.0
 # How often a standby looks for a free slot (and for the run's completion elsewhere).
 STANDBY_POLL_S = 1.5
-
-
-@dataclass
-class _Scheduled:
-    """A scheduled maintenance event, and whether its checkpoint was asked for."""
-
-    notice: Notice
-    requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,15 +134,13 @@ class Supervisor:
             and self.leases.slot == 0,
         )
         self.events: queue.Queue[Notice] = queue.Queue()
-        # Written to by signals (set_wakeup_fd) and by the notice watcher: wakes the loop.
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.loop = MainLoop(self.notifier)
         client = self._imds = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
         # run.nodes > 1: this instance as one node of several (set up at boot).
         self.nodes: MultiNode | None = None
         self._rejoin: FlushHandle | None = None
         self.leases: Leases  # set at boot, once the instance is known
         self._heartbeat: Heartbeat | None = None
-        self._standby_result: Taken | str | None = None
         self._maintenance_source = AwsMaintenanceSource(client)
         self.watcher = NoticeWatcher(
             # instance-action every poll; rebalance and maintenance are slower news: every 5th.
@@ -175,11 +156,9 @@ class Supervisor:
         self.metrics = Metrics(run_id=cfg.run.id)
         self.textfile = TextfileWriter(cfg.metrics.textfile, self.metrics)
         self._metrics_at = 0.0
-        # Scheduled events by EventId, each with whether its checkpoint was asked for.
-        self._maintenance: dict[str, _Scheduled] = {}
+        self.maintenance = MaintenanceSchedule(self._maintenance_due_in)
         self.child: TrainerProcess | None = None
         self.drain: Drain | None = None
-        self._stop_signal: int | None = None
         self._failures: list[float] = []
         # The trainer's progress: the newest local step, and when it last changed.
         self._progress_step: int | None = None
@@ -187,8 +166,6 @@ class Supervisor:
         # The newest local step when the running trainer started: did it get anywhere?
         self._start_step: int | None = None
         self._restart_at: float | None = None
-        self._watchdog_every = watchdog_interval()
-        self._last_watchdog = 0.0
         self._flush: FlushHandle | None = None
 
     # --- plumbing --------------------------------------------------------------------
@@ -205,42 +182,18 @@ class Supervisor:
             last_upload_mbps=stats.last_upload_mbps,
         )
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        # Only record: the main loop acts on it (the wakeup fd has already woken it).
-        self._stop_signal = signum
-
-    def _on_child_signal(self, _signum: int, _frame: FrameType | None) -> None:
-        """SIGCHLD: nothing to record; its byte on the wakeup fd wakes the loop to reap."""
-
     def _on_notice(self, notice: Notice) -> None:
         # The watcher's thread: hand over, then wake the main loop.
         self.events.put(notice)
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"n")
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGCHLD, self._on_child_signal)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-
-    def _wait(self, timeout: float) -> None:
-        """Sleep until woken (signal, notice, child exit) or ``timeout`` seconds pass."""
-        if timeout > 0:
-            ready, _, _ = select.select([self._wake_r], [], [], timeout)
-            if ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
+        self.loop.wake()
 
     def _next_wakeup(self) -> float:
         """Seconds until the loop must look again even if nothing wakes it."""
         now = time.monotonic()
-        due = [now + _IDLE_WAIT]
-        if self._watchdog_every:
-            due.append(self._last_watchdog + self._watchdog_every)
+        due = [now + IDLE_WAIT_S]
+        watchdog = self.loop.next_watchdog()
+        if watchdog is not None:
+            due.append(watchdog)
         if self.drain is not None:
             due.append(now + _TICK)  # the drain clock and the trainer's exit, closely
         if self._restart_at is not None:
@@ -267,61 +220,24 @@ class Supervisor:
         self.textfile.write()
         self._metrics_at = now
 
-    @contextlib.contextmanager
-    def _start_keepalive(self, every: float = 20.0, extend: float = 60.0) -> Iterator[None]:
-        """Until READY=1: keep systemd's start timeout ahead of a long restore."""
-        done = threading.Event()
-
-        def tick() -> None:
-            while not done.wait(every):
-                self.notifier.extend_timeout(extend)
-
-        t = threading.Thread(target=tick, name="start-keepalive", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            done.set()
-            t.join()
-
     def _await_flush(self, why: str, wait_global_s: float = 0.0) -> int | None:
         """A final flush off the main loop, which keeps systemd's watchdog fed meanwhile."""
         flush = self._flush = self.sync.flush_async(wait_global_s)
-        self._wait_done(flush)
+        self.loop.wait_done(flush)
         if flush.error is not None:
             log.error("final_flush_failed", why=why, error=flush.error)
         return flush.committed
 
-    def _off_loop(self, work: Callable[[], object], name: str) -> FlushHandle:
-        """Run ``work`` (S3 I/O) in a thread of its own; wait, feeding the watchdog."""
-
-        def run() -> None:
-            work()
-
-        handle = FlushHandle(run, name=name)
-        self._wait_done(handle)
-        return handle
-
-    def _wait_done(self, handle: FlushHandle) -> None:
-        while not handle.done.wait(min(_IDLE_WAIT, self._watchdog_every or _IDLE_WAIT)):
-            self._ping_watchdog()
-
     def _check_sync_alive(self) -> None:
         """The background sync must never die silently: restart its thread if it did."""
         self.sync.restart_if_dead()
-
-    def _ping_watchdog(self) -> None:
-        now = time.monotonic()
-        if self._watchdog_every and now - self._last_watchdog >= self._watchdog_every:
-            self.notifier.watchdog()
-            self._last_watchdog = now
 
     # --- the run -----------------------------------------------------------------------
 
     def run(self) -> int:
         """Boot to exit; the exit code follows CONTRACT §1."""
         become_subreaper()
-        self.install_signal_handlers()
+        self.loop.install_signal_handlers()
         self.state.transition(Phase.RESTORING, "boot")
         try:
             return self._boot()
@@ -355,7 +271,7 @@ class Supervisor:
                 self.store.close()
 
     def _run_restored(self) -> int:
-        with self._start_keepalive():
+        with self.loop.keepalive():
             instance_id = instance_identity(self._imds)
             node_id = self.cfg.run.node_id or instance_id
             self.leases = Leases(
@@ -369,16 +285,19 @@ class Supervisor:
                 self.nodes = self._join_as_node(node_id)
             restored = self._restore()
         if taken is None:
-            waited = self._standby()
+            standby = Standby(
+                self.leases, self.store, self.state, self.notifier, self.loop, self.cfg.run.nodes
+            )
+            waited = standby.wait(self._pending_stop, self._exit_code_after)
             if isinstance(waited, int):
                 return waited
             taken = waited
-            with self._start_keepalive():
+            with self.loop.keepalive():
                 restored = self._restore()
-            self._log_handoff(taken, restored)
+            log_handoff(taken, restored)
         self._heartbeat = Heartbeat(self.leases)
         self._heartbeat.start()
-        with self._start_keepalive():
+        with self.loop.keepalive():
             try:
                 # Leftovers of a machine that went away mid-upload: they cost storage and
                 # are never part of a commit. Boot time, like the restore.
@@ -404,76 +323,15 @@ class Supervisor:
 
     # --- slots and standby ---------------------------------------------------------------
 
-    def _standby(self) -> Taken | int:
-        """Every slot is held: wait, restored, until one frees up (the slot), or a
-        notice or stop, or the run's completion by another instance (an exit code).
-
-        Nothing of the run is aborted, deleted or written meanwhile: no sync, no
-        retention, no multipart cleanup; only reads, and the attempts to take a slot.
-        """
-        holders = [self.leases.holder(k) for k in range(self.cfg.run.nodes)]
-        self.state.transition(
-            Phase.STANDBY,
-            "every slot is held by another instance",
-            holders=[(h or {}).get("instance_id") for h in holders],
-        )
-        self.notifier.ready("standby: another instance holds every slot")
-        while True:
-            self._ping_watchdog()
-            stop = self._pending_stop()
-            if stop is not None:
-                action, source, _deadline = stop
-                log.info("standby_stopped", action=action, source=source)
-                self.state.transition(Phase.DONE, f"{action} from {source} in standby")
-                self.notifier.stopping("done")
-                return self._exit_code_after(source)
-            poll = self._off_loop(self._standby_poll, "standby-poll")
-            if poll.error is not None:
-                log.warning("standby_poll_failed", error=poll.error)
-            elif self._standby_result == "complete":
-                log.info("run_completed_elsewhere", run_id=self.cfg.run.id)
-                self.state.transition(Phase.DONE, "run completed by another instance")
-                self.notifier.stopping("done")
-                return 0
-            elif isinstance(self._standby_result, Taken):
-                taken = self._standby_result
-                self.state.transition(Phase.RESTORING, f"took slot {taken.slot} ({taken.how})")
-                return taken
-            self._wait(STANDBY_POLL_S)
-
-    def _standby_poll(self) -> None:
-        """One look from standby: the run finished elsewhere, or a slot to take."""
-        self._standby_result = None
-        if self.store.read_complete() is not None:
-            self._standby_result = "complete"
-            return
-        self._standby_result = self.leases.try_acquire()
-
-    def _log_handoff(self, taken: Taken, restored: RestoreResult | None) -> None:
-        released = parse_time((taken.previous or {}).get("released_at"))
-        fields: dict[str, Any] = {
-            "slot": taken.slot,
-            "how": taken.how,
-            "restored_step": restored.step if restored is not None else None,
-            "restore_seconds": round(restored.seconds, 3) if restored is not None else None,
-        }
-        if released is not None:
-            # The handoff as the operator sees it: from the holder's release (right after
-            # its emergency commit) to our trainer's start, which follows this line.
-            since = (dt.datetime.now(dt.timezone.utc) - released).total_seconds()
-            fields["handoff_seconds"] = round(max(since, 0.0), 3)
-        log.info("slot_handoff", **fields)
-
     def _release_slot(self, committed: int | None) -> None:
         """After the emergency commit, the completion or an orderly stop: free the slot
         for a standby (off the main loop: it is S3 I/O)."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
-        self._off_loop(lambda: self.leases.release(committed), "lease-release")
+        self.loop.off_loop(lambda: self.leases.release(committed), "lease-release")
 
     def _exit_code_after(self, source: str) -> int:
-        """0 after our own stop; ``daemon.exit_code_after_notice`` after a cloud's notice."""
-        return 0 if source == "signal" else self.cfg.daemon.exit_code_after_notice
+        return exit_code_after_drain(source, self.cfg.daemon.exit_code_after_notice)
 
     def _join_as_node(self, node_id: str) -> MultiNode:
         cfg = self.cfg
@@ -494,8 +352,10 @@ class Supervisor:
         )
 
     def _pending_stop(self) -> tuple[str, str, dt.datetime] | None:
-        """A notice or a stop signal that means: drain now. (action, source, deadline)."""
-        if self._stop_signal is not None:
+        """A notice or a stop signal that means: drain now (in standby: exit).
+        ``(action, source, deadline)``; every other notice is acted on here, as
+        :mod:`daemon.policy` says."""
+        if self.loop.stop_signal is not None:
             deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(
                 seconds=self.cfg.daemon.stop_budget
             )
@@ -507,83 +367,27 @@ class Supervisor:
                 break
             self.state.update(last_notice=notice.to_dict())
             self.metrics.notices[notice.action] = self.metrics.notices.get(notice.action, 0) + 1
-            if notice.kind == "interruption" and notice.action == "hibernate":
-                # Hibernation starts at once and keeps the trainer's memory: killing it
-                # would lose what hibernation saves. Checkpoint now, in case the instance
-                # never resumes, and keep training.
-                sent = self.child.send(signal.SIGUSR1) if self.child else False
-                log.warning("hibernate_checkpoint_requested", id=notice.id, child_signalled=sent)
-                continue
-            if notice.kind == "interruption":
+            step = on_notice(notice.kind, notice.action, standby=self.state.phase is Phase.STANDBY)
+            if step in (Step.DRAIN, Step.EXIT_DONE):
                 return (notice.action, notice.source, notice.deadline)
-            if notice.kind == "rebalance":
-                # Not yet a notice, a raised risk: checkpoint early, keep training.
+            if step is Step.CHECKPOINT:
                 sent = self.child.send(signal.SIGUSR1) if self.child else False
-                log.info("early_checkpoint_requested", id=notice.id, child_signalled=sent)
-                continue
-            if notice.kind == "maintenance":
-                self._schedule_maintenance(notice)
+                event = "hibernate" if notice.action == "hibernate" else "early"
+                log.warning(f"{event}_checkpoint_requested", id=notice.id, child_signalled=sent)
+            elif step is Step.SCHEDULE:
+                self.maintenance.schedule(notice)
             else:
                 log.info("notice_ignored", id=notice.id, kind=notice.kind, action=notice.action)
         return None
 
     # --- scheduled maintenance -------------------------------------------------------------
 
-    def _schedule_maintenance(self, notice: Notice) -> None:
-        """Remember a scheduled event (new, or moved to another time) by its EventId.
-
-        The event itself does not drain anything: when it comes, it reaches us as the OS
-        shutdown (``systemctl stop``), which saves and commits again. Until then the
-        instance is healthy and may run for days, so all we do is ask for a checkpoint
-        in time for it to be committed before ``NotBefore`` (:meth:`_check_maintenance`).
-        """
-        key = event_key(notice)
-        previous = self._maintenance.get(key)
-        if previous is not None and previous.notice.deadline == notice.deadline:
-            return
-        self._maintenance[key] = _Scheduled(notice)
-        log.info(
-            "maintenance_rescheduled" if previous is not None else "maintenance_scheduled",
-            id=notice.id,
-            event_id=key,
-            action=notice.action,
-            not_before=notice.deadline.isoformat(),
-            act_in_s=round(self._maintenance_due_in(notice), 1),
-            **({"previous_not_before": previous.notice.deadline.isoformat()} if previous else {}),
-        )
-
     def _check_maintenance(self) -> None:
-        """Forget events that are gone; ask for a checkpoint for those now due."""
-        active = self._maintenance_source.active_event_ids()
-        for key, sched in list(self._maintenance.items()):
-            if active is not None and key not in active:
-                # Cancelled, completed, or withdrawn: it changes nothing (a checkpoint
-                # already asked for is simply one more commit).
-                del self._maintenance[key]
-                log.info(
-                    "maintenance_cancelled",
-                    event_id=key,
-                    action=sched.notice.action,
-                    not_before=sched.notice.deadline.isoformat(),
-                    checkpoint_requested=sched.requested,
-                )
-                continue
-            if sched.requested or self._maintenance_due_in(sched.notice) > 0:
-                continue
+        """Ask for the checkpoint of each scheduled event now due (see daemon.maintenance)."""
+        for key, sched in self.maintenance.due(self._maintenance_source.active_event_ids()):
             if self.child is None or self.state.phase is not Phase.TRAINING:
                 continue  # no trainer to ask right now: ask once it runs again
-            sched.requested = True
-            sent = self.child.send(signal.SIGUSR1)
-            log.warning(
-                "maintenance_checkpoint_requested",
-                event_id=key,
-                action=sched.notice.action,
-                not_before=sched.notice.deadline.isoformat(),
-                seconds_to_not_before=round(
-                    (sched.notice.deadline - dt.datetime.now(dt.timezone.utc)).total_seconds(), 1
-                ),
-                child_signalled=sent,
-            )
+            self.maintenance.requested(key, sched, self.child.send(signal.SIGUSR1))
 
     def _maintenance_due_in(self, notice: Notice) -> float:
         """Seconds until a checkpoint must be asked for, to be committed before the event:
@@ -630,7 +434,7 @@ class Supervisor:
 
     def _loop(self) -> int:
         while True:
-            self._ping_watchdog()
+            self.loop.ping_watchdog()
             if self.drain is None:
                 stop = self._pending_stop()
                 if stop is not None:
@@ -668,7 +472,7 @@ class Supervisor:
                 self._check_maintenance()
             self._check_sync_alive()
             self._write_metrics()
-            self._wait(self._next_wakeup())
+            self.loop.wait(self._next_wakeup())
 
     # --- drain: notice or stop -----------------------------------------------------------
 
@@ -742,7 +546,7 @@ class Supervisor:
         flush = self._flush = self.sync.flush_async(wait)
         cancelled_at: float | None = None
         while not flush.done.is_set():
-            self._ping_watchdog()
+            self.loop.ping_watchdog()
             now = time.monotonic()
             if cancelled_at is None and plan.cancel_in(now) <= 0:
                 cancelled_at = now
@@ -793,19 +597,27 @@ class Supervisor:
         """
         assert self.child is not None
         self.child.kill_leftovers()
-        if not status.success:
-            return self._crashed(status.describe())
-        newest = newest_local_checkpoint(self.cfg.checkpoints.local_dir)
-        if newest is not None and newest[1].reason != FINAL_REASON:
-            return self._stopped_elsewhere(*newest)
-        return self._complete()
+        local_dir = self.cfg.checkpoints.local_dir
+        newest = newest_local_checkpoint(local_dir) if status.success else None
+        start = self._start_step
+        progressed = newest is not None and (start is None or newest[0] > start)
+        step = on_trainer_exit(
+            success=status.success,
+            newest_reason=newest[1].reason if newest is not None else None,
+            progressed=progressed,
+        )
+        if newest is None or step in (Step.COMPLETE, Step.CONFIG_ERROR):
+            # A crash; or the run's end (COMPLETE), or no checkpoint at all (exit 2).
+            return self._crashed(status.describe()) if step is Step.CRASH else self._complete()
+        return self._stopped_elsewhere(newest[0], newest[1], step is Step.RESTART_NOW)
 
-    def _stopped_elsewhere(self, step: int, manifest: layout.Manifest) -> int | None:
+    def _stopped_elsewhere(
+        self, step: int, manifest: layout.Manifest, progressed: bool
+    ) -> int | None:
         """Exit 0 after a save that is not ``final``: an operator's ``kill``, a peer rank's
         stop. The run is not finished: commit what it saved (the background sync does),
         and start it again to resume. Not a crash, unless it got nowhere since its start:
         a command that keeps exiting 0 without training must not loop forever."""
-        progressed = self._start_step is None or step > self._start_step
         log.warning(
             "trainer_stopped_elsewhere",
             step=step,
@@ -861,7 +673,8 @@ class Supervisor:
             self.state.transition(Phase.FAILED, "final checkpoint not committed")
             self.notifier.stopping("failed")
             return 1
-        marker = self._off_loop(lambda: self.store.write_complete(newest_local), "complete.json")
+        write = lambda: self.store.write_complete(newest_local)  # noqa: E731
+        marker = self.loop.off_loop(write, "complete.json")
         if marker.error is not None:
             log.error("complete_marker_failed", error=marker.error)
             self.state.transition(Phase.FAILED, "complete.json not written")
@@ -909,6 +722,7 @@ class Supervisor:
             newest_local_step=self._progress_step,
         )
         self.child.kill_tree("no new checkpoint within daemon.progress_timeout")
+        assert on_hang() is Step.CRASH
         return self._crashed(f"hung: no new checkpoint in {quiet:.0f}s")
 
     def _crashed(self, why: str) -> int | None:
@@ -936,9 +750,6 @@ class Supervisor:
         self.state.transition(Phase.FAILED, why)
         self.notifier.stopping("failed")
         return 1
-
-
-FINAL_REASON = "final"
 
 
 def newest_local_checkpoint(local_dir: Path) -> tuple[int, layout.Manifest] | None:
