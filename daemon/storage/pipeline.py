@@ -1,8 +1,11 @@
 """The emergency pipeline: upload a checkpoint's files while the rest is still being written.
 
 CONTRACT §4: inside ``.tmp-step-N-*/`` a file under its final name (renamed from
-``<name>.partial``) is finished and never changes again. So the :class:`Stager` sends
-each such file at once to its final key under ``checkpoints/step-N/``. Nothing staged
+``<name>.partial``) is finished and never changes again. The :class:`Stager` follows each
+``<name>.partial`` as it grows (:class:`~daemon.storage.tail.TailUpload`: every full part
+is sent as soon as it is on disk, the multipart upload completes at the rename), and
+sends at once any file it first sees under its final name, to its final key under
+``checkpoints/step-N/``. Nothing staged
 there is visible to restore, which trusts only manifests, and only the commit writes
 the manifest: it follows the writer's rename of the directory to ``step-N/``, and
 :meth:`Stager.take` first checks that every file the manifest lists was staged from
@@ -10,14 +13,19 @@ that very directory, is still the same file (inode, size, mtime) and has the siz
 manifest gives. A file that was not (staged too late, failed, or different) is sent
 again by the commit.
 
-What the server stored is checked without a second pass over the bytes: s3transfer's
-reads of each part feed an MD5 (:class:`~daemon.storage.s3client.EtagDigest`), whose ETag the
-commit compares with the stored object's before it writes the manifest. Our own sha256
-of staged files is not computed before the commit (a file under its final name never
-changes, and the CPU is the bottleneck while the trainer is still writing): the commit
-is ``pending``, and :class:`daemon.storage.sync.CheckpointSync` hashes its files afterwards
-before it may count as verified for retention. Files that may be copied server-side
-from the previous commit are still hashed first (the sha256 decides the copy).
+A tail upload hashes what it sends with sha256 in the same pass, so the commit checks it
+against the manifest before it counts (a mismatch, or a file changed after its rename, is
+sent again). For files first seen finished, what the server stored is checked without a
+second pass over the bytes: s3transfer's reads of each part feed an MD5
+(:class:`~daemon.storage.s3client.EtagDigest`), whose ETag the commit compares with the
+stored object's before it writes the manifest. Our own sha256 of such files is not
+computed before the commit (a file under its final name never changes, and the CPU is the
+bottleneck while the trainer is still writing): the commit is ``pending``, and
+:class:`daemon.storage.sync.CheckpointSync` hashes its files afterwards before it may count
+as verified for retention. Files that may be copied server-side from the previous commit
+are still hashed first (the sha256 decides the copy); a file followed while it was
+written is sent, not copied, even when it turns out unchanged (its bytes are not known
+until they are on the wire, and in a drain time counts more than bandwidth).
 
 Events are hints, rescans are truth: the watchdog handler of :mod:`daemon.storage.sync` only
 calls :meth:`Stager.hint`; the stager thread rescans every ``.tmp-step-*`` directory on
@@ -43,6 +51,7 @@ from daemon import layout
 from daemon.layout import HASH_CHUNK
 from daemon.storage.s3client import EtagDigest, StoreError, UploadCancelled
 from daemon.storage.store import CheckpointStore, RemoteCheckpoint, StagedFile, copy_etag
+from daemon.storage.tail import PartSlots, TailUpload
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +77,7 @@ class _Staged:
     copied: bool = False
     digest: EtagDigest | None = None  # fed by the upload's own reads
     etag: str | None = None  # the stored object's ETag must be this (copies, hashed files)
+    tail: TailUpload | None = None  # sent while it was written (see daemon.storage.tail)
 
 
 @dataclass
@@ -89,8 +99,17 @@ class Stager:
         *,
         rescan_interval: float = 0.25,
         hash_workers: int = 2,
+        tail: bool = True,
     ) -> None:
+        """``tail``: follow ``.partial`` files as they grow (see :mod:`daemon.storage.tail`);
+        otherwise each file is sent once renamed into place."""
         self._store = store
+        self._tail = tail
+        # The tails' part uploads: as many as one transfer of the store may have in
+        # flight, and as many parts in memory (plus one being read per tail).
+        self._concurrency = max(1, store.transfer_config.max_request_concurrency)
+        self._part_pool: ThreadPoolExecutor | None = None
+        self._slots = PartSlots(self._concurrency)
         self._dir = local_dir
         self._rescan_interval = rescan_interval
         self._lock = threading.Lock()
@@ -200,14 +219,22 @@ class Stager:
         new = 0
         for root, _dirs, files in os.walk(tmp.path):
             for name in files:
-                if name.endswith(layout.PARTIAL_SUFFIX):
-                    continue  # still being written
                 full = Path(root) / name
+                if name.endswith(layout.PARTIAL_SUFFIX):
+                    if self._tail:
+                        self._follow(tmp, full)
+                    continue  # still being written
                 rel = full.relative_to(tmp.path).as_posix()
-                if rel == layout.MANIFEST_NAME or rel in tmp.files:
+                if rel == layout.MANIFEST_NAME or rel in tmp.refused:
                     continue
-                if rel in tmp.refused:
-                    continue
+                cur = tmp.files.get(rel)
+                if cur is not None:
+                    if cur.tail is None:
+                        continue
+                    if not cur.tail.failed:
+                        cur.tail.wake()  # renamed into place: the tail completes it
+                        continue
+                    # The tail failed (a part, or the file was replaced): send it whole.
                 try:
                     st = full.lstat()
                 except FileNotFoundError:
@@ -218,6 +245,54 @@ class Stager:
                 self._stage(tmp, rel, full, _ident(st))
                 new += 1
         return new
+
+    def _follow(self, tmp: _TmpDir, partial: Path) -> None:
+        """Start a tail upload of ``partial`` unless one follows it already."""
+        rel = partial.relative_to(tmp.path).as_posix()[: -len(layout.PARTIAL_SUFFIX)]
+        if rel == layout.MANIFEST_NAME or rel in tmp.refused:
+            return
+        cur = tmp.files.get(rel)
+        if cur is not None and (cur.tail is None or not cur.tail.failed):
+            return
+        try:
+            st = partial.lstat()
+        except FileNotFoundError:
+            return  # renamed meanwhile: the next scan sees it under its final name
+        if not stat.S_ISREG(st.st_mode):
+            return  # never read through a symlink; the commit refuses such a file
+        if cur is not None and cur.tail is not None and cur.tail.ino == st.st_ino:
+            return  # the file whose tail failed: it is sent whole once renamed
+        if self._store.cancel_switch.cancelled:
+            return
+        key = self._store.file_key(tmp.step, rel)
+        unrenamed = str(tmp.path / rel)
+        try:
+            tail = TailUpload(
+                self._store,
+                key,
+                partial,
+                lambda: Path(self.resolve(unrenamed)),
+                part_size=self._store.transfer_config.multipart_chunksize,
+                pool=self._part_workers(),
+                slots=self._slots,
+            )
+        except (OSError, ValueError) as exc:  # gone meanwhile, or parts below S3's minimum
+            log.info("tail_upload_skipped", step=tmp.step, path=rel, reason=str(exc))
+            return
+        done: Future[str] = Future()
+        done.set_result("")
+        with self._lock:
+            tmp.files[rel] = _Staged(rel, key, (tail.ino, -1, -1), done, tail=tail)
+        tail.start()
+        log.info("file_followed", step=tmp.step, path=rel)
+
+    def _part_workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._part_pool is None:
+                self._part_pool = ThreadPoolExecutor(
+                    max_workers=self._concurrency, thread_name_prefix="tail-part"
+                )
+            return self._part_pool
 
     def _refuse(self, tmp: _TmpDir, rel: str, path: Path, st: os.stat_result) -> None:
         # Never staged: a symlink could point anywhere (/etc, another run). os.walk does not
@@ -360,6 +435,8 @@ class Stager:
         self, staged: _Staged, entry: layout.FileEntry | None, ckpt_dir: Path, same_dir: bool
     ) -> StagedFile | str:
         """What the commit needs of a staged file, or why it cannot be part of it."""
+        if staged.tail is not None:
+            return self._check_tail(staged.tail, staged.rel, entry, ckpt_dir, same_dir)
         try:
             digest = staged.job.result()
         except UploadCancelled:
@@ -397,6 +474,53 @@ class Stager:
                 return "the upload did not read every byte once in order (ETag unknown)"
         return StagedFile(entry.size, etag, sha256_checked=bool(digest))
 
+    def _check_tail(
+        self,
+        tail: TailUpload,
+        rel: str,
+        entry: layout.FileEntry | None,
+        ckpt_dir: Path,
+        same_dir: bool,
+    ) -> StagedFile | str:
+        """A tail upload usable for the commit: the file under its final name in
+        ``ckpt_dir`` is the one followed, unchanged since its upload completed, and every
+        byte sent hashes to the manifest's sha256."""
+        why: str | None = None
+        final = ckpt_dir / rel
+        if entry is None:
+            why = "not in the manifest"
+        elif not same_dir:
+            why = "staged from another directory"
+        else:
+            try:
+                if final.lstat().st_ino != tail.ino:
+                    why = "file changed since it was staged"  # another file under its name
+            except FileNotFoundError:
+                why = "file gone"
+        if why is not None:
+            tail.abandon(why)
+            return why
+        tail.finish_at(final)
+        try:
+            # Bounded by the cancel switch, which stops the tail at the drain deadline.
+            res = tail.result()
+        except UploadCancelled:
+            raise
+        except StoreError as exc:
+            return f"tail upload failed: {exc}"
+        assert entry is not None
+        try:
+            now = _ident(final.lstat())
+        except FileNotFoundError:
+            return "file gone"
+        if now != res.ident:
+            return "file changed since it was staged"
+        if entry.size != res.size:
+            return "size differs from the manifest"
+        if res.sha256 != entry.sha256:
+            return "sha256 differs from the manifest"
+        return StagedFile(entry.size, res.etag, sha256_checked=True)
+
     def _settle(self, staged: _Staged) -> None:
         if staged.transfer is not None:
             if not staged.transfer.done():
@@ -411,6 +535,9 @@ class Stager:
         for staged in tmp.files.values():
             if staged.transfer is not None and not staged.transfer.done():
                 staged.transfer.cancel()
+        for staged in tmp.files.values():
+            if staged.tail is not None:
+                staged.tail.abandon(why)  # aborts its multipart upload
         for staged in tmp.files.values():
             with contextlib.suppress(StoreError, OSError):
                 staged.job.result()
@@ -448,6 +575,13 @@ class Stager:
         return steps
 
     def close(self) -> None:
-        """Stop scanning and release the hashing threads."""
+        """Stop scanning, abort the tails nobody took, release the threads."""
         self.stop()
+        with self._lock:
+            left = [t for d in self._dirs.values() for f in d.files.values() if (t := f.tail)]
+        for tail in left:
+            if not tail.done:
+                tail.abandon("stager closed")
         self._hash_pool.shutdown(wait=True)
+        if self._part_pool is not None:
+            self._part_pool.shutdown(wait=True)

@@ -61,8 +61,9 @@ class SyncStats:
 class _Wake(FileSystemEventHandler):
     """Turns file-system events into hints (no I/O here).
 
-    A checkpoint appearing under its final name wakes the sync; a file appearing under
-    its final name inside a ``.tmp-step-*`` directory wakes the stager.
+    A checkpoint appearing under its final name wakes the sync; a file appearing inside
+    a ``.tmp-step-*`` directory wakes the stager: a ``.partial`` one to be followed as it
+    is written, one under its final name to be completed or sent.
     """
 
     def __init__(self, wake: Callable[[], None], stage: Callable[[], None]) -> None:
@@ -73,9 +74,7 @@ class _Wake(FileSystemEventHandler):
         p = Path(path if isinstance(path, str) else path.decode())
         if layout.parse_step_dir(p.name) is not None:
             self._wake()
-        elif not p.name.endswith(layout.PARTIAL_SUFFIX) and any(
-            layout.parse_tmp_dir(part) is not None for part in p.parts[-8:-1]
-        ):
+        elif any(layout.parse_tmp_dir(part) is not None for part in p.parts[-8:-1]):
             self._stage()
 
     def on_moved(self, event: FileSystemEvent) -> None:

@@ -1,0 +1,248 @@
+"""The tail uploader against moto's S3 server over HTTP: a ``.partial`` file is uploaded
+part by part while it is written, completed when renamed into place, aborted when it is
+abandoned, and a file whose bytes are not the ones sent is never committed as sent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+from structlog.testing import capture_logs
+from test_pipeline import make_store, open_uploads
+from test_store import PART, RUN, events
+
+from daemon import layout
+from daemon.deadline import ThroughputEstimate
+from daemon.standins import LocalS3
+from daemon.standins.faultproxy import FaultProxy
+from daemon.storage.store import CheckpointStore
+from daemon.storage.sync import CheckpointSync
+
+
+def until(cond: Callable[[], Any], timeout: float = 15.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"not true within {timeout} s")
+
+
+class GrowingWriter:
+    """One checkpoint written as CONTRACT §4 says, a file growing a piece at a time."""
+
+    def __init__(self, local_dir: Path, step: int) -> None:
+        self.local_dir = local_dir
+        self.step = step
+        self.tmp = local_dir / f".tmp-{layout.step_dir_name(step)}-test-{os.urandom(2).hex()}"
+        self.tmp.mkdir(parents=True)
+        self.files: dict[str, bytes] = {}
+        self._open: dict[str, BinaryIO] = {}
+
+    def partial(self, name: str) -> Path:
+        return self.tmp / (name + layout.PARTIAL_SUFFIX)
+
+    def append(self, name: str, data: bytes) -> None:
+        f = self._open.get(name)
+        if f is None:
+            f = self._open[name] = open(self.partial(name), "wb")  # noqa: SIM115
+        f.write(data)
+        f.flush()  # on disk (page cache) for the reader, as torch.save's writes are
+        self.files[name] = self.files.get(name, b"") + data
+
+    def rename(self, name: str) -> None:
+        f = self._open.pop(name)
+        os.fsync(f.fileno())
+        f.close()
+        os.rename(self.partial(name), self.tmp / name)
+
+    def finish(self, files: dict[str, bytes] | None = None) -> Path:
+        """Manifest (of ``files``, default: what was written) last, then the rename."""
+        doc = {
+            "format": layout.MANIFEST_FORMAT,
+            "run_id": RUN,
+            "step": self.step,
+            "created_at": layout.utc_now_iso(),
+            "reason": "interrupt",
+            "files": [
+                {"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                for n, d in (files if files is not None else self.files).items()
+            ],
+        }
+        (self.tmp / layout.MANIFEST_NAME).write_text(json.dumps(doc))
+        final = self.local_dir / layout.step_dir_name(self.step)
+        os.rename(self.tmp, final)
+        return final
+
+
+def uploaded_parts(s3_client: Any, bucket: str, key: str) -> list[int]:
+    """Sizes of the parts of the open multipart upload of ``key`` ([] when none)."""
+    ups = [u for u in s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    ups = [u for u in ups if u["Key"] == key]
+    if not ups:
+        return []
+    resp = s3_client.list_parts(Bucket=bucket, Key=key, UploadId=ups[0]["UploadId"])
+    return [p["Size"] for p in resp.get("Parts", [])]
+
+
+def body(s3_client: Any, bucket: str, key: str) -> bytes:
+    data: bytes = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return data
+
+
+@pytest.fixture
+def setup(s3_server: LocalS3, bucket: str, tmp_path: Path) -> Any:
+    store = make_store(s3_server, bucket)
+    sync = CheckpointSync(store, tmp_path / "ckpt", ThroughputEstimate(), rescan_interval=60)
+    yield store, sync, tmp_path / "ckpt"
+    sync.stager.close()
+    store.close()
+
+
+def test_a_growing_file_is_uploaded_as_it_grows_and_completed_on_rename(
+    setup: Any, s3_client: Any, bucket: str
+) -> None:
+    store, sync, local = setup
+    key = store.file_key(4, "model.pt")
+    w = GrowingWriter(local, 4)
+    w.append("model.pt", os.urandom(PART // 2))
+    sync.stager.scan()  # starts following model.pt.partial
+    time.sleep(0.2)
+    assert uploaded_parts(s3_client, bucket, key) == []  # less than one part: nothing yet
+    w.append("model.pt", os.urandom(PART))
+    until(lambda: uploaded_parts(s3_client, bucket, key) == [PART])
+    w.append("model.pt", os.urandom(PART + 123))
+    until(lambda: uploaded_parts(s3_client, bucket, key) == [PART, PART])
+    # Still being written: no object under the key yet, only parts of an open upload.
+    assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket, Prefix=key)
+    with capture_logs() as logs:  # the tails complete on their own once they see the rename
+        w.rename("model.pt")
+        w.append("small.bin", os.urandom(1000))  # never a whole part: one PutObject at the end
+        sync.stager.scan()
+        w.rename("small.bin")
+        final = w.finish()
+        assert sync.flush() == 4
+    completed = {e["key"]: e for e in events(logs, "tail_upload_completed")}
+    assert completed[key]["parts"] == 3 and completed[key]["sent_while_writing"] == 2 * PART
+    assert completed[store.file_key(4, "small.bin")]["parts"] == 0
+    (committed,) = events(logs, "checkpoint_committed")
+    assert (
+        committed["bytes_sent"] == 0
+        and committed["bytes_staged"] == len(w.files["model.pt"]) + 1000
+    )
+    # Our sha256 of the bytes sent was checked against the manifest: verified at once.
+    assert committed["verified"] is True
+    assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
+    assert open_uploads(s3_client, bucket) == []
+
+
+def test_a_file_abandoned_by_its_writer_is_aborted(setup: Any, s3_client: Any, bucket: str) -> None:
+    store, sync, local = setup
+    key = store.file_key(5, "model.pt")
+    w = GrowingWriter(local, 5)
+    w.append("model.pt", os.urandom(2 * PART))
+    sync.stager.scan()
+    until(lambda: uploaded_parts(s3_client, bucket, key) == [PART, PART])
+    with capture_logs() as logs:
+        # The writer failed and cleaned up its temporary directory (CheckpointWriter does).
+        w._open.pop("model.pt").close()
+        os.remove(w.partial("model.pt"))
+        until(lambda: events(logs, "tail_upload_aborted"))
+    assert open_uploads(s3_client, bucket) == []
+    assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket, Prefix=key)
+
+
+def test_a_writer_killed_mid_file_is_abandoned_by_the_flush(
+    setup: Any, s3_client: Any, bucket: str
+) -> None:
+    store, sync, local = setup
+    w = GrowingWriter(local, 6)
+    w.append("model.pt", os.urandom(3 * PART))  # and then the writer is gone
+    sync.stager.scan()
+    until(lambda: len(uploaded_parts(s3_client, bucket, store.file_key(6, "model.pt"))) == 3)
+    with capture_logs() as logs:
+        assert sync.flush() is None  # the child exited: nothing complete to commit
+    assert events(logs, "tail_upload_aborted")
+    assert [e["step"] for e in events(logs, "staging_abandoned")] == [6]
+    assert open_uploads(s3_client, bucket) == []
+    assert store.list_committed() == []
+
+
+def test_bytes_rewritten_after_they_were_sent_are_caught_and_sent_again(
+    setup: Any, s3_client: Any, bucket: str
+) -> None:
+    store, sync, local = setup
+    key = store.file_key(7, "model.pt")
+    w = GrowingWriter(local, 7)
+    w.append("model.pt", os.urandom(2 * PART))
+    sync.stager.scan()
+    until(lambda: uploaded_parts(s3_client, bucket, key) == [PART, PART])
+    # A writer breaking append-only: it patches the first bytes, already sent, in place.
+    f = w._open["model.pt"]
+    f.seek(0)
+    f.write(b"patched header")
+    f.seek(0, os.SEEK_END)
+    w.rename("model.pt")
+    final = w.finish({"model.pt": w.partial("model.pt").with_name("model.pt").read_bytes()})
+    with capture_logs() as logs:
+        assert sync.flush() == 7
+    (resent,) = events(logs, "staged_file_resent")
+    assert resent["path"] == "model.pt" and "sha256 differs" in resent["reason"]
+    (committed,) = events(logs, "checkpoint_committed")
+    assert committed["bytes_sent"] == 2 * PART and committed["bytes_staged"] == 0
+    stored = body(s3_client, bucket, key)
+    assert stored.startswith(b"patched header") and stored == (final / "model.pt").read_bytes()
+
+
+def test_a_file_changed_after_its_rename_is_sent_again(
+    setup: Any, s3_client: Any, bucket: str
+) -> None:
+    store, sync, local = setup
+    w = GrowingWriter(local, 8)
+    w.append("model.pt", os.urandom(PART + 10))
+    sync.stager.scan()
+    w.rename("model.pt")
+    until(lambda: sync.stager._dirs[8].files["model.pt"].tail.done)
+    # CONTRACT §4 broken: the finished file changes under its final name.
+    with open(w.tmp / "model.pt", "r+b") as f:
+        f.write(b"X")
+    final = w.finish({"model.pt": (w.tmp / "model.pt").read_bytes()})
+    with capture_logs() as logs:
+        assert sync.flush() == 8
+    (resent,) = events(logs, "staged_file_resent")
+    assert "changed" in resent["reason"]
+    assert (
+        body(s3_client, bucket, store.file_key(8, "model.pt")) == (final / "model.pt").read_bytes()
+    )
+
+
+def test_a_part_corrupted_on_the_wire_is_caught_before_the_commit(
+    s3_server: LocalS3, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    # moto keeps whatever arrives: the corruption is caught by the ETag our MD5s predict.
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        store: CheckpointStore = make_store(LocalS3(proxy.url, None), bucket)
+        sync = CheckpointSync(store, tmp_path / "ckpt", ThroughputEstimate(), rescan_interval=60)
+        try:
+            proxy.corrupt(phase="request", method="PUT", path=r"partNumber=2", count=1)
+            w = GrowingWriter(tmp_path / "ckpt", 9)
+            w.append("model.pt", os.urandom(PART))
+            sync.stager.scan()
+            w.append("model.pt", os.urandom(PART + 5))
+            w.rename("model.pt")
+            final = w.finish()
+            with capture_logs() as logs:
+                assert sync.flush() == 9
+            assert events(logs, "uploaded_bytes_differ")[0]["path"] == "model.pt"
+            key = store.file_key(9, "model.pt")
+            assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
+        finally:
+            sync.stager.close()
+            store.close()
