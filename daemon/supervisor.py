@@ -22,7 +22,6 @@ import os
 import queue
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -30,7 +29,8 @@ import structlog
 from daemon import layout
 from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_environment
 from daemon.config import Config
-from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
+from daemon.deadline import ThroughputEstimate
+from daemon.drain import Drain, emergency_commit, plan_for, write_notice_file
 from daemon.loop import IDLE_WAIT_S, MainLoop
 from daemon.maintenance import MAINTENANCE_LEAD_S, MaintenanceSchedule
 from daemon.metrics import Metrics, TextfileWriter
@@ -40,7 +40,6 @@ from daemon.notices import (
     AwsRebalanceSource,
     AwsSpotSource,
     Notice,
-    format_utc,
 )
 from daemon.notices.imds import ImdsClient
 from daemon.notices.watch import NoticeWatcher
@@ -48,7 +47,7 @@ from daemon.policy import Step, exit_code_after_drain, on_hang, on_notice, on_tr
 from daemon.rendezvous import RendezvousIds, user_chose_rdzv_id
 from daemon.sdnotify import Notifier
 from daemon.standby import Standby, log_handoff
-from daemon.state import Phase, StateMachine, write_json_atomic
+from daemon.state import Phase, StateMachine
 from daemon.storage.lease import Heartbeat, Identity, Leases
 from daemon.storage.s3client import (
     StoreError,
@@ -72,16 +71,6 @@ _METRICS_EVERY = 15.0
 STALE_UPLOAD_AGE_S = 3600.0
 # How often a standby looks for a free slot (and for the run's completion elsewhere).
 STANDBY_POLL_S = 1.5
-
-
-@dataclass(frozen=True)
-class Drain:
-    """Why we are draining and until when."""
-
-    action: str
-    source: str
-    deadline_wall: dt.datetime
-    plan: DrainPlan
 
 
 def build_store(cfg: Config) -> CheckpointStore:
@@ -477,110 +466,43 @@ class Supervisor:
     # --- drain: notice or stop -----------------------------------------------------------
 
     def _begin_drain(self, action: str, source: str, deadline_wall: dt.datetime) -> None:
-        """In order: plan the drain, write the notice file, SIGTERM the trainer.
-
-        The notice file's ``deadline`` is the drain deadline, when the trainer's tree is
-        killed (CONTRACT §3), not the instance's time (``instance_deadline``): the
-        trainer's "is there time left to save?" check must use the clock it is held to.
-        """
-        plan = plan_drain(
-            wall_to_monotonic(deadline_wall),
-            self.cfg.daemon.safety_margin,
-            newest_local_bytes(self.cfg.checkpoints.local_dir),
-            self.throughput,
+        """In order: plan the drain, write the notice file, SIGTERM the trainer, stage the
+        emergency checkpoint's files as they land (threads only: no S3 I/O here)."""
+        drain = self.drain = plan_for(
+            action,
+            source,
+            deadline_wall,
+            safety_margin=self.cfg.daemon.safety_margin,
+            reserve_bytes=newest_local_bytes(self.cfg.checkpoints.local_dir),
+            throughput=self.throughput,
         )
-        self._write_notice_file(action, source, deadline_wall, plan)
+        write_notice_file(self.cfg.notice_file, drain)
         signalled = self.child.send(signal.SIGTERM) if self.child else False
-        # Threads only, no S3 I/O here: stage the emergency checkpoint's files as they land.
         self.sync.begin_emergency()
-        self.drain = Drain(action, source, deadline_wall, plan)
         self.state.update(drain_deadline=deadline_wall.isoformat())
-        self.notifier.extend_timeout(max(plan.notice_deadline - time.monotonic(), 0) + 30)
+        self.notifier.extend_timeout(max(drain.plan.notice_deadline - time.monotonic(), 0) + 30)
         self.state.transition(
             Phase.DRAINING,
             f"{action} from {source}",
             deadline=deadline_wall.isoformat(),
             child_signalled=signalled,
-            **plan.as_fields(),
+            **drain.plan.as_fields(),
         )
 
-    def _write_notice_file(
-        self, action: str, source: str, deadline_wall: dt.datetime, plan: DrainPlan
-    ) -> None:
-        """The trainer's notice file; a failure is logged and never stops the SIGTERM."""
-        drain_wall = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=plan.seconds_left())
-        doc = {
-            "action": action,
-            "deadline": format_utc(drain_wall),
-            "source": source,
-            "instance_deadline": format_utc(deadline_wall),
-        }
-        try:
-            write_json_atomic(self.cfg.notice_file, doc)
-        except OSError as exc:
-            # A read-only or full runtime dir: the trainer still gets SIGTERM and saves;
-            # it only cannot see the deadline (it then saves without skipping).
-            log.error(
-                "notice_file_unwritable",
-                path=str(self.cfg.notice_file),
-                error=str(exc),
-                consequence="SIGTERM is sent anyway; the trainer sees no deadline",
-            )
-
     def _finish_drain(self) -> int:
-        """The emergency commit, in the flush thread; this loop keeps the clock.
-
-        At the cancel deadline (the notice deadline less the safety margin) every upload
-        still running is cancelled and its multipart upload aborted: the newest
-        committed checkpoint then stands, and nothing is ever half committed.
-        """
+        """The emergency commit (daemon.drain), then the slot, then an orderly exit."""
         assert self.drain is not None
-        plan = self.drain.plan
         if self.child is not None:
             self.child.kill_leftovers()
         self.state.update(child_pid=None)
-        self.state.transition(Phase.UPLOADING, "emergency commit", **plan.as_fields())
-        # Several nodes: the peers' parts may still be on their way; wait for them until
-        # the cancel deadline (the cancel switch ends the wait).
-        wait = max(plan.cancel_in(), 0.0) if self.nodes is not None else 0.0
-        flush = self._flush = self.sync.flush_async(wait)
-        cancelled_at: float | None = None
-        while not flush.done.is_set():
-            self.loop.ping_watchdog()
-            now = time.monotonic()
-            if cancelled_at is None and plan.cancel_in(now) <= 0:
-                cancelled_at = now
-                transfers = self.sync.cancel("notice deadline less the safety margin")
-                log.warning(
-                    "upload_cancel_deadline_reached", transfers=transfers, **plan.as_fields(now)
-                )
-            if cancelled_at is not None and now >= max(plan.notice_deadline, cancelled_at + 1.0):
-                # The flush did not return even after the cancel: the machine goes anyway.
-                log.error(
-                    "emergency_flush_stuck", seconds_since_cancel=round(now - cancelled_at, 3)
-                )
-                break
-            flush.done.wait(_TICK)
-        committed = (
-            flush.committed if flush.done.is_set() else self.sync.stats.newest_committed_step
+        self.state.transition(Phase.UPLOADING, "emergency commit", **self.drain.plan.as_fields())
+        committed, fields, self._flush = emergency_commit(
+            self.drain,
+            self.sync,
+            self.loop,
+            self.cfg.checkpoints.local_dir,
+            several_nodes=self.nodes is not None,
         )
-        left = plan.notice_deadline - time.monotonic()
-        local = layout.list_step_dirs(self.cfg.checkpoints.local_dir)
-        newest_local = local[0][0] if local else None
-        fields = {
-            "committed_step": committed,
-            "newest_local_step": newest_local,
-            "seconds_before_deadline": round(left, 3),
-            "uploads_cancelled": cancelled_at is not None,
-            "bytes_staged": self.sync.stager.bytes_staged,
-            "action": self.drain.action,
-        }
-        if flush.error is not None:
-            fields["error"] = flush.error
-        if committed is not None and committed == newest_local and left >= 0:
-            log.info("emergency_committed", **fields)
-        else:
-            log.warning("emergency_not_committed", **fields)
         # The slot is free for a standby (or a replacement) only now, after the commit.
         self._release_slot(committed)
         self.state.transition(Phase.DONE, "shut down in order", **fields)
