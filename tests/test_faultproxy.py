@@ -23,7 +23,13 @@ import pytest
 from botocore.config import Config
 
 from daemon.standins import LocalS3
-from daemon.standins.faultproxy import CONTROL_RULES_PATH, CONTROL_STATS_PATH, FaultProxy, Rule
+from daemon.standins.faultproxy import (
+    CONTROL_RULES_PATH,
+    CONTROL_STATS_PATH,
+    FaultProxy,
+    Rule,
+    Shaping,
+)
 
 BODY = bytes(range(256)) * 800  # 204 800 bytes, every offset's value known
 
@@ -340,6 +346,54 @@ def test_throttle_on_request_bodies(proxy: FaultProxy, upstream: tuple[str, list
     c.close()
     assert time.monotonic() - t0 >= (len(BODY) - 2 * 40_000) / 400_000
     assert upstream[1] == [BODY]
+
+
+# -- shaping ----------------------------------------------------------------------------
+
+
+def test_shaping_delays_every_answer_by_the_first_byte_latency(
+    upstream: tuple[str, list[bytes]],
+) -> None:
+    with FaultProxy(upstream[0], shaping=Shaping(first_byte_latency=0.2)) as p:
+        c = conn(p)
+        for _ in range(2):  # each request on a kept-alive connection, not just the first
+            t0 = time.monotonic()
+            c.request("GET", "/plain")
+            r = c.getresponse()
+            assert time.monotonic() - t0 >= 0.2  # the head itself waits
+            assert r.read() == BODY
+        c.close()
+        assert p.stats().shaped_seconds >= 0.3
+
+
+def test_shaping_caps_each_connection_not_the_link(upstream: tuple[str, list[bytes]]) -> None:
+    rate = 400_000.0  # BODY (204,800 bytes) takes about half a second on one connection
+    with FaultProxy(upstream[0], shaping=Shaping(0.0, rate)) as p:
+        t0 = time.monotonic()
+        assert get(p) == (200, BODY)
+        one = time.monotonic() - t0
+        # A hard ceiling: no faster than a 10 ms burst plus rate x time.
+        assert len(BODY) <= rate * one + 2 * max(1024.0, rate / 100)
+        # Four connections at once each get the whole rate (as S3 connections do): four
+        # times the bytes in far less than four times the time of one.
+        results: list[tuple[int, bytes]] = []
+        threads = [threading.Thread(target=lambda: results.append(get(p))) for _ in range(4)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        four = time.monotonic() - t0
+        assert results == [(200, BODY)] * 4
+        assert four < 3 * one, (four, one)
+        # Request bodies are shaped too.
+        c = conn(p)
+        t0 = time.monotonic()
+        c.request("PUT", "/obj", body=BODY)
+        c.getresponse().read()
+        c.close()
+        assert time.monotonic() - t0 >= (len(BODY) - 2 * 4_000) / rate
+        assert upstream[1][-1] == BODY
 
 
 def test_stall_outlasts_a_client_timeout(proxy: FaultProxy) -> None:

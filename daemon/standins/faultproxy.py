@@ -14,6 +14,12 @@ the daemon's S3 client and moto, then tell it what to break:
 * ``corrupt``: flip bytes of the response body on its way to the client, or of the
   request body on its way to the server (which then stores bad bytes), same length.
 
+Besides faults, the proxy can *shape* every connection the way S3 on AWS behaves
+(:class:`Shaping`, ``--shape``): a first-byte latency (each answer starts no sooner than
+30 ms after its request ended) and a bandwidth cap per connection (90 MB/s each way), so
+that, as on AWS, a client's throughput grows with its number of connections instead of
+with whatever loopback allows. The benchmarks run through it (``bench/servers.py``).
+
 A rule matches a method and a regex searched in the request target (``/bucket/key?query``),
 and fires for the next ``count`` matching requests (None: every one), each with
 ``probability`` drawn from the proxy's seeded RNG. Per request at most one rule of each
@@ -247,6 +253,41 @@ class RequestRecord:
     seconds: float
 
 
+# S3 Standard's first-byte latency for small objects is tens of milliseconds: AWS's
+# performance guidelines speak of "100-200 milliseconds" only for the tail, and present
+# S3 Express One Zone's "single-digit millisecond" access as "up to 10x faster" than S3
+# Standard. 30 ms is the middle of that range, as seen from an EC2 instance in-region.
+DEFAULT_FIRST_BYTE_LATENCY = 0.030
+# "Make one concurrent request for each 85-90 MB/s of desired network throughput" (AWS,
+# "Performance design patterns for Amazon S3"): one S3 connection carries about 90 MB/s.
+DEFAULT_CONNECTION_RATE = 90e6
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """S3 as AWS serves it, roughly: every connection is a link of its own.
+
+    ``first_byte_latency``: seconds from the end of a request to the first byte of its
+    answer (the upstream's own time counts towards it). ``connection_rate``: bytes per
+    second each connection carries, each way (request bodies up, response bodies down).
+    Either may be 0 to leave it out. Sources in :data:`DEFAULT_FIRST_BYTE_LATENCY` and
+    :data:`DEFAULT_CONNECTION_RATE`.
+    """
+
+    first_byte_latency: float = DEFAULT_FIRST_BYTE_LATENCY
+    connection_rate: float = DEFAULT_CONNECTION_RATE
+
+    def __post_init__(self) -> None:
+        if self.first_byte_latency < 0 or self.connection_rate < 0:
+            raise ValueError("shaping latency and rate must not be negative")
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "first_byte_latency_ms": round(self.first_byte_latency * 1000, 3),
+            "connection_mb_per_s": round(self.connection_rate / 1e6, 3),
+        }
+
+
 @dataclass
 class ProxyStats:
     """Counters since start: requests, forwarded ones, faults by kind, body bytes."""
@@ -259,6 +300,7 @@ class ProxyStats:
     bytes_down: int = 0  # response body bytes relayed to clients
     bytes_corrupted: int = 0
     throttled_seconds: float = 0.0
+    shaped_seconds: float = 0.0  # waits the shaping imposed (latency and bandwidth)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -270,6 +312,7 @@ class ProxyStats:
             "bytes_down": self.bytes_down,
             "bytes_corrupted": self.bytes_corrupted,
             "throttled_seconds": round(self.throttled_seconds, 3),
+            "shaped_seconds": round(self.shaped_seconds, 3),
         }
 
 
@@ -282,11 +325,11 @@ class _Reset(Exception):
 
 
 class _TokenBucket:
-    """``rate`` bytes per second with a burst of a tenth of a second, shared by threads."""
+    """``rate`` bytes per second with a burst of ``burst_s`` seconds, shared by threads."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst_s: float = 0.1) -> None:
         self.rate = float(rate)
-        self.burst = max(1024.0, self.rate / 10)
+        self.burst = max(1024.0, self.rate * burst_s)
         self._tokens = self.burst
         self._last = time.monotonic()
         self._lock = threading.Lock()
@@ -437,9 +480,11 @@ class _BodyPlan:
         reset: Rule | None,
         throttles: list[Rule],
         total: int | None,
+        link: _TokenBucket | None = None,
     ) -> None:
         self._proxy = proxy
         self.offset = 0
+        self._link = link  # the connection's own bandwidth (shaping)
         self._corrupt = (
             (corrupt.after_bytes, corrupt.after_bytes + corrupt.nbytes) if corrupt else None
         )
@@ -462,17 +507,25 @@ class _BodyPlan:
 
     def send(self, dst: socket.socket, data: bytes) -> None:
         """Send body bytes ``data`` to ``dst``, with the plan's faults applied."""
-        while data:
-            n = len(data)
+        if not (self._buckets or self._link or self._cut is not None or self._corrupt):
+            dst.sendall(data)  # the common case under shaping alone: no copies
+            self.offset += len(data)
+            return
+        view = memoryview(data)
+        while view:
+            n = len(view)
             if self._cut is not None:
                 if self.offset >= self._cut:
                     raise _Reset
                 n = min(n, self._cut - self.offset)
             for bucket in self._buckets:
                 n = min(n, bucket.piece())
-            piece = bytearray(data[:n])
-            data = data[n:]
+            if self._link is not None:
+                n = min(n, self._link.piece())
+            piece: bytes | bytearray | memoryview = view[:n]
+            view = view[n:]
             if self._corrupt is not None:
+                piece = bytearray(piece)
                 lo = max(self._corrupt[0], self.offset)
                 hi = min(self._corrupt[1], self.offset + n)
                 for i in range(lo, hi):
@@ -484,6 +537,11 @@ class _BodyPlan:
                 if wait > 0:
                     self._proxy._sleep(wait)
                     self._proxy._count_throttled(wait)
+            if self._link is not None:
+                wait = self._link.reserve(n)
+                if wait > 0:
+                    self._proxy._sleep(wait)
+                    self._proxy._count_shaped(wait)
             dst.sendall(piece)
             self.offset += n
 
@@ -497,6 +555,9 @@ class _Chosen:
     stall: Rule | None = None
     corrupt: Rule | None = None
     throttles: list[Rule] = field(default_factory=list)
+    # The connection's shaped links, one per direction (None: not shaped).
+    link_up: _TokenBucket | None = None
+    link_down: _TokenBucket | None = None
 
     def names(self) -> tuple[str, ...]:
         kinds = [r.kind.value for r in (self.error, self.reset, self.stall, self.corrupt) if r]
@@ -523,6 +584,7 @@ class FaultProxy:
         port: int = 0,
         seed: int = 0,
         answer_continue: bool = True,
+        shaping: Shaping | None = None,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
@@ -531,6 +593,7 @@ class FaultProxy:
             raise ValueError(f"upstream {upstream!r} is not a loopback address")
         self.upstream = (parts.hostname, parts.port)
         self.answer_continue = answer_continue
+        self.shaping = shaping
         self._port = port
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -742,6 +805,7 @@ class FaultProxy:
                 s.bytes_down,
                 s.bytes_corrupted,
                 s.throttled_seconds,
+                s.shaped_seconds,
             )
 
     def records(
@@ -774,6 +838,21 @@ class FaultProxy:
     def _count_throttled(self, seconds: float) -> None:
         with self._lock:
             self._stats.throttled_seconds += seconds
+
+    def _count_shaped(self, seconds: float) -> None:
+        with self._lock:
+            self._stats.shaped_seconds += seconds
+
+    def _links(self) -> tuple[_TokenBucket | None, _TokenBucket | None]:
+        """A new connection's own links (up, down) under the shaping, if any."""
+        shaping = self.shaping
+        if shaping is None or shaping.connection_rate <= 0:
+            return None, None
+        # A burst of 10 ms: short enough that even a small object feels the rate.
+        return (
+            _TokenBucket(shaping.connection_rate, burst_s=0.01),
+            _TokenBucket(shaping.connection_rate, burst_s=0.01),
+        )
 
     def _sleep(self, seconds: float) -> None:
         if self._stopping.wait(seconds):
@@ -814,13 +893,14 @@ class FaultProxy:
         try:
             up = _Upstream(self)
             reader = _Reader(client)
+            links = self._links()
             while not self._stopping.is_set():
                 client.settimeout(_IDLE_TIMEOUT)
                 head = reader.read_head()
                 if head is None:
                     return
                 client.settimeout(_IO_TIMEOUT)
-                if not self._serve_request(client, reader, up, _parse_head(head)):
+                if not self._serve_request(client, reader, up, _parse_head(head), links):
                     return
         except _Reset:
             _hard_reset(client)
@@ -858,7 +938,12 @@ class FaultProxy:
         return chosen
 
     def _serve_request(
-        self, client: socket.socket, reader: _Reader, up: _Upstream, req: _Message
+        self,
+        client: socket.socket,
+        reader: _Reader,
+        up: _Upstream,
+        req: _Message,
+        links: tuple[_TokenBucket | None, _TokenBucket | None] = (None, None),
     ) -> bool:
         """Serve one request; whether the client connection may serve another."""
         try:
@@ -872,6 +957,7 @@ class FaultProxy:
             self._stats.requests += 1
             self._in_flight += 1
         chosen = self._choose(method, target)
+        chosen.link_up, chosen.link_down = links
         attempt_m = _ATTEMPT_RE.search(req.get("amz-sdk-request") or "")
         status: int | None = None
 
@@ -912,7 +998,15 @@ class FaultProxy:
             with self._lock:
                 self._stats.forwarded += 1
             up.send_request(req, method, target, version, reader, chosen)
+            sent = time.monotonic()
             resp, resp_version = up.read_response_head()
+            latency = self.shaping.first_byte_latency if self.shaping is not None else 0.0
+            if latency > 0:
+                # The upstream's own time counts: the answer starts `latency` after the request.
+                wait = latency - (time.monotonic() - sent)
+                if wait > 0:
+                    self._sleep(wait)
+                    self._count_shaped(wait)
             status = int(resp.first.split(" ", 2)[1])
             if chosen.stall is not None:
                 self._sleep(chosen.stall.seconds)
@@ -1124,7 +1218,7 @@ class _Upstream:
             sock.sendall(head)
         corrupt, reset, throttles = chosen.body_rules(Phase.REQUEST)
         total = None if req.chunked() else (req.content_length() or 0)
-        plan = _BodyPlan(self._proxy, corrupt, reset, throttles, total)
+        plan = _BodyPlan(self._proxy, corrupt, reset, throttles, total, chosen.link_up)
         try:
             if req.chunked():
                 _relay_chunked(client_reader, sock, plan)
@@ -1159,7 +1253,7 @@ class _Upstream:
         corrupt, reset, throttles = chosen.body_rules(Phase.RESPONSE)
         no_body = _no_body(method, status)
         length = 0 if no_body else (None if resp.chunked() else resp.content_length())
-        plan = _BodyPlan(self._proxy, corrupt, reset, throttles, length)
+        plan = _BodyPlan(self._proxy, corrupt, reset, throttles, length, chosen.link_down)
         try:
             if not no_body and resp.chunked():
                 _relay_chunked(self.reader, client, plan)
@@ -1181,9 +1275,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:<port> of the server")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any)")
     parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic rules")
+    parser.add_argument(
+        "--shape", action="store_true", help="shape every connection as S3 on AWS (see Shaping)"
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=DEFAULT_FIRST_BYTE_LATENCY * 1000,
+        help="with --shape: first-byte latency (default %(default)g ms)",
+    )
+    parser.add_argument(
+        "--connection-mbps",
+        type=float,
+        default=DEFAULT_CONNECTION_RATE / 1e6,
+        help="with --shape: MB/s per connection, each way (default %(default)g)",
+    )
     args = parser.parse_args(argv)
     try:
-        proxy = FaultProxy(args.upstream, port=args.port, seed=args.seed)
+        shaping = (
+            Shaping(args.latency_ms / 1000, args.connection_mbps * 1e6) if args.shape else None
+        )
+        proxy = FaultProxy(args.upstream, port=args.port, seed=args.seed, shaping=shaping)
     except ValueError as exc:
         print(f"faultproxy: {exc}", file=sys.stderr)
         return 2
