@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -133,18 +134,101 @@ def params_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+# -- shared by the reference scripts (trainer.example_hf, _lightning, _accelerate) ------
+
+
+def flags(
+    prog: str,
+    description: str | None,
+    *,
+    save_every_help: str = "periodic checkpoint interval",
+    keep_help: str = "complete checkpoints kept locally",
+    state_mb: bool = True,
+) -> argparse.ArgumentParser:
+    """A parser with the flags every reference script takes (CONTRACT §6 and a few more)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (default 200)")
+    p.add_argument("--save-every", type=int, default=20, help=save_every_help)
+    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step")
+    if state_mb:
+        p.add_argument("--state-mb", type=int, default=0, help="extra MiB of state per checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="data, model and RNG seed")
+    p.add_argument("--keep", type=int, default=3, help=keep_help)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=os.environ.get(CHECKPOINT_DIR_ENV),
+        help=f"default ${CHECKPOINT_DIR_ENV}",
+    )
+    return p
+
+
+def parse_framework_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse and check a framework script's flags (bad flags exit 2, as argparse does)."""
+    args = _parse(p, argv)
+    if args.steps < 1 or args.save_every < 1 or args.keep < 1:
+        p.error("--steps, --save-every and --keep must be at least 1")
+    if "state_mb" not in args:
+        if args.step_seconds < 0:
+            p.error("--step-seconds must not be negative")
+    elif args.step_seconds < 0 or args.state_mb < 0:
+        p.error("--step-seconds and --state-mb must not be negative")
+    return args
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.checkpoint_dir is None:
+        p.error(f"no checkpoint directory: set ${CHECKPOINT_DIR_ENV} or pass --checkpoint-dir")
+    return args
+
+
+def print_saved(m: Manifest) -> None:
+    """The ``checkpoint_saved`` line: every reference script's ``on_save``."""
+    out(f"checkpoint_saved step={m.step} reason={m.reason} bytes={m.total_bytes}")
+
+
+def print_resumed(step: int, reason: str | None, total: int) -> None:
+    """The ``resumed`` line; a checkpoint beyond ``--steps`` is an error."""
+    out(f"resumed step={step} reason={reason}")
+    if step > total:
+        raise CheckpointError(f"checkpoint step {step} is beyond --steps {total}")
+
+
+def print_end(stopped: bool, step: int, skipped_step: int | None, model: nn.Module) -> None:
+    """The last line: ``stopped`` (after ``save_skipped``, when so), else the final hash."""
+    if stopped:
+        if skipped_step == step:
+            out(f"save_skipped step={step} reason=deadline")
+        out(f"stopped step={step}")
+    else:
+        out(f"final_params_sha256={params_sha256(model)}")
+
+
+def log_to_stderr() -> None:
+    """Log lines on stderr (stdout carries the event lines), at ``$TRAINER_LOG_LEVEL``."""
+    logging.basicConfig(
+        level=os.environ.get("TRAINER_LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run(train: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``train(args)``; a failure is one ``error:`` line on stderr and exit status 1."""
+    try:
+        return train(args)
+    except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+# -- the reference trainer ---------------------------------------------------------------
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (bad flags exit 2, as argparse does)."""
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.example", description="The reference trainer."
-    )
-    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (default 200)")
-    p.add_argument("--save-every", type=int, default=20, help="periodic checkpoint interval")
-    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step")
-    p.add_argument("--state-mb", type=int, default=0, help="extra MiB of state per checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="data, model and RNG seed")
-    p.add_argument("--keep", type=int, default=3, help="complete checkpoints kept locally")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p = flags("python -m trainer.example", "The reference trainer.")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
         "--sync-save", action="store_true", help="write periodic saves in the loop, not behind it"
@@ -155,14 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1024,
         help="largest file of a checkpoint, MiB; larger state is split (default 1024)",
     )
-    p.add_argument(
-        "--checkpoint-dir",
-        default=os.environ.get(CHECKPOINT_DIR_ENV),
-        help=f"default ${CHECKPOINT_DIR_ENV}",
-    )
-    args = p.parse_args(argv)
-    if args.checkpoint_dir is None:
-        p.error(f"no checkpoint directory: set ${CHECKPOINT_DIR_ENV} or pass --checkpoint-dir")
+    args = _parse(p, argv)
     for flag in ("steps", "state_mb", "seed"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must not be negative")
@@ -175,17 +252,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> int:
     """Restore, train to ``--steps`` (or until SIGTERM), return the exit status."""
-
-    def saved(manifest: Manifest) -> None:
-        m = manifest
-        out(f"checkpoint_saved step={m.step} reason={m.reason} bytes={m.total_bytes}")
-
     # First, so the SIGTERM / SIGUSR1 handlers are in place as early as possible.
     ckpt = CheckpointManager(
         args.checkpoint_dir,
         keep=args.keep,
         save_every=args.save_every,
-        on_save=saved,
+        on_save=print_saved,
         async_save=not args.sync_save,
         shard_bytes=args.shard_mb * MIB,
     )
@@ -211,9 +283,7 @@ def train(args: argparse.Namespace) -> int:
     epoch = int(resume.progress.get("epoch", 0))
     index = int(resume.progress.get("index", 0))
     if resume.resumed:
-        out(f"resumed step={step} reason={resume.reason}")
-        if step > args.steps:
-            raise CheckpointError(f"checkpoint step {step} is beyond --steps {args.steps}")
+        print_resumed(step, resume.reason, args.steps)
         if ballast.data.numel() != args.state_mb * MIB:
             # Ballast only sizes the checkpoint; follow the flag, not the old run.
             ballast.data = Ballast.initial(args.state_mb, args.seed)
@@ -246,12 +316,7 @@ def train(args: argparse.Namespace) -> int:
             time.sleep(args.step_seconds)
     # The handlers stay installed until exit (no ckpt.close()): a SIGTERM arriving
     # while the last line is printed must not turn a finished run into exit -15.
-    if step >= args.steps:
-        out(f"final_params_sha256={params_sha256(model)}")
-    else:
-        if ckpt.skipped_step == step:
-            out(f"save_skipped step={step} reason=deadline")
-        out(f"stopped step={step}")
+    print_end(step < args.steps, step, ckpt.skipped_step, model)
     if world > 1:
         dist.destroy_process_group()
     return 0
@@ -259,17 +324,8 @@ def train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; non-zero with one clear ``error:`` line on stderr on failure."""
-    logging.basicConfig(
-        level=os.environ.get("TRAINER_LOG_LEVEL", "INFO"),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    log_to_stderr()
+    return run(train, parse_args(argv))
 
 
 if __name__ == "__main__":

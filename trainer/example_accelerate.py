@@ -37,9 +37,6 @@ of a run never interrupted. Same flags and stdout lines as ``python -m trainer.e
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 import time
 from typing import Any
 
@@ -49,40 +46,30 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from daemon.layout import Manifest
-from trainer.checkpoint import CHECKPOINT_DIR_ENV, CheckpointError, CheckpointManager
-from trainer.example import BATCH, make_data, make_model, out, params_sha256
+from trainer.checkpoint import CheckpointManager
+from trainer.example import (
+    BATCH,
+    flags,
+    log_to_stderr,
+    make_data,
+    make_model,
+    out,
+    parse_framework_args,
+    print_end,
+    print_resumed,
+    print_saved,
+    run,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags of ``python -m trainer.example`` that apply here."""
-    p = argparse.ArgumentParser(prog="python -m trainer.example_accelerate", description=__doc__)
-    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (default 200)")
-    p.add_argument("--save-every", type=int, default=20, help="periodic checkpoint interval")
-    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step")
-    p.add_argument("--seed", type=int, default=0, help="data, model and RNG seed")
-    p.add_argument("--keep", type=int, default=3, help="complete checkpoints kept locally")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument(
-        "--checkpoint-dir",
-        default=os.environ.get(CHECKPOINT_DIR_ENV),
-        help=f"default ${CHECKPOINT_DIR_ENV}",
-    )
-    args = p.parse_args(argv)
-    if args.checkpoint_dir is None:
-        p.error(f"no checkpoint directory: set ${CHECKPOINT_DIR_ENV} or pass --checkpoint-dir")
-    if args.steps < 1 or args.save_every < 1 or args.keep < 1:
-        p.error("--steps, --save-every and --keep must be at least 1")
-    if args.step_seconds < 0:
-        p.error("--step-seconds must not be negative")
-    return args
+    p = flags("python -m trainer.example_accelerate", __doc__, state_mb=False)
+    return parse_framework_args(p, argv)
 
 
 def train(args: argparse.Namespace) -> int:
     """Resume from the newest verified checkpoint, train to ``--steps`` or SIGTERM."""
-
-    def saved(m: Manifest) -> None:
-        out(f"checkpoint_saved step={m.step} reason={m.reason} bytes={m.total_bytes}")
 
     accelerator = Accelerator(
         cpu=True,
@@ -93,7 +80,7 @@ def train(args: argparse.Namespace) -> int:
         args.checkpoint_dir,
         keep=args.keep,
         save_every=args.save_every,
-        on_save=saved,
+        on_save=print_saved,
         save_dir=accelerator.save_state,
     )
     set_seed(args.seed)
@@ -112,9 +99,7 @@ def train(args: argparse.Namespace) -> int:
     resume = ckpt.restore()
     if resume.resumed:
         accelerator.load_state(str(resume.path))
-        out(f"resumed step={resume.step} reason={resume.reason}")
-        if resume.step > args.steps:
-            raise CheckpointError(f"checkpoint step {resume.step} is beyond --steps {args.steps}")
+        print_resumed(resume.step, resume.reason, args.steps)
     else:
         out("start step=0")
     step = resume.step
@@ -142,28 +127,14 @@ def train(args: argparse.Namespace) -> int:
             if ckpt.step_done(step, final=step >= args.steps, epoch=epoch, index=index):
                 stop = True
                 break
-    if step >= args.steps:
-        out(f"final_params_sha256={params_sha256(accelerator.unwrap_model(model))}")
-    else:
-        if ckpt.skipped_step == step:
-            out(f"save_skipped step={step} reason=deadline")
-        out(f"stopped step={step}")
+    print_end(step < args.steps, step, ckpt.skipped_step, accelerator.unwrap_model(model))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; non-zero with one ``error:`` line on stderr on failure."""
-    logging.basicConfig(
-        level=os.environ.get("TRAINER_LOG_LEVEL", "INFO"),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    log_to_stderr()
+    return run(train, parse_args(argv))
 
 
 if __name__ == "__main__":

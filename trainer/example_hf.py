@@ -16,9 +16,7 @@ batches already seen in the epoch and then restores the RNG states it saved.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,9 +34,19 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from daemon.layout import Manifest, read_manifest
-from trainer.checkpoint import CHECKPOINT_DIR_ENV, CheckpointError
-from trainer.example import Ballast, out, params_sha256
+from daemon.layout import read_manifest
+from trainer.example import (
+    Ballast,
+    flags,
+    log_to_stderr,
+    out,
+    params_sha256,
+    parse_framework_args,
+    print_end,
+    print_resumed,
+    print_saved,
+    run,
+)
 from trainer.integrations.huggingface import SpotTrainerCallback, latest_checkpoint
 
 VOCAB = 64
@@ -113,47 +121,28 @@ class Progress(TrainerCallback):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags of ``python -m trainer.example`` that apply here."""
-    p = argparse.ArgumentParser(prog="python -m trainer.example_hf", description=__doc__)
-    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (default 200)")
-    p.add_argument("--save-every", type=int, default=20, help="the Trainer's save_steps")
-    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step")
-    p.add_argument("--state-mb", type=int, default=0, help="extra MiB of state per checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="data, model and RNG seed")
-    p.add_argument("--keep", type=int, default=3, help="save_total_limit: checkpoints kept")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument(
-        "--checkpoint-dir",
-        default=os.environ.get(CHECKPOINT_DIR_ENV),
-        help=f"default ${CHECKPOINT_DIR_ENV}",
+    p = flags(
+        "python -m trainer.example_hf",
+        __doc__,
+        save_every_help="the Trainer's save_steps",
+        keep_help="save_total_limit: checkpoints kept",
     )
     p.add_argument(
         "--output-dir", help="the Trainer's output_dir (default <checkpoint dir>/.hf-output)"
     )
-    args = p.parse_args(argv)
-    if args.checkpoint_dir is None:
-        p.error(f"no checkpoint directory: set ${CHECKPOINT_DIR_ENV} or pass --checkpoint-dir")
-    if args.steps < 1 or args.save_every < 1 or args.keep < 1:
-        p.error("--steps, --save-every and --keep must be at least 1")
-    if args.step_seconds < 0 or args.state_mb < 0:
-        p.error("--step-seconds and --state-mb must not be negative")
-    return args
+    return parse_framework_args(p, argv)
 
 
 def train(args: argparse.Namespace) -> int:
     """Resume from the newest verified checkpoint, train to ``--steps`` or SIGTERM."""
 
-    def saved(m: Manifest) -> None:
-        out(f"checkpoint_saved step={m.step} reason={m.reason} bytes={m.total_bytes}")
-
     # First, so the signal handlers are in place as early as possible.
-    spot = SpotTrainerCallback(args.checkpoint_dir, on_save=saved)
+    spot = SpotTrainerCallback(args.checkpoint_dir, on_save=print_saved)
     resume = latest_checkpoint(args.checkpoint_dir)
     model = make_model(args.seed, args.state_mb)
     if resume is not None:
         manifest = read_manifest(Path(resume))
-        out(f"resumed step={manifest.step} reason={manifest.reason}")
-        if manifest.step > args.steps:
-            raise CheckpointError(f"checkpoint step {manifest.step} is beyond --steps {args.steps}")
+        print_resumed(manifest.step, manifest.reason, args.steps)
         if manifest.step == args.steps:  # finished already: nothing left to train
             done = GPT2LMHeadModel.from_pretrained(resume)
             out(f"final_params_sha256={params_sha256(done)}")
@@ -188,29 +177,15 @@ def train(args: argparse.Namespace) -> int:
     trainer.remove_callback(ProgressCallback)
     trainer.train(resume_from_checkpoint=resume)
     step = trainer.state.global_step
-    if spot.stopped:
-        if spot.manager.skipped_step == step:
-            out(f"save_skipped step={step} reason=deadline")
-        out(f"stopped step={step}")
-    else:
-        out(f"final_params_sha256={params_sha256(model)}")
+    print_end(spot.stopped, step, spot.manager.skipped_step, model)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; non-zero with one ``error:`` line on stderr on failure."""
-    logging.basicConfig(
-        level=os.environ.get("TRAINER_LOG_LEVEL", "INFO"),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_to_stderr()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model from a config needs no hub
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    return run(train, parse_args(argv))
 
 
 if __name__ == "__main__":

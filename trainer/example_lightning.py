@@ -17,9 +17,6 @@ instead, to show what Lightning does with one (tests/test_integrations_lightning
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,9 +27,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from daemon.layout import Manifest, read_manifest
-from trainer.checkpoint import CHECKPOINT_DIR_ENV, CheckpointError
-from trainer.example import BATCH, Ballast, make_data, make_model, out, params_sha256
+from daemon.layout import read_manifest
+from trainer.example import (
+    BATCH,
+    Ballast,
+    flags,
+    log_to_stderr,
+    make_data,
+    make_model,
+    out,
+    params_sha256,
+    parse_framework_args,
+    print_end,
+    print_resumed,
+    print_saved,
+    run,
+)
 from trainer.integrations.lightning import (
     ResumableDataLoader,
     ResumableSampler,
@@ -98,48 +108,24 @@ def make_loader(seed: int, plain: bool) -> DataLoader[Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags of ``python -m trainer.example`` that apply here."""
-    p = argparse.ArgumentParser(prog="python -m trainer.example_lightning", description=__doc__)
-    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (default 200)")
-    p.add_argument("--save-every", type=int, default=20, help="periodic checkpoint interval")
-    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step")
-    p.add_argument("--state-mb", type=int, default=0, help="extra MiB of state per checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="data, model and RNG seed")
-    p.add_argument("--keep", type=int, default=3, help="complete checkpoints kept locally")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p = flags("python -m trainer.example_lightning", __doc__)
     p.add_argument("--plain-loader", action="store_true", help="DataLoader(shuffle=True)")
-    p.add_argument(
-        "--checkpoint-dir",
-        default=os.environ.get(CHECKPOINT_DIR_ENV),
-        help=f"default ${CHECKPOINT_DIR_ENV}",
-    )
-    args = p.parse_args(argv)
-    if args.checkpoint_dir is None:
-        p.error(f"no checkpoint directory: set ${CHECKPOINT_DIR_ENV} or pass --checkpoint-dir")
-    if args.steps < 1 or args.save_every < 1 or args.keep < 1:
-        p.error("--steps, --save-every and --keep must be at least 1")
-    if args.step_seconds < 0 or args.state_mb < 0:
-        p.error("--step-seconds and --state-mb must not be negative")
-    return args
+    return parse_framework_args(p, argv)
 
 
 def train(args: argparse.Namespace) -> int:
     """Resume from the newest verified checkpoint, train to ``--steps`` or SIGTERM."""
 
-    def saved(m: Manifest) -> None:
-        out(f"checkpoint_saved step={m.step} reason={m.reason} bytes={m.total_bytes}")
-
     # First, so the signal handlers are in place as early as possible.
     spot = SpotLightningCallback(
-        args.checkpoint_dir, save_every=args.save_every, keep=args.keep, on_save=saved
+        args.checkpoint_dir, save_every=args.save_every, keep=args.keep, on_save=print_saved
     )
     resume = latest_checkpoint(args.checkpoint_dir)
     pl.seed_everything(args.seed, verbose=False)
     module = Regression(args.steps, args.lr, args.state_mb, args.seed)
     if resume is not None:
         manifest = read_manifest(Path(resume).parent)
-        out(f"resumed step={manifest.step} reason={manifest.reason}")
-        if manifest.step > args.steps:
-            raise CheckpointError(f"checkpoint step {manifest.step} is beyond --steps {args.steps}")
+        print_resumed(manifest.step, manifest.reason, args.steps)
         if manifest.step == args.steps:  # finished already: nothing left to train
             ckpt = torch.load(resume, map_location="cpu", weights_only=True)
             module.load_state_dict(ckpt["state_dict"])
@@ -162,30 +148,16 @@ def train(args: argparse.Namespace) -> int:
         module, train_dataloaders=make_loader(args.seed, args.plain_loader), ckpt_path=resume
     )
     step = trainer.global_step
-    if spot.stopped:
-        if spot.manager.skipped_step == step:
-            out(f"save_skipped step={step} reason=deadline")
-        out(f"stopped step={step}")
-    else:
-        out(f"final_params_sha256={params_sha256(module)}")
+    print_end(spot.stopped, step, spot.manager.skipped_step, module)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; non-zero with one ``error:`` line on stderr on failure."""
-    logging.basicConfig(
-        level=os.environ.get("TRAINER_LOG_LEVEL", "INFO"),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_to_stderr()
     # Lightning suggests more loader workers; on a toy dataset one process is right.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    return run(train, parse_args(argv))
 
 
 if __name__ == "__main__":

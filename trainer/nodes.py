@@ -168,12 +168,16 @@ def save_per_node(
         except Exception as exc:
             return ("error", first_line(exc))
 
-    def check(openings: list[_Opening | None]) -> None:
-        errors = [
-            f"{_who(ranks, r)}: {op[1]}"
+    def leader_errors(reports: list[tuple[str, Any] | None]) -> list[str]:
+        """The ("error", text) reports of the leaders, each naming its rank and node."""
+        return [
+            f"{_who(ranks, r)}: {rep[1]}"
             for r in ranks.leaders
-            if (op := openings[r]) is not None and op[0] == "error"
+            if (rep := reports[r]) is not None and rep[0] == "error"
         ]
+
+    def check(openings: list[_Opening | None]) -> None:
+        errors = leader_errors(openings)
         if errors:
             raise CheckpointError(f"{failed}: {'; '.join(errors)}")
 
@@ -236,11 +240,7 @@ def save_per_node(
             except Exception as exc:
                 outcome = ("error", first_line(exc))
         outcomes: list[tuple[str, Any] | None] = ranks.gather(outcome)
-        errors = [
-            f"{_who(ranks, r)}: {out[1]}"
-            for r in ranks.leaders
-            if (out := outcomes[r]) is not None and out[0] == "error"
-        ]
+        errors = leader_errors(outcomes)
         if errors:
             if writer is not None and writer.committed:
                 # This node's part of a step that is not complete everywhere: never a

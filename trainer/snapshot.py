@@ -139,7 +139,7 @@ class SnapshotPool:
         copied = walk(state)
         self._buffers = used
         if not cuda_devices:
-            return copied, _nothing
+            return copied, no_wait
         # One event per device, recorded after every copy queued on its current stream.
         events = []
         for device in sorted(cuda_devices):
@@ -178,5 +178,5 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
-def _nothing() -> None:
-    """Nothing to wait for: CPU copies are done when copy() returns."""
+def no_wait() -> None:
+    """Nothing to wait for: a state already in CPU memory (a CPU copy is done on return)."""

@@ -12,4 +12,10 @@
 
 Importing this package imports no framework: each module imports its own when it is
 imported (they come with the ``integrations`` extra), and the supervisor imports none.
+
+What must not live here: anything a framework's loop does not need. Each module builds
+on the public :class:`trainer.CheckpointManager` (``decide``, ``save_directory``,
+``restore``), never on its private parts; like all of ``trainer`` it imports torch, never
+boto3 or a cloud SDK, and nothing of ``daemon`` but :mod:`daemon.layout`, the on-disk
+contract.
 """
