@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # s3rver, the S3-compatible server the tests commit to besides moto (tests/s3rver.py),
-# pinned with its dependencies in tests/npm/package-lock.json. Needs node and npm.
+# and Azurite, Azure Blob Storage's emulator (daemon/standins/azurite.py), pinned with
+# their dependencies in tests/npm/package-lock.json. Needs node and npm.
 S3RVER := tests/npm/node_modules/s3rver/package.json
 
-.PHONY: install demo test lint bench chaos clean skypilot-check
+.PHONY: install demo test lint bench chaos clean browser skypilot-check
 
 install: $(VENV)/.installed $(S3RVER)
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("spot-supervisor needs Python >= 3.10") if sys.version_info < (3, 10) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[trainer,demo,dev,integrations]'
+	$(BIN)/pip install --quiet -e '.[trainer,demo,dev,integrations,gcp,azure]'
 	touch $@
 
 $(S3RVER): tests/npm/package.json tests/npm/package-lock.json
@@ -28,7 +29,12 @@ $(S3RVER): tests/npm/package.json tests/npm/package-lock.json
 demo: $(VENV)/.installed
 	$(BIN)/spot-supervisor demo
 
-test: install
+# Debian's Chromium: tests/test_report.py opens report.html in a real browser. Installed
+# here (as root, as on CI) when missing; otherwise the message says how.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || { echo "tests/test_report.py needs Debian's chromium: apt-get install chromium" >&2; exit 1; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 lint: install

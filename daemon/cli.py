@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
         "complete: against a local metadata emulator and a local S3 server.",
     )
     demo.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
+    demo.add_argument(
+        "--cloud",
+        choices=("aws", "gcp", "azure"),
+        default="aws",
+        help="whose notices and storage to stand in for: aws (IMDSv2 emulator, moto's S3),"
+        " gcp (GCE metadata emulator, gcp-storage-emulator), azure (Scheduled Events"
+        " emulator, Azurite; needs node); default aws",
+    )
 
     # The fleet side (daemon/fleet/): run on an operator's machine, never on the run path.
     ud = with_config(
@@ -111,6 +119,16 @@ def _parser() -> argparse.ArgumentParser:
         "(repeatable)",
     )
     pr.add_argument("--json", action="store_true", help="the prices as JSON")
+    from daemon.report.cli import configure_parser as configure_report
+
+    configure_report(
+        sub.add_parser(
+            "report",
+            help="what spot cost a run: report.json, timeline.png, report.html from its ledger",
+            description="Reads the run's ledger and committed checkpoints (read-only) and "
+            "writes report.json, timeline.png and report.html into --out.",
+        )
+    )
     return p
 
 
@@ -196,7 +214,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.standins.demo import run_demo
 
-    return run_demo(keep=args.keep)
+    return run_demo(keep=args.keep, cloud=args.cloud)
 
 
 def cmd_user_data(args: argparse.Namespace) -> int:
@@ -280,6 +298,12 @@ def cmd_prices(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(r.error for r in found) else EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from daemon.report.cli import run
+
+    return run(args)
+
+
 def _usage(message: str) -> int:
     print(f"spot-supervisor: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -295,6 +319,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "user-data": cmd_user_data,
     "doctor": cmd_doctor,
     "prices": cmd_prices,
+    "report": cmd_report,
 }
 
 

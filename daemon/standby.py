@@ -95,9 +95,10 @@ class Standby:
         self._seen = self._leases.try_acquire()
 
 
-def log_handoff(taken: Taken, restored: RestoreResult | None) -> None:
+def log_handoff(taken: Taken, restored: RestoreResult | None) -> float | None:
     """``slot_handoff``: from the holder's release (right after its emergency commit) to
-    our trainer's start, which follows this line; and the restore's share of it."""
+    our trainer's start, which follows this line; and the restore's share of it. The
+    handoff's seconds (None when the slot was not released by a holder)."""
     released = parse_time((taken.previous or {}).get("released_at"))
     fields: dict[str, Any] = {
         "slot": taken.slot,
@@ -109,3 +110,5 @@ def log_handoff(taken: Taken, restored: RestoreResult | None) -> None:
         since = (dt.datetime.now(dt.timezone.utc) - released).total_seconds()
         fields["handoff_seconds"] = round(max(since, 0.0), 3)
     log.info("slot_handoff", **fields)
+    handoff: float | None = fields.get("handoff_seconds")
+    return handoff

@@ -31,6 +31,7 @@ from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_env
 from daemon.config import Config
 from daemon.deadline import ThroughputEstimate
 from daemon.drain import Drain, emergency_commit, plan_for, write_notice_file
+from daemon.ledger import RunLedger
 from daemon.loop import IDLE_WAIT_S, MainLoop
 from daemon.maintenance import MAINTENANCE_LEAD_S, MaintenanceSchedule
 from daemon.metrics import Metrics, TextfileWriter
@@ -57,7 +58,7 @@ from daemon.storage.s3client import (
     parse_remote,
     use_crt,
 )
-from daemon.storage.store import CheckpointStore, RestoreResult
+from daemon.storage.store import CheckpointStore, RemoteCheckpoint, RestoreResult
 from daemon.storage.sync import CheckpointSync, FlushHandle, SyncStats
 
 log = structlog.get_logger(__name__)
@@ -69,6 +70,8 @@ _METRICS_EVERY = 15.0
 # may be a peer node's or the previous holder's emergency upload in flight (no drain
 # lasts an hour).
 STALE_UPLOAD_AGE_S = 3600.0
+# The most the ledger's last write may delay the exit (it comes after every commit).
+LEDGER_CLOSE_S = 2.0
 # How often a standby looks for a free slot (and for the run's completion elsewhere).
 STANDBY_POLL_S = 1.5
 
@@ -121,7 +124,13 @@ class Supervisor:
             # One instance deletes: the holder of slot 0 (never a standby, never a peer).
             retention_allowed=lambda: getattr(self, "leases", None) is not None
             and self.leases.slot == 0,
+            on_commit=self._ledger_commit,
         )
+        # The run ledger (<remote>/<run.id>/ledger/<boot>.jsonl): best effort, never
+        # blocking, started at boot once the instance is known.
+        self.ledger: RunLedger | None = None
+        self._first_step_pending = False
+        self._starts = 0
         self.events: queue.Queue[Notice] = queue.Queue()
         self.loop = MainLoop(self.notifier)
         client = self._imds = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
@@ -228,15 +237,21 @@ class Supervisor:
         become_subreaper()
         self.loop.install_signal_handlers()
         self.state.transition(Phase.RESTORING, "boot")
+        code = 1
         try:
-            return self._boot()
+            code = self._boot()
         except StoreError as exc:
             # S3 unreachable, bucket missing, access denied...: nothing local is touched,
             # and systemd's Restart=on-failure tries again.
             log.error("boot_failed", error=str(exc), code=exc.code)
             self.state.transition(Phase.FAILED, f"object storage: {exc}")
             self.notifier.stopping("failed")
-            return 1
+        finally:
+            if self.ledger is not None:
+                # The last thing, after any commit: bounded, and never the run's failure.
+                self.ledger.exit(code=code)
+                self.ledger.close(timeout=LEDGER_CLOSE_S)
+        return code
 
     def _boot(self) -> int:
         complete = self.store.read_complete()
@@ -270,6 +285,13 @@ class Supervisor:
                 self.cfg.daemon.lease_ttl,
             )
             taken = self.leases.try_acquire()
+            self.ledger = RunLedger(self._ledger_store())
+            self.ledger.boot(
+                node_id=node_id,
+                nodes=self.cfg.run.nodes,
+                slot=taken.slot if taken is not None else None,
+                metadata=self._imds,
+            )
             if self.cfg.run.nodes > 1:
                 self.nodes = self._join_as_node(node_id)
             restored = self._restore()
@@ -277,13 +299,15 @@ class Supervisor:
             standby = Standby(
                 self.leases, self.store, self.state, self.notifier, self.loop, self.cfg.run.nodes
             )
+            self.ledger.standby()
             waited = standby.wait(self._pending_stop, self._exit_code_after)
             if isinstance(waited, int):
                 return waited
             taken = waited
             with self.loop.keepalive():
                 restored = self._restore()
-            log_handoff(taken, restored)
+            handoff = log_handoff(taken, restored)
+            self.ledger.slot_taken(slot=taken.slot, how=taken.how, handoff_seconds=handoff)
         self._heartbeat = Heartbeat(self.leases)
         self._heartbeat.start()
         with self.loop.keepalive():
@@ -307,8 +331,46 @@ class Supervisor:
 
     def _restore(self) -> RestoreResult | None:
         if self.nodes is not None:
-            return self.nodes.restore()
-        return self.store.restore_newest(self.cfg.checkpoints.local_dir)
+            restored = self.nodes.restore()
+        else:
+            restored = self.store.restore_newest(self.cfg.checkpoints.local_dir)
+        if self.ledger is not None and restored is not None:
+            self.ledger.restore(
+                step=restored.step,
+                bytes=restored.bytes,
+                seconds=restored.seconds,
+                downloaded=restored.downloaded,
+            )
+        return restored
+
+    # --- the run ledger ---------------------------------------------------------------
+
+    def _ledger_store(self) -> CheckpointStore:
+        """A store of its own for the ledger: short timeouts and few retries, so a ledger
+        write never holds a connection the commits need, and gives up quickly."""
+        cfg = self.cfg
+        client = make_s3_client(
+            cfg.s3.endpoint_url,
+            cfg.s3.region,
+            2,
+            max_attempts=2,
+            connect_timeout=2.0,
+            read_timeout=5.0,
+            request_checksums=False,
+        )
+        transfer = make_transfer_config(cfg.s3.part_size_mb * 1024 * 1024, 1)
+        return CheckpointStore(client, parse_remote(cfg.checkpoints.remote), cfg.run.id, transfer)
+
+    def _ledger_commit(self, remote: RemoteCheckpoint, seconds: float) -> None:
+        if self.ledger is not None:
+            m = remote.manifest
+            self.ledger.commit(
+                step=m.step,
+                reason=m.reason,
+                bytes=m.total_bytes,
+                seconds=seconds,
+                created_at=m.created_at,
+            )
 
     # --- slots and standby ---------------------------------------------------------------
 
@@ -348,6 +410,8 @@ class Supervisor:
             deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(
                 seconds=self.cfg.daemon.stop_budget
             )
+            if self.ledger is not None and self.drain is None:
+                self.ledger.notice(kind="signal", action="shutdown", deadline=deadline)
             return ("shutdown", "signal", deadline)
         while True:
             try:
@@ -356,6 +420,8 @@ class Supervisor:
                 break
             self.state.update(last_notice=notice.to_dict())
             self.metrics.notices[notice.action] = self.metrics.notices.get(notice.action, 0) + 1
+            if self.ledger is not None:
+                self.ledger.notice(kind=notice.kind, action=notice.action, deadline=notice.deadline)
             step = on_notice(notice.kind, notice.action, standby=self.state.phase is Phase.STANDBY)
             if step in (Step.DRAIN, Step.EXIT_DONE):
                 return (notice.action, notice.source, notice.deadline)
@@ -418,6 +484,11 @@ class Supervisor:
         self._progress_at = time.monotonic()
         local = layout.list_step_dirs(cfg.checkpoints.local_dir)
         self._start_step = local[0][0] if local else None
+        self._progress_step = self._start_step
+        self._starts += 1
+        self._first_step_pending = True
+        if self.ledger is not None:
+            self.ledger.train_start(step=self._start_step, attempt=self._starts)
         self.state.transition(Phase.TRAINING, "child started", pid=pid)
         return True
 
@@ -429,6 +500,8 @@ class Supervisor:
                 if stop is not None:
                     self._begin_drain(*stop)
             exit_status = self.child.poll() if self.child else None
+            if self.drain is None and self.state.phase is Phase.TRAINING:
+                self._observe_progress()  # one directory listing: the ledger, the hang check
             if self.drain is not None:
                 if self.child is None or exit_status is not None:
                     return self._finish_drain()
@@ -505,6 +578,12 @@ class Supervisor:
         )
         # The slot is free for a standby (or a replacement) only now, after the commit.
         self._release_slot(committed)
+        if self.ledger is not None:
+            self.ledger.stop(
+                reason=self.drain.action,
+                committed_step=committed,
+                local_step=fields.get("newest_local_step"),
+            )
         self.state.transition(Phase.DONE, "shut down in order", **fields)
         self.notifier.stopping("done")
         return self._exit_code_after(self.drain.source)
@@ -603,6 +682,8 @@ class Supervisor:
             self.notifier.stopping("failed")
             return 1
         log.info("run_completed", step=newest_local)
+        if self.ledger is not None:
+            self.ledger.stop(reason="complete", committed_step=newest_local)
         self._release_slot(newest_local)
         self.state.transition(Phase.DONE, "run complete", step=newest_local)
         self.notifier.stopping("done")
@@ -619,6 +700,9 @@ class Supervisor:
         step = local[0][0] if local else None
         if step is not None and (self._progress_step is None or step > self._progress_step):
             self._progress_step, self._progress_at = step, time.monotonic()
+            if self._first_step_pending and self.ledger is not None:
+                self._first_step_pending = False
+                self.ledger.first_step(step=step)
 
     def _progress_overdue(self) -> float | None:
         """Seconds without a new checkpoint from the running trainer, once past
@@ -626,7 +710,6 @@ class Supervisor:
         limit = self.cfg.daemon.progress_timeout
         if not limit or self.child is None or self.state.phase is not Phase.TRAINING:
             return None
-        self._observe_progress()
         quiet = time.monotonic() - self._progress_at
         return quiet if quiet >= limit else None
 

@@ -120,6 +120,7 @@ class CheckpointSync:
         keep_remote: int | None = None,
         stage_rescan_interval: float = 0.25,
         retention_allowed: Callable[[], bool] = lambda: True,
+        on_commit: Callable[[RemoteCheckpoint, float], None] | None = None,
     ) -> None:
         self._store = store
         self._dir = local_dir
@@ -128,6 +129,8 @@ class CheckpointSync:
         self._on_change = on_change
         self._keep_remote = keep_remote
         self._retention_allowed = retention_allowed
+        # Called (on the sync's thread) with each commit and its seconds: the run ledger.
+        self._on_commit = on_commit
         self._hint = threading.Event()
         self._stopping = threading.Event()
         # One upload pass at a time: the worker's and the final flush never overlap.
@@ -351,18 +354,22 @@ class CheckpointSync:
         if result.part_of is not None:
             self._parts[step] = result.part_of  # committed when the set is complete
             return
-        self._mark_committed(step, result.remote)
+        self._mark_committed(step, result.remote, result.seconds)
         if result.remote is not None and not result.remote.verified:
             self._verify_later(result.remote, path, result.unverified)
             return
         self._apply_retention()
 
-    def _mark_committed(self, step: int, remote: RemoteCheckpoint | None) -> None:
+    def _mark_committed(
+        self, step: int, remote: RemoteCheckpoint | None, seconds: float = 0.0
+    ) -> None:
         self._committed.add(step)
         if remote is not None:
             self._remote[step] = remote
         self.stats.committed += 1
         self._set(newest_committed_step=max(self._committed))
+        if remote is not None and self._on_commit is not None:
+            self._on_commit(remote, seconds)
 
     # --- multi-node: the global commit ------------------------------------------------
 
