@@ -63,11 +63,34 @@ class S3Config:
     checksum_algorithm: str = "CRC32"
 
 
+PROVIDERS = ("aws", "gcp", "azure")
+# Where each cloud's metadata service answers: link-local on AWS and Azure, the name
+# every GCE instance resolves on GCP.
+DEFAULT_METADATA_URLS = {
+    "aws": "http://169.254.169.254",
+    "gcp": "http://metadata.google.internal",
+    "azure": "http://169.254.169.254",
+}
+
+
 @dataclass(frozen=True)
 class ImdsConfig:
+    # Given, or the provider's default (DEFAULT_METADATA_URLS): resolved at load.
     url: str = "http://169.254.169.254"
     poll_interval: float = 1.0
     token_ttl: int = 21600
+    # Whose metadata service and notices: "aws", "gcp" or "azure" (CONTRACT §8).
+    provider: str = "aws"
+
+
+@dataclass(frozen=True)
+class AzureConfig:
+    # Approve (StartRequests) this VM's Preempt/Terminate event once the emergency
+    # checkpoint is committed, so the eviction does not wait out NotBefore; never before.
+    approve_after_commit: bool = True
+    # The storage account of az:// remotes when AZURE_STORAGE_CONNECTION_STRING is not
+    # set (DefaultAzureCredential): https://<account>.blob.core.windows.net
+    account_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +125,7 @@ class Config:
     imds: ImdsConfig
     daemon: DaemonConfig
     metrics: MetricsConfig = MetricsConfig()
+    azure: AzureConfig = AzureConfig()
     source: str = "<defaults>"
 
     @property
@@ -189,24 +213,48 @@ def _checksum_algorithm(key: str, v: Any) -> str:
     return name
 
 
-# The same rules as daemon.storage.s3client.parse_remote, which cannot be imported here (boto3);
-# tests/test_config.py checks that the two agree on every case it lists.
+# The same rules as daemon.storage.s3client.parse_remote (s3://) and
+# daemon.storage.backend.parse_blob_remote (gs://, az://), which cannot be imported here
+# (boto3, the cloud SDKs); tests/test_config.py checks that they agree on every case it lists.
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$")
+# GCS: 3-63 characters (222 with dots) of a-z 0-9 - _ ., starting and ending alphanumeric.
+_GCS_BUCKET_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{1,220})[a-z0-9]$")
+# Azure: 3-63 of a-z 0-9 -, starting with a letter or digit, no "--", not ending in "-".
+_AZURE_CONTAINER_RE = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+REMOTE_SCHEMES = ("s3", "gs", "az")
 
 
 def _remote(key: str, v: Any) -> str:
     s = _nonempty_string(key, v)
-    m = re.match(r"^s3://([^/]*)(?:/(.*))?$", s, re.DOTALL)
-    if not m or not m[1]:
-        raise ConfigError(f"{key}: {s!r} must look like s3://bucket or s3://bucket/prefix")
-    if not _BUCKET_RE.match(m[1]):
+    m = re.match(r"^(s3|gs|az)://([^/]*)(?:/(.*))?$", s, re.DOTALL)
+    if not m or not m[2]:
         raise ConfigError(
-            f"{key}: {m[1]!r} is not a valid bucket name (3 to 255 of A-Z a-z 0-9 . _ -,"
+            f"{key}: {s!r} must look like s3://bucket[/prefix], gs://bucket[/prefix] or"
+            " az://container[/prefix]"
+        )
+    scheme, bucket, prefix = m[1], m[2], m[3] or ""
+    if scheme == "s3" and not _BUCKET_RE.match(bucket):
+        raise ConfigError(
+            f"{key}: {bucket!r} is not a valid bucket name (3 to 255 of A-Z a-z 0-9 . _ -,"
             " starting with a letter or digit)"
         )
+    if scheme == "gs" and (
+        not _GCS_BUCKET_RE.match(bucket)
+        or (len(bucket) > 63 and "." not in bucket)
+        or any(len(part) > 63 for part in bucket.split("."))
+    ):
+        raise ConfigError(
+            f"{key}: {bucket!r} is not a valid GCS bucket name (3 to 63 of a-z 0-9 - _ .,"
+            " up to 222 with dots, starting and ending with a letter or digit)"
+        )
+    if scheme == "az" and not _AZURE_CONTAINER_RE.match(bucket):
+        raise ConfigError(
+            f"{key}: {bucket!r} is not a valid Azure container name (3 to 63 of a-z 0-9 -,"
+            " starting and ending with a letter or digit, no '--')"
+        )
     if any(c in s for c in "?#") or any(c.isspace() for c in s):
-        raise ConfigError(f"{key}: {s!r}: no '?', '#' or whitespace in an S3 key prefix")
-    if "//" in (m[2] or "").strip("/"):
+        raise ConfigError(f"{key}: {s!r}: no '?', '#' or whitespace in a key prefix")
+    if "//" in prefix.strip("/"):
         raise ConfigError(f"{key}: {s!r} has an empty path segment ('//') in its prefix")
     return s
 
@@ -249,6 +297,30 @@ def _metadata_url(key: str, v: Any) -> str:
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     return s.rstrip("/")
+
+
+def _provider(key: str, v: Any) -> str:
+    s = _string(key, v)
+    if s not in PROVIDERS:
+        raise ConfigError(f"{key}: {s!r} must be one of {', '.join(PROVIDERS)}")
+    return s
+
+
+def _boolean(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(
+            f"{key}: expected a boolean (true or false), got {type(v).__name__} {v!r}"
+        )
+    return v
+
+
+def _account_url(key: str, v: Any) -> str:
+    s = _http_url(key, _nonempty_string(key, v))
+    local = re.match(r"^http://(127\.|localhost([:/]|$)|\[::1\])", s)
+    if not s.startswith("https://") and not local:
+        # The account key or token would cross the network in the clear.
+        raise ConfigError(f"{key}: {s!r} must be https:// (plain http only to localhost)")
+    return s
 
 
 def _env_map(key: str, v: Any) -> dict[str, str]:
@@ -341,9 +413,11 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         "checksum_algorithm": (_checksum_algorithm, "CRC32"),
     },
     "imds": {
-        "url": (_metadata_url, "http://169.254.169.254"),
+        # Default: the provider's (DEFAULT_METADATA_URLS), filled in by build().
+        "url": (_metadata_url, None),
         "poll_interval": (_number(0.05, 60.0), 1.0),
         "token_ttl": (_integer(1, 21600), 21600),
+        "provider": (_provider, "aws"),
     },
     "daemon": {
         "runtime_dir": (_path, Path("/run/spot-supervisor")),
@@ -364,6 +438,12 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
         # A Prometheus textfile for node_exporter's textfile collector (*.prom).
         "textfile": (_prom_path, None),
     },
+    "azure": {
+        # Approve this VM's Preempt/Terminate event after the emergency commit.
+        "approve_after_commit": (_boolean, True),
+        # The storage account for az:// remotes without a connection string.
+        "account_url": (_account_url, None),
+    },
 }
 
 
@@ -372,7 +452,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
 _STRING_PARSERS: frozenset[Parser] = frozenset(
     {
         _string, _nonempty_string, _run_id, _path, _prom_path, _checksum_algorithm, _remote,
-        _endpoint_url, _region, _metadata_url, _account, _node_id,
+        _endpoint_url, _region, _metadata_url, _account, _node_id, _provider, _account_url,
     }
 )  # fmt: skip
 
@@ -470,6 +550,8 @@ def build(
                 values[section][key] = default
     if values["run"]["group"] is not None and values["run"]["user"] is None:
         raise ConfigError("run.group: needs run.user (the group is the one the trainer runs as)")
+    if values["imds"]["url"] is None:
+        values["imds"]["url"] = DEFAULT_METADATA_URLS[values["imds"]["provider"]]
     return Config(
         run=RunConfig(**values["run"]),
         checkpoints=CheckpointsConfig(**values["checkpoints"]),
@@ -477,6 +559,7 @@ def build(
         imds=ImdsConfig(**values["imds"]),
         daemon=DaemonConfig(**values["daemon"]),
         metrics=MetricsConfig(**values["metrics"]),
+        azure=AzureConfig(**values["azure"]),
         source=source,
     )
 

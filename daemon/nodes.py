@@ -24,7 +24,8 @@ from pathlib import Path
 import structlog
 
 from daemon import layout
-from daemon.notices.imds import INSTANCE_ID_PATH, ImdsClient, MetadataUnavailable
+from daemon.notices.base import TextMetadata
+from daemon.notices.imds import INSTANCE_ID_PATH, MetadataUnavailable
 from daemon.rendezvous import RDZV_ENV, RendezvousIds
 from daemon.storage.global_commit import is_node_part
 from daemon.storage.store import CheckpointStore, RestoreResult
@@ -35,9 +36,10 @@ log = structlog.get_logger(__name__)
 SET_ASIDE_DIR = ".set-aside"
 
 
-def instance_identity(client: ImdsClient) -> str:
+def instance_identity(client: TextMetadata) -> str:
     """The instance id from the metadata service, else the hostname: this machine's name
-    in leases, and ``run.node_id``'s default."""
+    in leases, and ``run.node_id``'s default. ``client``: the AWS IMDS client, or another
+    cloud's identity reader (``NoticeSources.metadata``, see :mod:`daemon.notices`)."""
     try:
         instance_id = client.get_text(INSTANCE_ID_PATH)
     except MetadataUnavailable as exc:

@@ -64,6 +64,7 @@ def test_check_passes_on_a_good_setup(
         "ok   command",
         "ok   metadata",
         "ok   bucket",
+        "ok   notice budget",
     ]
     assert "no notice pending" in r.stdout
 
@@ -81,6 +82,7 @@ def test_check_runs_every_check_after_a_failure_then_exits_1(
         "ok   command",
         "FAIL metadata",
         "ok   bucket",  # checked although the metadata service failed before it
+        "ok   notice budget",
     ]
     assert "127.0.0.1:9" in lines[3] and "refused" in lines[3]
 

@@ -167,6 +167,9 @@ WRONG_TYPE: dict[str, tuple[object, str]] = {
     "imds.url": (None, "expected a string"),
     "imds.poll_interval": ("1s", "expected a number"),
     "imds.token_ttl": (1.5, "expected an integer"),
+    "imds.provider": (1, "expected a string"),
+    "azure.approve_after_commit": ("yes", "expected a boolean"),
+    "azure.account_url": (443, "expected a string"),
     "daemon.runtime_dir": (0, "expected a string"),
     "daemon.stop_budget": ("90", "expected a number"),
     "daemon.safety_margin": ([], "expected a number"),
@@ -189,7 +192,7 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "run.node_id": ("i-0/../x", "must match"),
     "run.group": ("a:b", "is not a user or group name"),
     "checkpoints.local_dir": ("ckpt", "must be an absolute path"),
-    "checkpoints.remote": ("gs://bucket", "must look like s3://bucket"),
+    "checkpoints.remote": ("ftp://bucket", "must look like s3://bucket"),
     "checkpoints.keep_remote": (0, "must be between 1 and 1000"),
     "s3.endpoint_url": ("ftp://x", "must be an http:// or https:// URL"),
     "s3.region": ("  ", "must not be empty"),
@@ -199,6 +202,9 @@ WRONG_VALUE: dict[str, tuple[object, str]] = {
     "imds.url": ("169.254.169.254", "is not http://host[:port]"),
     "imds.poll_interval": (0, "must be between"),
     "imds.token_ttl": (21601, "must be between 1 and 21600"),
+    "imds.provider": ("oracle", "must be one of aws, gcp, azure"),
+    "azure.approve_after_commit": (1, "expected a boolean"),
+    "azure.account_url": ("http://acct.blob.core.windows.net", "must be https://"),
     "daemon.runtime_dir": ("run", "must be an absolute path"),
     "daemon.stop_budget": (0, "must be between"),
     "daemon.safety_margin": (-1, "must be between"),
@@ -319,6 +325,10 @@ REMOTES = [
     "s3://bkt", "s3://bkt/", "s3://bkt/p", "s3://bkt/a/b/", "s3://bkt//p", "s3://Legacy_Bkt/p",
     "s3://bkt/a//b", "s3://bkt/p?versionId=1", "s3://bkt/p#x", "s3://bkt/a b", "s3://bkt/p\t",
     "s3://b/p", "s3://bk", "s3:///p", "s3://-bkt/p", "gs://bkt/p", "S3://bkt/p",
+    "gs://bkt", "gs://my.bucket/a/b", "gs://Bkt/p", "gs://bk", "gs://bkt-/p", "gs://bkt//p",
+    "gs://bkt/a//b", "gs://" + "a" * 64, "gs://" + "a" * 60 + ".b", "az://ctr/p", "az://ctr",
+    "az://Ctr/p", "az://c--tr/p", "az://ctr-/p", "az://ct", "az://ctr/a b", "az://ctr/p?x",
+    "gs:///p", "az://" + "c" * 64,
 ]  # fmt: skip
 
 
@@ -333,9 +343,43 @@ def test_remote_the_store_would_refuse_is_refused_at_load(remote: str) -> None:
 
 @pytest.mark.parametrize("remote", REMOTES)
 def test_remote_is_refused_at_load_exactly_when_the_store_refuses_it(remote: str) -> None:
-    from daemon.storage.s3client import parse_remote
+    from daemon.storage.backend import parse_any_remote
 
-    assert (refusal("checkpoints.remote", remote) is None) == accepted_by(parse_remote, remote)
+    assert (refusal("checkpoints.remote", remote) is None) == accepted_by(
+        parse_any_remote, remote
+    )
+
+
+@pytest.mark.parametrize(
+    ("provider", "url"),
+    [
+        ("aws", "http://169.254.169.254"),
+        ("gcp", "http://metadata.google.internal"),
+        ("azure", "http://169.254.169.254"),
+    ],
+)
+def test_imds_url_defaults_per_provider(provider: str, url: str) -> None:
+    cfg = config.build({**BASE, "imds": {"provider": provider}})
+    assert cfg.imds.provider == provider and cfg.imds.url == url
+    # A given url keeps its meaning whatever the provider.
+    given = config.build({**BASE, "imds": {"provider": provider, "url": "http://127.0.0.1:8"}})
+    assert given.imds.url == "http://127.0.0.1:8"
+
+
+def test_provider_and_azure_keys_from_the_environment() -> None:
+    env = {
+        "SPOT_SUPERVISOR_IMDS_PROVIDER": "gcp",
+        "SPOT_SUPERVISOR_AZURE_APPROVE_AFTER_COMMIT": "false",
+    }
+    cfg = config.build(BASE, env)
+    assert cfg.imds.provider == "gcp" and cfg.imds.url == "http://metadata.google.internal"
+    assert cfg.azure.approve_after_commit is False
+    assert config.build(BASE).azure.approve_after_commit is True  # the default
+
+
+def test_gs_and_az_remotes_are_accepted() -> None:
+    for remote in ("gs://my-bucket/runs", "az://checkpoints/runs/a"):
+        assert config.build(with_key("checkpoints.remote", remote)).checkpoints.remote == remote
 
 
 METADATA_URLS = [

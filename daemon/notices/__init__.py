@@ -4,8 +4,14 @@
   (``name``, ``poll()``) and the time helpers every source shares.
 * :mod:`daemon.notices.aws`: the EC2 metadata service's spot notice, rebalance
   recommendation and scheduled events; :mod:`daemon.notices.imds` is its IMDSv2 client.
+* :mod:`daemon.notices.gcp`: the GCE metadata server's ``preempted`` and
+  ``maintenance-event``, each followed by hanging GETs on a thread of its own.
+* :mod:`daemon.notices.azure`: Azure Scheduled Events, polled on a thread of its own,
+  and the approval of an event after the emergency commit.
 * :mod:`daemon.notices.watch`: the thread that polls the sources and delivers each new
   notice once.
+* :func:`build_sources`: the sources of ``imds.provider``, and what else the supervisor
+  needs of that cloud's metadata service, in one :class:`NoticeSources`.
 
 A new cloud is one more module producing :class:`Notice` behind :class:`NoticeSource`
 (see docs/architecture.md). What must not live here: what a notice *means* (that is
@@ -23,24 +29,31 @@ from daemon.notices.aws import (
     parse_instance_action,
 )
 from daemon.notices.base import (
+    PROVIDER_NOTICE_S,
     Notice,
     NoticeKind,
     NoticeSource,
+    TextMetadata,
     format_utc,
     notice_id,
     parse_iso_utc,
     utc_now,
 )
+from daemon.notices.sources import NoticeSources, build_sources
 
 __all__ = [
     "AWS_IMDS_SOURCE",
     "INTERRUPTING_EVENT_CODES",
+    "PROVIDER_NOTICE_S",
     "AwsMaintenanceSource",
     "AwsRebalanceSource",
     "AwsSpotSource",
     "Notice",
     "NoticeKind",
     "NoticeSource",
+    "NoticeSources",
+    "TextMetadata",
+    "build_sources",
     "event_key",
     "format_utc",
     "notice_id",

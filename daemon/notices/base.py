@@ -80,6 +80,20 @@ class NoticeSource(Protocol):
     def poll(self) -> list[Notice]: ...
 
 
+class TextMetadata(Protocol):
+    """A metadata service that answers plain items (the instance id) by path: what
+    :func:`daemon.nodes.instance_identity` asks. ``None`` when the item does not exist;
+    :class:`~daemon.notices.imds.MetadataUnavailable` when the service cannot tell."""
+
+    def get_text(self, path: str) -> str | None: ...
+
+
+PROVIDER_NOTICE_S = {"aws": 120.0, "gcp": 30.0, "azure": 30.0}
+"""How long before the machine goes a cloud's interruption notice comes: AWS's two-minute
+spot warning, GCE's 30 s preemption (ACPI soft-off to power-off), Azure's 30 s minimum
+``NotBefore`` of a spot eviction."""
+
+
 def parse_iso_utc(value: str) -> dt.datetime | None:
     """``2026-11-28T09:02:00Z`` (or with an offset) as aware UTC; None if unparseable."""
     try:

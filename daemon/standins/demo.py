@@ -1,7 +1,9 @@
 """``spot-supervisor demo``: the whole story on one machine, with local stand-ins.
 
 Three boots of a real supervisor process, against moto's S3 server and the metadata
-emulator on loopback, training the reference trainer on CPU:
+emulator on loopback, training the reference trainer on CPU (``--cloud gcp``: the GCE
+metadata emulator and gcp-storage-emulator; ``--cloud azure``: Scheduled Events and
+Azurite):
 
 1. boot on an empty bucket, train, commit periodic checkpoints, get a spot notice,
    forward SIGTERM, commit the interrupt checkpoint before the notice's time, exit 0;
@@ -26,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.standins import FAKE_AWS_ENV
-
 Event = dict[str, Any]
 
 DEMO_BUCKET = "spot-demo"
@@ -45,17 +45,18 @@ def write_config(
     command: list[str],
     local_dir: Path,
     remote: str,
-    endpoint_url: str,
+    endpoint_url: str | None,
     imds_url: str,
     runtime_dir: Path,
     poll_interval: float = 0.5,
     extra: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write a TOML config for a supervisor aimed at local stand-ins."""
+    """Write a TOML config for a supervisor aimed at local stand-ins (``endpoint_url``
+    None: no [s3] endpoint, for a gs:// or az:// remote)."""
     sections: dict[str, dict[str, Any]] = {
         "run": {"id": run_id, "command": command},
         "checkpoints": {"local_dir": str(local_dir), "remote": remote},
-        "s3": {"endpoint_url": endpoint_url, "region": "us-east-1"},
+        "s3": {"endpoint_url": endpoint_url, "region": "us-east-1"} if endpoint_url else {},
         "imds": {"url": imds_url, "poll_interval": poll_interval},
         "daemon": {
             "runtime_dir": str(runtime_dir),
@@ -68,6 +69,8 @@ def write_config(
         sections.setdefault(section, {}).update(values)
     lines: list[str] = []
     for section, values in sections.items():
+        if not values:
+            continue
         lines.append(f"[{section}]")
         for k, v in values.items():
             lines.append(f"{k} = {_toml_value(v)}")
@@ -204,19 +207,118 @@ def _at(t0: float, t: float) -> str:
     return f"{t - t0:6.1f}s"
 
 
-def run_demo(keep: bool = False, echo: bool = False) -> int:
+CLOUDS = ("aws", "gcp", "azure")
+
+
+@dataclass
+class _Standins:
+    """One cloud's stand-ins for the demo: storage, metadata emulator, and the notice."""
+
+    cloud: str
+    remote: str
+    endpoint_url: str | None
+    env: dict[str, str]
+    storage_name: str
+    emulator: Any
+    stop_storage: Callable[[], None]
+
+    def notify(self, lead_s: float) -> dt.datetime:
+        """The interruption notice; returns the time the cloud will act."""
+        now = dt.datetime.now(dt.timezone.utc)
+        if self.cloud == "gcp":
+            self.emulator.set_preempted(True)  # GCE gives no time: 30 s from now
+            return now + dt.timedelta(seconds=30)
+        if self.cloud == "azure":
+            self.emulator.set_azure_event("Preempt", now + dt.timedelta(seconds=lead_s))
+            return now + dt.timedelta(seconds=lead_s)
+        when: dt.datetime = self.emulator.set_notice(
+            "terminate", now + dt.timedelta(seconds=lead_s)
+        )
+        return when
+
+    def clear(self) -> None:
+        if self.cloud == "gcp":
+            self.emulator.set_preempted(False)
+        elif self.cloud == "azure":
+            self.emulator.clear_azure_events()
+        else:
+            self.emulator.clear_notice()
+
+
+def _start_standins(cloud: str) -> _Standins:
+    from daemon.standins import FAKE_AWS_ENV, start_local_s3
+    from daemon.standins.emulator import MetadataEmulator
+
+    if cloud == "gcp":
+        from daemon.standins.gcs import start_gcs_emulator
+
+        gcs = start_gcs_emulator()
+        gcs.create_bucket(DEMO_BUCKET)
+        return _Standins(
+            cloud,
+            f"gs://{DEMO_BUCKET}/runs",
+            None,
+            gcs.env(),
+            f"gcp-storage-emulator at {gcs.host}",
+            MetadataEmulator(provider="gcp").start(),
+            gcs.stop,
+        )
+    if cloud == "azure":
+        from daemon.standins.azurite import start_azurite
+
+        azurite = start_azurite()
+        try:
+            azurite.create_container(DEMO_BUCKET)
+        except BaseException:
+            azurite.stop()
+            raise
+        return _Standins(
+            cloud,
+            f"az://{DEMO_BUCKET}/runs",
+            None,
+            azurite.env(),
+            f"Azurite at {azurite.blob_endpoint}",
+            MetadataEmulator(provider="azure").start(),
+            azurite.stop,
+        )
+    s3 = start_local_s3()
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1").create_bucket(
+        Bucket=DEMO_BUCKET
+    )
+    return _Standins(
+        cloud,
+        f"s3://{DEMO_BUCKET}/runs",
+        s3.endpoint_url,
+        dict(FAKE_AWS_ENV),
+        f"moto at {s3.endpoint_url}",
+        MetadataEmulator().start(),
+        s3.stop,
+    )
+
+
+def run_demo(keep: bool = False, echo: bool = False, cloud: str = "aws") -> int:
     """Run the three boots and print the timeline; 0 when every step of the story held."""
     try:
-        return _run_demo(keep, echo)
+        return _run_demo(keep, echo, cloud)
     except AssertionError as exc:
         print(f"demo FAILED: {exc}", file=sys.stderr)
         return 1
 
 
-def _run_demo(keep: bool, echo: bool) -> int:
-    from daemon.standins import StandinUnavailable, start_local_s3
-    from daemon.standins.emulator import MetadataEmulator
+_NOTICE_WORDS = {
+    "aws": ("spot notice", "S3"),
+    "gcp": ("GCE preemption (instance/preempted = TRUE)", "GCS"),
+    "azure": ("Azure Scheduled Event: Preempt", "Azure Blob"),
+}
 
+
+def _run_demo(keep: bool, echo: bool, cloud: str = "aws") -> int:
+    from daemon.standins import StandinUnavailable
+
+    if cloud not in CLOUDS:
+        raise StandinUnavailable(f"--cloud {cloud!r} is not one of {', '.join(CLOUDS)}")
     try:
         import torch  # noqa: F401  (the reference trainer needs it)
     except ImportError:
@@ -228,18 +330,14 @@ def _run_demo(keep: bool, echo: bool) -> int:
     # The stand-ins log through structlog too; the demo prints only its timeline.
     log.configure(level="warning", stream=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="spot-demo-"))
-    s3 = start_local_s3()
-    emulator = MetadataEmulator().start()
-    env = {**os.environ, **FAKE_AWS_ENV, "PYTHONUNBUFFERED": "1"}
+    cloud_standins = _start_standins(cloud)
+    emulator = cloud_standins.emulator
+    env = {**os.environ, **cloud_standins.env, "PYTHONUNBUFFERED": "1"}
+    notice_words, storage_words = _NOTICE_WORDS[cloud]
     t0 = time.monotonic()
     try:
-        import boto3
-
-        boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1").create_bucket(
-            Bucket=DEMO_BUCKET
-        )
-        print("spot-supervisor demo: the whole story on this machine")
-        print(f"  S3: moto at {s3.endpoint_url}   metadata: emulator at {emulator.url}")
+        print(f"spot-supervisor demo ({cloud}): the whole story on this machine")
+        print(f"  storage: {cloud_standins.storage_name}   metadata: emulator at {emulator.url}")
         print(
             f"  trainer: python -m trainer.example, {DEMO_STEPS} steps, checkpoint every "
             f"{DEMO_SAVE_EVERY}\n"
@@ -251,10 +349,11 @@ def _run_demo(keep: bool, echo: bool) -> int:
                 run_id=DEMO_RUN_ID,
                 command=trainer_command(DEMO_STEPS, DEMO_SAVE_EVERY, 0.15),
                 local_dir=work / instance / "nvme" / "checkpoints",
-                remote=f"s3://{DEMO_BUCKET}/runs",
-                endpoint_url=s3.endpoint_url,
+                remote=cloud_standins.remote,
+                endpoint_url=cloud_standins.endpoint_url,
                 imds_url=emulator.url,
                 runtime_dir=work / instance / "run",
+                extra={"imds": {"provider": cloud}},
             )
 
         # Boot 1: train until two checkpoints are committed, then the notice comes.
@@ -270,14 +369,15 @@ def _run_demo(keep: bool, echo: bool) -> int:
             "two periodic commits",
         )
         for ev in sup.find("checkpoint_committed"):
-            print(f"{_at(t0, ev['_t'])}    checkpoint step {ev['step']} committed to S3")
-        notice_time = emulator.set_notice(
-            "terminate", dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=DEMO_NOTICE_LEAD_S)
-        )
+            print(
+                f"{_at(t0, ev['_t'])}    checkpoint step {ev['step']} committed to {storage_words}"
+            )
+        notice_time = cloud_standins.notify(DEMO_NOTICE_LEAD_S)
         notice_at = time.monotonic()
+        lead = (notice_time - dt.datetime.now(dt.timezone.utc)).total_seconds()
         print(
-            f"{_at(t0, notice_at)}  spot notice: terminate at {notice_time:%H:%M:%SZ} "
-            f"({DEMO_NOTICE_LEAD_S:.0f} s away)"
+            f"{_at(t0, notice_at)}  {notice_words}: the machine goes at {notice_time:%H:%M:%SZ} "
+            f"({lead:.0f} s away)"
         )
         sig = sup.wait_for(
             lambda e: e.get("event") == "child_signalled" and e.get("signal") == "SIGTERM",
@@ -299,15 +399,18 @@ def _run_demo(keep: bool, echo: bool) -> int:
             f"{_at(t0, done[0]['_t'])}    interrupt checkpoint step {interrupt_step} committed, "
             f"{done[0]['seconds_before_deadline']:.1f} s before the notice's time"
         )
+        if cloud == "azure" and emulator.azure_approvals():
+            print(f"{_at(t0, time.monotonic())}    Preempt event approved after the commit")
         print(f"{_at(t0, time.monotonic())}    supervisor exited {code}; instance A is gone\n")
-        emulator.clear_notice()
+        cloud_standins.clear()
 
         # Boot 2: a new instance with an empty disk restores, resumes and finishes.
         print(f"{_at(t0, time.monotonic())}  boot 2 (instance B): empty local disk")
         sup2 = SupervisorProcess(config_for("instance-b"), env, echo=echo).start()
         restored = sup2.wait_for(lambda e: e.get("event") == "restore_finished", 60, "restore")
         print(
-            f"{_at(t0, restored['_t'])}    restored step {restored.get('step')} from S3, verified"
+            f"{_at(t0, restored['_t'])}    restored step {restored.get('step')} from"
+            f" {storage_words}, verified"
         )
         resumed = sup2.wait_for_line("resumed", 60)
         print(f"{_at(t0, time.monotonic())}    trainer: {resumed}")
@@ -335,7 +438,7 @@ def _run_demo(keep: bool, echo: bool) -> int:
         return 0
     finally:
         emulator.stop()
-        s3.stop()
+        cloud_standins.stop_storage()
         if keep:
             print(f"demo files kept in {work}")
         else:

@@ -18,7 +18,27 @@ it answer 5xx/429, stall, hang up, or serve a broken body, for the next N reques
 path prefix. ``stats()`` counts requests per method and path, tokens issued and
 connections accepted, so a test can assert how many requests a client made.
 
-Run standalone: ``python -m daemon.standins.emulator --port 8169`` prints its URL.
+Other clouds (``MetadataEmulator(provider="gcp" | "azure")``; AWS, the default, is
+exactly as above):
+
+* ``gcp``: the GCE metadata server under ``/computeMetadata/v1/``. Every request needs
+  ``Metadata-Flavor: Google`` (403 without, or with ``X-Forwarded-For``); answers carry
+  ``Metadata-Flavor: Google`` and an ``ETag`` (a hash of the value). ``instance/preempted``
+  is ``FALSE`` until :meth:`MetadataEmulator.set_preempted`; ``instance/maintenance-event``
+  is ``NONE`` until :meth:`~MetadataEmulator.set_maintenance_event`.
+  ``?wait_for_change=true`` hangs until the value changes or ``timeout_sec`` passes, and
+  answers at once when ``last_etag`` is not the current ETag, as GCE does.
+* ``azure``: the Instance Metadata Service's Scheduled Events,
+  ``/metadata/scheduledevents?api-version=...`` (400 without ``Metadata: true`` or an
+  api-version), ``{"DocumentIncarnation": N, "Events": [...]}``; events are set with
+  :meth:`~MetadataEmulator.set_azure_event`; a ``POST`` of ``{"StartRequests": [...]}``
+  approves them (recorded: :meth:`~MetadataEmulator.azure_approvals`; the event turns
+  ``Started``). ``/metadata/instance/compute/name`` and ``.../vmId`` answer as text.
+
+The fault kind ``etag`` answers normally but with a wrong ``ETag`` (GCP).
+
+Run standalone: ``python -m daemon.standins.emulator --port 8169`` prints its URL
+(``--provider gcp|azure`` for the other clouds).
 """
 
 from __future__ import annotations
@@ -26,6 +46,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import email.utils
+import hashlib
 import http.client
 import json
 import secrets
@@ -34,13 +56,14 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
@@ -76,7 +99,18 @@ CONTROL_STATS_PATH = "/_emulator/stats"
 SPOT_ACTIONS = ("terminate", "stop", "hibernate")
 """The actions AWS documents for ``spot/instance-action``."""
 
-FAULT_KINDS = ("status", "delay", "close", "malformed")
+FAULT_KINDS = ("status", "delay", "close", "malformed", "etag")
+PROVIDERS = ("aws", "gcp", "azure")
+GCP_PREFIX = "/computeMetadata/v1/"
+GCP_PREEMPTED = GCP_PREFIX + "instance/preempted"
+GCP_MAINTENANCE_EVENT = GCP_PREFIX + "instance/maintenance-event"
+GCP_DEFAULT_HANG_S = 300.0
+AZURE_EVENTS_PATH = "/metadata/scheduledevents"
+AZURE_COMPUTE_PREFIX = "/metadata/instance/compute/"
+AZURE_EVENT_TYPES = ("Preempt", "Terminate", "Reboot", "Redeploy", "Freeze")
+CONTROL_GCP_PATH = "/_emulator/gcp"
+CONTROL_AZURE_EVENTS_PATH = "/_emulator/azure/events"
+CONTROL_AZURE_APPROVALS_PATH = "/_emulator/azure/approvals"
 DEFAULT_NOTICE_LEAD_S = 120.0
 """AWS warns two minutes ahead (except for hibernate, which starts at once)."""
 
@@ -96,6 +130,11 @@ def format_event_time(t: dt.datetime) -> str:
     """
     u = _as_utc(t)
     return f"{u.day} {_MONTHS[u.month - 1]} {u.year} {u:%H:%M:%S} GMT"
+
+
+def _rfc1123(t: dt.datetime) -> str:
+    """``Mon, 19 Sep 2016 18:29:47 GMT``: the form of Azure's ``NotBefore``."""
+    return email.utils.format_datetime(_as_utc(t), usegmt=True)
 
 
 def _as_utc(t: dt.datetime) -> dt.datetime:
@@ -140,9 +179,9 @@ class Fault:
 
     ``kind``: ``status`` answers ``status`` with a short text body; ``delay`` answers
     normally after ``delay_s``; ``close`` hangs up without answering; ``malformed``
-    answers 200 with ``body``. Any kind waits ``delay_s`` first. ``count`` is how many
-    matching requests it still applies to (None: until cleared). ``method`` limits it to
-    one HTTP method (None: any).
+    answers 200 with ``body``; ``etag`` answers normally with a wrong ``ETag`` header.
+    Any kind waits ``delay_s`` first. ``count`` is how many matching requests it still
+    applies to (None: until cleared). ``method`` limits it to one HTTP method (None: any).
     """
 
     kind: str
@@ -239,6 +278,40 @@ class _Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+# A handler's answer that is no answer: hang up (the emulator is stopping).
+_HANG_UP = _Reply(0)
+
+
+def azure_event(
+    event_type: str = "Preempt",
+    not_before: dt.datetime | None = None,
+    *,
+    resources: Sequence[str] = ("vm-spot-0",),
+    event_id: str | None = None,
+    status: str = "Scheduled",
+    source: str = "Platform",
+    duration_s: int = -1,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """One Scheduled Events event in the form Azure documents (``NotBefore`` in RFC 1123)."""
+    if event_type not in AZURE_EVENT_TYPES:
+        raise ValueError(f"event type {event_type!r} is not one of {', '.join(AZURE_EVENT_TYPES)}")
+    if not_before is None:
+        lead = 30.0 if event_type == "Preempt" else 900.0
+        not_before = _utc_now() + dt.timedelta(seconds=lead)
+    return {
+        "EventId": event_id or str(uuid.uuid4()).upper(),
+        "EventStatus": status,
+        "EventType": event_type,
+        "ResourceType": "VirtualMachine",
+        "Resources": list(resources),
+        "NotBefore": _rfc1123(not_before),
+        "Description": description or f"{event_type} scheduled by the emulator",
+        "EventSource": source,
+        "DurationInSeconds": duration_s,
+    }
+
+
 class _ControlError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -262,7 +335,12 @@ class MetadataEmulator:
         region: str = "us-east-1",
         availability_zone: str = "us-east-1a",
         clock: Callable[[], float] = time.monotonic,
+        provider: str = "aws",
+        vm_name: str = "vm-spot-0",
     ) -> None:
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+        self.provider = provider
         self._host = host
         self._port = port
         self._clock = clock
@@ -288,6 +366,23 @@ class MetadataEmulator:
         self._tokens_issued = 0
         self._connections = 0
         self._faults_applied = 0
+        # GCP: the values behind the hanging GETs; a change wakes every waiting request.
+        self._gcp_changed = threading.Condition(self._lock)
+        self._gcp_salt = secrets.token_hex(4)
+        self._gcp_items: dict[str, str] = {
+            GCP_PREFIX + "instance/id": "4711471147114711471",
+            GCP_PREFIX + "instance/name": vm_name,
+            GCP_PREFIX + "instance/zone": "projects/123456789/zones/us-central1-a",
+            GCP_PREFIX + "instance/machine-type": "projects/123456789/machineTypes/a2-highgpu-1g",
+            GCP_PREFIX + "instance/scheduling/provisioning-model": "SPOT",
+            GCP_PREEMPTED: "FALSE",
+            GCP_MAINTENANCE_EVENT: "NONE",
+        }
+        # Azure: Scheduled Events and the approvals received.
+        self._vm_name = vm_name
+        self._azure_events: list[dict[str, Any]] = []
+        self._azure_incarnation = 1
+        self._azure_approvals: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -315,6 +410,8 @@ class MetadataEmulator:
         if server is None:
             return
         self._stopping.set()
+        with self._gcp_changed:
+            self._gcp_changed.notify_all()  # hanging GETs hang up
         server.shutdown()
         server.server_close()
         with self._lock:
@@ -388,6 +485,56 @@ class MetadataEmulator:
             self._scheduled = copied
         log.info("emulator_scheduled_events_set", count=len(copied))
 
+    def set_preempted(self, preempted: bool = True) -> None:
+        """GCP: ``instance/preempted`` becomes ``TRUE`` (or ``FALSE``); hanging GETs answer."""
+        self._set_gcp(GCP_PREEMPTED, "TRUE" if preempted else "FALSE")
+
+    def set_maintenance_event(self, value: str = "TERMINATE_ON_HOST_MAINTENANCE") -> None:
+        """GCP: ``instance/maintenance-event`` (``NONE``, ``MIGRATE_ON_HOST_MAINTENANCE``,
+        ``TERMINATE_ON_HOST_MAINTENANCE``)."""
+        self._set_gcp(GCP_MAINTENANCE_EVENT, value)
+
+    def _set_gcp(self, path: str, value: str) -> None:
+        with self._gcp_changed:
+            self._gcp_items[path] = value
+            self._gcp_changed.notify_all()
+        log.info("emulator_gcp_value_set", path=path, value=value)
+
+    def gcp_etag(self, path: str) -> str:
+        """The ETag a GCP item has now (what a hanging GET's ``last_etag`` should be)."""
+        with self._lock:
+            return self._etag_of(path, self._gcp_items.get(path, ""))
+
+    def _etag_of(self, path: str, value: str) -> str:
+        return hashlib.sha256(f"{self._gcp_salt}|{path}|{value}".encode()).hexdigest()[:16]
+
+    def set_azure_event(
+        self,
+        event_type: str = "Preempt",
+        not_before: dt.datetime | None = None,
+        **spec: Any,
+    ) -> dict[str, Any]:
+        """Azure: add one scheduled event for this VM (see :func:`azure_event`; its
+        ``resources`` default to this VM's name); returns it."""
+        spec.setdefault("resources", [self._vm_name])
+        event = azure_event(event_type, not_before, **spec)
+        with self._lock:
+            self._azure_events.append(event)
+            self._azure_incarnation += 1
+        log.info("emulator_azure_event_set", **{k: v for k, v in event.items() if k != "Resources"})
+        return event
+
+    def clear_azure_events(self) -> None:
+        """Azure: no events (as after they completed)."""
+        with self._lock:
+            self._azure_events.clear()
+            self._azure_incarnation += 1
+
+    def azure_approvals(self) -> list[str]:
+        """Azure: the EventIds approved with StartRequests, in order."""
+        with self._lock:
+            return list(self._azure_approvals)
+
     def add_fault(
         self,
         kind: str,
@@ -453,6 +600,92 @@ class MetadataEmulator:
                     self._faults_applied += 1
                     return fault
         return None
+
+    def _answer_for(
+        self, method: str, path: str, query: str, headers: Message, body: bytes
+    ) -> _Reply:
+        if self.provider == "gcp":
+            return self._answer_gcp(method, path, query, headers)
+        if self.provider == "azure":
+            return self._answer_azure(method, path, query, headers, body)
+        return self._answer(method, path, headers)
+
+    def _answer_gcp(self, method: str, path: str, query: str, headers: Message) -> _Reply:
+        flavor = (("Metadata-Flavor", "Google"),)
+        if headers.get("Metadata-Flavor") != "Google" or headers.get("X-Forwarded-For"):
+            # GCE refuses requests without the header (and any that went through a proxy).
+            return _Reply(403, b"Missing Metadata-Flavor:Google header.", headers=flavor)
+        if method != "GET":
+            return _Reply(405, b"Method Not Allowed", headers=flavor)
+        params = parse_qs(query)
+        with self._gcp_changed:
+            if path not in self._gcp_items:
+                return _Reply(404, b"Not Found", headers=flavor)
+            value = self._gcp_items[path]
+            etag = self._etag_of(path, value)
+            if params.get("wait_for_change", ["false"])[0].lower() == "true":
+                last = params.get("last_etag", [None])[0]
+                hang = float(params.get("timeout_sec", [GCP_DEFAULT_HANG_S])[0])
+                if last is None or last == etag:
+                    end = time.monotonic() + hang
+                    while self._gcp_items[path] == value and not self._stopping.is_set():
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._gcp_changed.wait(min(left, 0.5))
+                    if self._stopping.is_set():
+                        return _HANG_UP
+                    value = self._gcp_items[path]
+                    etag = self._etag_of(path, value)
+        return _Reply(200, value.encode(), "application/text", (*flavor, ("ETag", etag)))
+
+    def _answer_azure(
+        self, method: str, path: str, query: str, headers: Message, body: bytes
+    ) -> _Reply:
+        if headers.get("Metadata") != "true" or headers.get("X-Forwarded-For"):
+            return _json_reply(
+                400, {"error": "Bad request. Required metadata header not specified"}
+            )
+        params = parse_qs(query)
+        if "api-version" not in params:
+            return _json_reply(400, {"error": "Bad request. api-version was not specified"})
+        if path.startswith(AZURE_COMPUTE_PREFIX) and method == "GET":
+            item = path[len(AZURE_COMPUTE_PREFIX) :]
+            values = {
+                "name": self._vm_name,
+                "vmId": "02aab8a4-74ef-476e-8182-f6d2ba4166a6",
+                "vmSize": "Standard_NC24ads_A100_v4",
+                "location": "eastus",
+                "zone": "1",
+                "priority": "Spot",
+            }
+            if item not in values:
+                return _json_reply(404, {"error": "Not found"})
+            return _Reply(200, values[item].encode())
+        if path != AZURE_EVENTS_PATH:
+            return _json_reply(404, {"error": "Not found"})
+        if method == "GET":
+            with self._lock:
+                doc = {
+                    "DocumentIncarnation": self._azure_incarnation,
+                    "Events": [dict(e) for e in self._azure_events],
+                }
+            return _json_reply(200, doc)
+        if method == "POST":
+            try:
+                starts = json.loads(body)["StartRequests"]
+                ids = [str(s["EventId"]) for s in starts]
+            except (ValueError, KeyError, TypeError):
+                return _json_reply(400, {"error": "Bad request. StartRequests expected"})
+            with self._lock:
+                for event in self._azure_events:
+                    if event["EventId"] in ids:
+                        event["EventStatus"] = "Started"
+                self._azure_approvals.extend(ids)
+                self._azure_incarnation += 1
+            log.info("emulator_azure_events_approved", event_ids=ids)
+            return _Reply(200, b"")
+        return _json_reply(405, {"error": "Method not allowed"})
 
     def _answer(self, method: str, path: str, headers: Message) -> _Reply:
         if path == TOKEN_PATH:
@@ -591,6 +824,24 @@ class MetadataEmulator:
         if path == CONTROL_TOKENS_EXPIRE_PATH and method == "POST":
             self.expire_tokens()
             return {"expired": "tokens"}
+        if path == CONTROL_GCP_PATH and method == "POST":
+            spec = _as_object(doc)
+            if "preempted" in spec:
+                self.set_preempted(bool(spec["preempted"]))
+            if "maintenance_event" in spec:
+                self.set_maintenance_event(str(spec["maintenance_event"]))
+            return {"set": sorted(spec)}
+        if path == CONTROL_AZURE_EVENTS_PATH and method == "POST":
+            spec = dict(_as_object(doc))
+            when = _time_from_spec(spec)
+            spec.pop("time", None)
+            spec.pop("in_seconds", None)
+            return self.set_azure_event(str(spec.pop("event_type", "Preempt")), when, **spec)
+        if path == CONTROL_AZURE_EVENTS_PATH and method == "DELETE":
+            self.clear_azure_events()
+            return {"cleared": "events"}
+        if path == CONTROL_AZURE_APPROVALS_PATH and method == "GET":
+            return {"approved": self.azure_approvals()}
         if path == CONTROL_STATS_PATH and method == "GET":
             return self.stats().to_dict()
         if path == CONTROL_STATS_PATH and method == "DELETE":
@@ -685,7 +936,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         em = self._em
-        path = urlsplit(self.path).path
+        parts = urlsplit(self.path)
+        path = parts.path
         body = self._read_body()
         if path.startswith(CONTROL_PREFIX):
             self._send(em._control(self.command, path, body))
@@ -707,7 +959,19 @@ class _Handler(BaseHTTPRequestHandler):
             if fault.kind == "malformed":
                 self._send(_Reply(200, fault.body.encode()))
                 return
-        self._send(em._answer(self.command, path, self.headers))
+        reply = em._answer_for(self.command, path, parts.query, self.headers, body)
+        if reply is _HANG_UP:
+            self.close_connection = True
+            return
+        if fault is not None and fault.kind == "etag":
+            wrong = ("ETag", "0000" + secrets.token_hex(6))
+            reply = _Reply(
+                reply.status,
+                reply.body,
+                reply.content_type,
+                (*(h for h in reply.headers if h[0] != "ETag"), wrong),
+            )
+        self._send(reply)
 
     def _send(self, reply: _Reply) -> None:
         self._em._count_response(reply.status)
@@ -769,6 +1033,27 @@ class EmulatorControl:
         """Replace the scheduled maintenance events."""
         self._call("POST", CONTROL_SCHEDULED_PATH, [dict(e) for e in events])
 
+    def set_preempted(self, preempted: bool = True) -> None:
+        """GCP: ``instance/preempted``."""
+        self._call("POST", CONTROL_GCP_PATH, {"preempted": preempted})
+
+    def set_maintenance_event(self, value: str = "TERMINATE_ON_HOST_MAINTENANCE") -> None:
+        """GCP: ``instance/maintenance-event``."""
+        self._call("POST", CONTROL_GCP_PATH, {"maintenance_event": value})
+
+    def set_azure_event(
+        self, event_type: str = "Preempt", *, in_seconds: float | None = None, **spec: Any
+    ) -> dict[str, Any]:
+        """Azure: add a scheduled event (``in_seconds``: its NotBefore from now)."""
+        body = {"event_type": event_type, **spec}
+        if in_seconds is not None:
+            body["in_seconds"] = in_seconds
+        return dict(self._call("POST", CONTROL_AZURE_EVENTS_PATH, body))
+
+    def azure_approvals(self) -> list[str]:
+        """Azure: the EventIds approved so far."""
+        return list(self._call("GET", CONTROL_AZURE_APPROVALS_PATH)["approved"])
+
     def add_fault(self, kind: str, path_prefix: str = "/latest/", **spec: Any) -> dict[str, Any]:
         """Add a fault (same keys as :class:`Fault`)."""
         return dict(
@@ -806,6 +1091,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--notice-in", type=float, metavar="S", help="publish a notice for now + S seconds"
     )
     parser.add_argument("--action", default="terminate", choices=SPOT_ACTIONS)
+    parser.add_argument(
+        "--provider", default="aws", choices=PROVIDERS, help="whose metadata service (default aws)"
+    )
     args = parser.parse_args(argv)
     # Events go to stderr so that stdout carries exactly one line: the URL.
     configure_logging(stream=sys.stderr)
@@ -817,9 +1105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    emulator = MetadataEmulator(args.host, args.port).start()
+    emulator = MetadataEmulator(args.host, args.port, provider=args.provider).start()
     try:
-        if args.notice_in is not None:
+        if args.notice_in is not None and args.provider == "gcp":
+            threading.Timer(args.notice_in, emulator.set_preempted).start()
+        elif args.notice_in is not None and args.provider == "azure":
+            emulator.set_azure_event("Preempt", _utc_now() + dt.timedelta(seconds=args.notice_in))
+        elif args.notice_in is not None:
             emulator.set_notice(args.action, _utc_now() + dt.timedelta(seconds=args.notice_in))
         print(emulator.url, flush=True)
         while not stop.wait(0.5):

@@ -187,11 +187,7 @@ class CommitLayer(RetentionLayer):
                 return UploadResult(step, 0, 0.0, 0.0, already_committed=True, remote=committed)
             # A manifest whose files are broken: withdraw the commit before replacing them,
             # so nobody restores a half-replaced checkpoint meanwhile.
-            self._call(
-                "delete",
-                manifest_key,
-                lambda: self.client.delete_object(Bucket=self.location.bucket, Key=manifest_key),
-            )
+            self._delete_key(manifest_key)
         staged = dict(staged or {})
         entries = {e.path: e for e in manifest.files}
         try:

@@ -16,7 +16,7 @@ import hashlib
 import os
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +175,12 @@ def download_checkpoint(
     *,
     part_size: int,
     max_concurrency: int,
+    fetch: Callable[[_Part], str | None] | None = None,
 ) -> Path:
     """Fetch and verify every file of ``manifest``; return the new ``step-*`` directory.
+
+    ``fetch`` reads one part into its partial file (None: S3 GETs through ``client``);
+    a store on another service passes its own (see :mod:`daemon.storage.backend`).
 
     ``objects`` maps each listed path to the object listed for it. Files larger than
     ``part_size`` come down as parallel ranged GETs pinned to the listed ETag.
@@ -220,7 +224,7 @@ def download_checkpoint(
         def fetch_and_finish(part: _Part) -> str | None:
             # The thread that lands a file's last byte verifies, fsyncs and renames it, so
             # that work overlaps the download of the other files.
-            digest = _fetch(client, location, part)
+            digest = fetch(part) if fetch is not None else _fetch(client, location, part)
             if part.hasher is not None:
                 if not part.hasher.last_part_done():
                     return None

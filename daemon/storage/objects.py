@@ -215,6 +215,15 @@ class ObjectStore:
         )
         return normalize_etag(str(resp.get("ETag", "")))
 
+    def _delete_key(self, key: str) -> None:
+        """Delete one object (gone already is fine): the one delete the layers above make
+        outside a method a non-S3 store overrides (see :mod:`daemon.storage.backend`)."""
+        self._call(
+            "delete",
+            key,
+            lambda: self.client.delete_object(Bucket=self.location.bucket, Key=key),
+        )
+
     def add_path_resolver(self, resolve: Callable[[str], str]) -> None:
         """Let uploads find a file whose directory was renamed while it was being sent."""
         self._resolvers.append(resolve)

@@ -33,6 +33,7 @@ from daemon.storage.commit import (
     CommitLayer,
 )
 from daemon.storage.records import (
+    RemoteCheckpoint,
     RestoreResult,
     _mbps,
 )
@@ -94,16 +95,7 @@ class RestoreLayer(CommitLayer):
             if kept is not None:
                 return self._keep_local(kept, t0, remote_step=remote.step)
             try:
-                path = download_checkpoint(
-                    self.client,
-                    self.location,
-                    remote.manifest,
-                    remote.manifest_raw,
-                    remote.objects,
-                    local_dir,
-                    part_size=self.transfer_config.multipart_chunksize,
-                    max_concurrency=self.transfer_config.max_request_concurrency,
-                )
+                path = self._download(remote, local_dir)
             except IntegrityError as exc:
                 log.warning(
                     "restore_skipped", step=remote.step, key=remote.manifest_key, reason=str(exc)
@@ -137,6 +129,21 @@ class RestoreLayer(CommitLayer):
             return self._keep_local(kept, t0, remote_step=None)
         log.info("restore_nothing", reason="no checkpoint, local or remote")
         return None
+
+    def _download(self, remote: RemoteCheckpoint, local_dir: Path) -> Path:
+        """Fetch and verify one remote checkpoint into ``local_dir`` (the S3 way; a store
+        on another service overrides this with its own reads, see
+        :mod:`daemon.storage.backend`)."""
+        return download_checkpoint(
+            self.client,
+            self.location,
+            remote.manifest,
+            remote.manifest_raw,
+            remote.objects,
+            local_dir,
+            part_size=self.transfer_config.multipart_chunksize,
+            max_concurrency=self.transfer_config.max_request_concurrency,
+        )
 
     def _finish_set(self, found: CompleteSet) -> None:
         """Commit a set of parts whose bytes just verified on download."""
