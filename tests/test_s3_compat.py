@@ -84,7 +84,8 @@ def test_multipart_commit_and_restore_on_any_server(server: Server, tmp_path: Pa
     """Two commits with a five-part file, then a restore of the newest: same bytes.
 
     On s3rver the first multipart ETag that is not AWS's shape is read back and found
-    right: the endpoint is then verified by read-back, which is said once."""
+    right, and to be the whole object's MD5: both are said once, and from then on its
+    multipart uploads predict that ETag and are checked by it, not read back."""
     store = make_store(server.endpoint_url, server.bucket)
     src10, m10 = make_checkpoint(tmp_path / "src", 10)
     src20, m20 = make_checkpoint(tmp_path / "src", 20)
@@ -103,9 +104,11 @@ def test_multipart_commit_and_restore_on_any_server(server: Server, tmp_path: Pa
         (note,) = differs  # said once for the endpoint, not once per commit
         assert note["endpoint"] == server.endpoint_url
         assert note["uploads"] == "multipart" and note["method"] == "read-back"
-        for check in checks:
-            assert check["read_back"] == ["optimizer.pt"]
-            assert check["checked"] == len(m10.files) - 1
+        (learned,) = events(logs, "etag_convention_learned")
+        assert learned["convention"] == "MD5 of the whole object"
+        assert checks[0]["read_back"] == ["optimizer.pt"]
+        assert checks[0]["checked"] == len(m10.files) - 1
+        assert checks[1]["read_back"] == [] and checks[1]["checked"] == len(m10.files)
     else:
         assert differs == []
         for check in checks:

@@ -47,6 +47,7 @@ import ipaddress
 import json
 import random
 import re
+import select
 import signal
 import socket
 import struct
@@ -1114,6 +1115,17 @@ class FaultProxy:
         return not req.wants_close(version)
 
 
+def _dropped(sock: socket.socket) -> bool:
+    """Whether the peer closed ``sock`` (readable at once, and nothing to read)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def _no_body(method: str, status: int) -> bool:
     return method.upper() == "HEAD" or status in (204, 304) or 100 <= status < 200
 
@@ -1206,6 +1218,10 @@ class _Upstream:
         chosen: _Chosen,
     ) -> None:
         head = _render_head(f"{method} {target} HTTP/1.1", req.without(_HOP_BY_HOP))
+        if self.sock is not None and _dropped(self.sock):
+            # The server closed the idle connection (Node's keep-alive ends after 5 s): a
+            # write would still succeed and the answer never come. Reconnect first.
+            self.close()
         sock = self._connect()
         try:
             sock.sendall(head)

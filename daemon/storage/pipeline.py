@@ -275,6 +275,7 @@ class Stager:
                 part_size=self._store.transfer_config.multipart_chunksize,
                 pool=self._part_workers(),
                 slots=self._slots,
+                whole_md5=self._store.whole_md5_etags,
             )
         except (OSError, ValueError) as exc:  # gone meanwhile, or parts below S3's minimum
             log.info("tail_upload_skipped", step=tmp.step, path=rel, reason=str(exc))
@@ -310,7 +311,8 @@ class Stager:
             # Send at once. The upload's reads feed the MD5 of the ETag check; when the
             # part boundaries are unknown, hash alongside instead (sha256).
             checkable = self._store.etag_checkable(ident[1], staged=True)
-            digest = self._store.etag_digest(ident[1]) if checkable else None
+            # Fed by offset from s3transfer's concurrent reads: AWS's convention only.
+            digest = self._store.etag_digest(ident[1], in_order=False) if checkable else None
             try:
                 staged.transfer = self._store.start_upload(path, key, None, digest, staged=True)
             except UploadCancelled:

@@ -361,6 +361,12 @@ class EndpointIntegrity:
     bytes are right, the endpoint does not follow the convention for that kind of upload
     (single or multipart), which is logged once (``etag_convention_differs``) and from
     then on such objects are read back; when they differ, it is corruption.
+
+    Some servers (s3rver) give a multipart object the MD5 of its whole bytes as ETag,
+    not AWS's MD5 of the parts' MD5s. A read-back that finds exactly that is learnt
+    (:attr:`multipart_whole_md5`): from then on an upload whose bytes are hashed in order
+    predicts that ETag instead (:meth:`TransferLayer.etag_digest`), and is checked by its
+    ETag again rather than read back, which would double what a commit moves.
     """
 
     def __init__(self, endpoint_url: str) -> None:
@@ -368,6 +374,22 @@ class EndpointIntegrity:
         self.aws = is_aws_endpoint(endpoint_url)
         self._lock = threading.Lock()
         self._not_md5: set[str] = set()  # "single" / "multipart": ETags proven not MD5s
+        self.multipart_whole_md5 = False  # multipart ETags are the whole object's MD5
+
+    def learn_whole_md5(self, key: str, etag: str) -> None:
+        """A multipart object read back has its whole bytes' MD5 as ETag (logged once)."""
+        with self._lock:
+            if self.multipart_whole_md5:
+                return
+            self.multipart_whole_md5 = True
+        log.info(
+            "etag_convention_learned",
+            endpoint=self.endpoint_url,
+            uploads="multipart",
+            convention="MD5 of the whole object",
+            key=key,
+            etag=etag,
+        )
 
     @staticmethod
     def _kind(multipart: bool) -> str:

@@ -137,7 +137,11 @@ class TailUpload:
         pool: ThreadPoolExecutor,
         slots: PartSlots,
         poll: float = POLL_SECONDS,
+        whole_md5: bool = False,
     ) -> None:
+        """``whole_md5``: the endpoint gives a multipart object the MD5 of its whole bytes
+        as ETag (s3rver; see :class:`~daemon.storage.s3client.EndpointIntegrity`): predict
+        that one, in the reading pass, so the commit need not read the object back."""
         if part_size < MIN_PART:
             raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
         self.key = key
@@ -156,6 +160,7 @@ class TailUpload:
         self.ino = st.st_ino
         self._algorithm: str | None = store.upload_args(None).get("ChecksumAlgorithm")
         self._sha = hashlib.sha256()
+        self._whole = hashlib.md5(usedforsecurity=False) if whole_md5 else None
         self._offset = 0
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
@@ -291,6 +296,8 @@ class TailUpload:
         self._upload_id = None  # completed: nothing to abort any more
         joined = b"".join(self._md5s)
         etag = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(self._md5s)}"
+        if self._whole is not None:
+            etag = self._whole.hexdigest()
         return TailResult(size, self._sha.hexdigest(), etag, _ident(final), len(parts))
 
     def _read(self, n: int) -> bytes:
@@ -305,6 +312,8 @@ class TailUpload:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         # The one in-order pass over the bytes: the sha256 of exactly what is sent.
         self._sha.update(data)
+        if self._whole is not None:
+            self._whole.update(data)
         return data
 
     def _send_part(self, n: int) -> None:

@@ -13,6 +13,7 @@ from daemon.storage.s3client import (
     EtagDigest,
     UploadCancelled,
     describe_error,
+    endpoint_integrity,
     make_transfer_manager,
     multipart_part_size,
 )
@@ -26,8 +27,6 @@ log = structlog.get_logger(__name__)
 
 class TransferLayer(ObjectStore):
     """Uploads through s3transfer (or CRT): transfer managers, upload arguments, ETag digests."""
-
-
 
     @property
     def transfer_manager(self) -> Any:
@@ -68,9 +67,23 @@ class TransferLayer(ObjectStore):
             extra["ChecksumAlgorithm"] = self._checksum_algorithm
         return extra
 
-    def etag_digest(self, size: int) -> EtagDigest:
-        """A digest of the ETag a file of ``size`` bytes gets from this store's uploads."""
-        return EtagDigest(size, multipart_part_size(self.transfer_config, size))
+    def etag_digest(self, size: int, *, in_order: bool = True) -> EtagDigest:
+        """A digest of the ETag a file of ``size`` bytes gets from this store's uploads.
+
+        ``in_order``: the digest will be fed the bytes in order (one reading pass), so on
+        an endpoint known to give multipart objects their whole MD5 as ETag (see
+        :class:`~daemon.storage.s3client.EndpointIntegrity`) it predicts that one. Fed by
+        offset from concurrent part reads, it always predicts AWS's convention.
+        """
+        part = multipart_part_size(self.transfer_config, size)
+        if part is not None and in_order and self.whole_md5_etags:
+            part = None  # one MD5 over every byte: the endpoint's own convention
+        return EtagDigest(size, part)
+
+    @property
+    def whole_md5_etags(self) -> bool:
+        """Whether this endpoint gives multipart objects their whole MD5 as ETag."""
+        return endpoint_integrity(str(self.client.meta.endpoint_url)).multipart_whole_md5
 
     def etag_checkable(self, size: int, *, staged: bool = False) -> bool:
         """Whether we know the part boundaries of an upload of ``size`` bytes.

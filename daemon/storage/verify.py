@@ -39,8 +39,7 @@ log = structlog.get_logger(__name__)
 
 
 class VerifyLayer(TransferLayer):
-    """Does the server hold our bytes? ETags where they are MD5s, else AWS checksums or a read-back.
-    """
+    """Does the server hold our bytes? ETags where they are MD5s, else AWS checksums or a read-back."""
 
     def _check_listing(
         self,
@@ -97,13 +96,19 @@ class VerifyLayer(TransferLayer):
         how = self._integrity.method(fields, multipart=multipart)
         if how == BY_SERVER_CHECKSUM:
             return how
-        if self._read_back_sha256(key) != sha256:
+        # While the endpoint's multipart convention is unknown, the read-back also
+        # computes the whole object's MD5: s3rver-like servers use that as the ETag.
+        learn = multipart and not self._integrity.multipart_whole_md5
+        got_sha, got_md5 = self._read_back(key, md5=learn)
+        if got_sha != sha256:
             return None
         if encryption_hiding_md5(fields) is None:
             # Unencrypted, the right bytes, not their MD5: the endpoint's own ETags.
             self._integrity.etag_convention_differs(
                 multipart=multipart, key=key, etag=etag, expected=md5_etag
             )
+            if learn and got_md5 == etag:
+                self._integrity.learn_whole_md5(key, etag)
         return BY_READ_BACK
 
     def _head(self, key: str) -> dict[str, Any]:
@@ -120,19 +125,26 @@ class VerifyLayer(TransferLayer):
     def _read_back_sha256(self, key: str) -> str:
         """The sha256 of the object's bytes as the server returns them (one streamed GET;
         stopped by the cancel switch, since no manifest may follow it then)."""
+        return self._read_back(key)[0]
+
+    def _read_back(self, key: str, *, md5: bool = False) -> tuple[str, str | None]:
+        """The sha256 (and with ``md5``, the MD5) of the object's bytes as served."""
         what = f"verify {self.location.url(key)}"
 
-        def run() -> str:
+        def run() -> tuple[str, str | None]:
             resp = self.client.get_object(Bucket=self.location.bucket, Key=key)
             h = hashlib.sha256()
+            m = hashlib.md5(usedforsecurity=False) if md5 else None
             body = resp["Body"]
             try:
                 for chunk in body.iter_chunks(HASH_CHUNK):
                     self._switch.check(what)
                     h.update(chunk)
+                    if m is not None:
+                        m.update(chunk)
             finally:
                 body.close()
-            return h.hexdigest()
+            return h.hexdigest(), m.hexdigest() if m is not None else None
 
         return self._call("verify", key, run)
 
