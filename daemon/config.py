@@ -57,8 +57,11 @@ class CheckpointsConfig:
 class S3Config:
     endpoint_url: str | None = None
     region: str | None = None
-    part_size_mb: int = 64  # multipart part size (S3: at least 5 MiB)
-    max_concurrency: int = 8  # parallel requests of one transfer (and connections)
+    # Tuned for S3 as AWS serves it (about 90 MB/s and ~30 ms to first byte per
+    # connection; see daemon.storage.s3client): 16 MiB parts keep a connection busy
+    # ~86% of the time, and 32 of them carry ~2.5 GB/s, a 7B model's 112 GB in ~45 s.
+    part_size_mb: int = 16  # multipart part size (S3: at least 5 MiB)
+    max_concurrency: int = 32  # parallel requests of one transfer (and connections)
     # The additional checksum S3 verifies on every upload: SHA256, CRC32, CRC32C or none.
     checksum_algorithm: str = "CRC32"
 
@@ -408,8 +411,8 @@ SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
     "s3": {
         "endpoint_url": (_endpoint_url, None),
         "region": (_region, None),
-        "part_size_mb": (_integer(5, 5120), 64),
-        "max_concurrency": (_integer(1, 64), 8),
+        "part_size_mb": (_integer(5, 5120), 16),
+        "max_concurrency": (_integer(1, 64), 32),
         "checksum_algorithm": (_checksum_algorithm, "CRC32"),
     },
     "imds": {

@@ -92,9 +92,9 @@ BASE = {
 
 def test_s3_transfer_keys_default_and_validate() -> None:
     cfg = config.build(BASE)
-    assert (cfg.s3.part_size_mb, cfg.s3.max_concurrency) == (64, 8)
-    cfg = config.build({**BASE, "s3": {"part_size_mb": 16, "max_concurrency": 32}})
     assert (cfg.s3.part_size_mb, cfg.s3.max_concurrency) == (16, 32)
+    cfg = config.build({**BASE, "s3": {"part_size_mb": 64, "max_concurrency": 8}})
+    assert (cfg.s3.part_size_mb, cfg.s3.max_concurrency) == (64, 8)
     with pytest.raises(config.ConfigError, match=r"s3\.part_size_mb: 4 must be between 5 and 5120"):
         config.build({**BASE, "s3": {"part_size_mb": 4}})
     with pytest.raises(config.ConfigError, match=r"s3\.max_concurrency: expected an integer"):

@@ -59,6 +59,9 @@ T = TypeVar("T")
 
 _STREAM_CHUNK = 1024 * 1024
 _MiB = 1024 * 1024
+# AWS's guidance for byte-range fetches is 8 or 16 MB: shorter, the first-byte latency
+# of each request becomes a large share of its time.
+_MIN_RANGE = 8 * _MiB
 # botocore retries a request, but not a body that breaks off half-way: retry that here.
 _STREAM_ATTEMPTS = 3
 _STREAM_ERRORS = (
@@ -192,13 +195,15 @@ def download_checkpoint(
     out as :class:`StoreError` too (code ``LocalIO``).
     """
     local_dir.mkdir(parents=True, exist_ok=True)
-    # As few GETs as keep at least half the connections streaming: a whole object in one
-    # GET is hashed as it streams (no read-back), and every request has a cost of its own.
-    # A few large files are split into ranges no smaller than part_size.
+    # S3 serves each connection at about 90 MB/s, so every connection should stream:
+    # about two ranges per connection, so that a slow one is made up for by the others,
+    # none shorter than _MIN_RANGE (latency) nor longer than four parts (a range whose
+    # stream breaks is fetched again whole). A file no larger than a range comes in one
+    # GET, hashed as it streams; ranges are hashed in order as they land.
     total = manifest.total_bytes
     concurrency = max(1, max_concurrency)
-    streams = max(1, (concurrency + 1) // 2)
-    range_size = max(part_size, -(-total // streams // _MiB) * _MiB)
+    per_stream = -(-total // (2 * concurrency) // _MiB) * _MiB
+    range_size = min(max(per_stream, _MIN_RANGE), max(4 * part_size, _MIN_RANGE))
     name = step_dir_name(manifest.step)
     tmp = local_dir / f"{TMP_PREFIX}{name}-restore-{os.urandom(4).hex()}"
     tmp.mkdir()
