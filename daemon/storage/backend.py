@@ -395,9 +395,14 @@ class BlobCheckpointStore(CheckpointStore):
 
     # -- uploads --------------------------------------------------------------------------
 
-    def etag_digest(self, size: int) -> EtagDigest:
-        """The whole-object MD5 both services keep (no parts in it)."""
+    def etag_digest(self, size: int, *, in_order: bool = True) -> EtagDigest:
+        """The whole-object MD5 both services keep (no parts in it), fed in any order."""
         return EtagDigest(size, None)
+
+    @property
+    def whole_md5_etags(self) -> bool:
+        """Both services keep the MD5 of the whole object, however it was uploaded."""
+        return True
 
     def etag_checkable(self, size: int, *, staged: bool = False) -> bool:
         return True
@@ -497,15 +502,23 @@ class BlobCheckpointStore(CheckpointStore):
         return BY_READ_BACK if self._read_back_sha256(key) == sha256 else None
 
     def _read_back_sha256(self, key: str) -> str:
+        return self._read_back(key)[0]
+
+    def _read_back(self, key: str, *, md5: bool = False) -> tuple[str, str | None]:
+        """The sha256 (and with ``md5``, the MD5) of the object's bytes as served; stopped
+        by the cancel switch, since no manifest may follow it then."""
         what = f"verify {self.location.url(key)}"
         h = hashlib.sha256()
+        m = hashlib.md5(usedforsecurity=False) if md5 else None
 
         def sink(chunk: bytes) -> None:
             self._switch.check(what)
             h.update(chunk)
+            if m is not None:
+                m.update(chunk)
 
         self.backend.read_range(key, None, 0, None, sink)
-        return h.hexdigest()
+        return h.hexdigest(), m.hexdigest() if m is not None else None
 
     def _put_bytes(
         self,
