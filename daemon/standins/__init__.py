@@ -1,7 +1,10 @@
 """Stand-ins for the cloud, for the demo and the tests: never imported by production code.
 
 * :mod:`~daemon.standins.s3`: moto's S3 server on loopback, and fake credentials.
-* :mod:`~daemon.standins.emulator`: an EC2 metadata service (IMDSv2) emulator.
+* :mod:`~daemon.standins.emulator`: an EC2 metadata service (IMDSv2) emulator, with
+  GCE metadata server and Azure Scheduled Events modes.
+* :mod:`~daemon.standins.gcs`: gcp-storage-emulator on loopback (GCS), preconditions added.
+* :mod:`~daemon.standins.azurite`: Azurite's Blob service on loopback (Azure Blob Storage).
 * :mod:`~daemon.standins.faultproxy`: a fault-injecting HTTP proxy for S3.
 * :mod:`~daemon.standins.demo`: ``spot-supervisor demo`` (the one command that may
   import stand-ins; the CLI imports it only inside that command), and the helpers the

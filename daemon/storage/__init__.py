@@ -10,6 +10,10 @@
   :mod:`~daemon.storage.commit` (files first, manifest last),
   :mod:`~daemon.storage.retention` (what is deleted, what is aborted),
   :mod:`~daemon.storage.restore` (which checkpoint comes back, and how).
+* :mod:`~daemon.storage.backend`: the same store on GCS (``gs://``,
+  :mod:`~daemon.storage.gcs`) and Azure Blob Storage (``az://``,
+  :mod:`~daemon.storage.azure_blob`): the S3-speaking methods overridden through one
+  ``BlobBackend``.
 * :mod:`~daemon.storage.download`: fetching and verifying one checkpoint's files.
 * :mod:`~daemon.storage.sync`: the background thread that commits each new local
   checkpoint; :mod:`~daemon.storage.pipeline`: the emergency stager.
