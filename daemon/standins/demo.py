@@ -308,9 +308,9 @@ def run_demo(keep: bool = False, echo: bool = False, cloud: str = "aws") -> int:
 
 
 _NOTICE_WORDS = {
-    "aws": ("spot notice", "S3"),
-    "gcp": ("GCE preemption (instance/preempted = TRUE)", "GCS"),
-    "azure": ("Azure Scheduled Event: Preempt", "Azure Blob"),
+    "aws": ("spot notice: terminate at", "S3"),
+    "gcp": ("GCE preemption (instance/preempted = TRUE): the machine goes at", "GCS"),
+    "azure": ("Azure Scheduled Event Preempt: the machine goes at", "Azure Blob"),
 }
 
 
@@ -336,8 +336,11 @@ def _run_demo(keep: bool, echo: bool, cloud: str = "aws") -> int:
     notice_words, storage_words = _NOTICE_WORDS[cloud]
     t0 = time.monotonic()
     try:
-        print(f"spot-supervisor demo ({cloud}): the whole story on this machine")
-        print(f"  storage: {cloud_standins.storage_name}   metadata: emulator at {emulator.url}")
+        print(f"spot-supervisor demo: the whole story on this machine ({cloud})")
+        print(
+            f"  {storage_words}: {cloud_standins.storage_name}   metadata: emulator at"
+            f" {emulator.url}"
+        )
         print(
             f"  trainer: python -m trainer.example, {DEMO_STEPS} steps, checkpoint every "
             f"{DEMO_SAVE_EVERY}\n"
@@ -375,10 +378,7 @@ def _run_demo(keep: bool, echo: bool, cloud: str = "aws") -> int:
         notice_time = cloud_standins.notify(DEMO_NOTICE_LEAD_S)
         notice_at = time.monotonic()
         lead = (notice_time - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        print(
-            f"{_at(t0, notice_at)}  {notice_words}: the machine goes at {notice_time:%H:%M:%SZ} "
-            f"({lead:.0f} s away)"
-        )
+        print(f"{_at(t0, notice_at)}  {notice_words} {notice_time:%H:%M:%SZ} ({lead:.0f} s away)")
         sig = sup.wait_for(
             lambda e: e.get("event") == "child_signalled" and e.get("signal") == "SIGTERM",
             30,
