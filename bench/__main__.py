@@ -31,15 +31,15 @@ def render_markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"Measured {meta['when']} on {meta['machine']['platform']}, "
         f"{meta['machine']['cpu_count']} CPUs; medians over the repeats shown.",
         "",
-        "| benchmark | ours | baseline | ratio | target | size | repeats |",
-        "|---|---|---|---|---|---|---|",
+        "| benchmark | server | ours | baseline | ratio | target | size | repeats |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         met = "" if r.met is None else (" ✅" if r.met else " ❌")
         base = f"{_fmt(r.baseline)} {r.unit} ({r.baseline_name})" if r.baseline is not None else "-"
         out.append(
-            f"| {r.group}: {r.name} | {_fmt(r.ours)} {r.unit} | {base} | {_fmt(r.ratio)} | "
-            f"{(r.target or '-') + met} | {r.size} | {r.repeats} |"
+            f"| {r.group}: {r.name} | {r.server} | {_fmt(r.ours)} {r.unit} | {base} | "
+            f"{_fmt(r.ratio)} | {(r.target or '-') + met} | {r.size} | {r.repeats} |"
         )
     return "\n".join(out) + "\n"
 

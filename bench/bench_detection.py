@@ -1,9 +1,11 @@
 """Detection latency: notice set in the emulator -> SIGTERM received by the trainer.
 
-Ours: a real ``spot-supervisor run`` at ``poll_interval`` 1 s. Baseline, in the same run:
-the seed's poller (a new token every poll, 5 s interval). Each boot gets one notice at a
-random moment of its poll cycle; the trainer stamps the wall clock in its SIGTERM
-handler. Also reported: HTTP requests to the metadata service per instance-action poll.
+Like against like: a real ``spot-supervisor run`` at ``poll_interval`` 5 s against the
+seed's poller at its 5 s (a new token every poll), in the same run; and ours at its
+default 1 s on its own, against its target (no baseline polls that often). Each boot
+gets one notice at a random moment of its poll cycle; the trainer stamps the wall clock
+in its SIGTERM handler. Also reported: HTTP requests to the metadata service per
+instance-action poll (ours reuses its token; the seed's fetches one per poll).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from daemon.notices.imds import INSTANCE_ACTION_PATH
 from daemon.standins.demo import write_config
 from daemon.standins.emulator import MetadataEmulator
 
-POLL_INTERVAL = 1.0
-SEED_INTERVAL = 5.0
+POLL_INTERVAL = 1.0  # ours, by default
+SEED_INTERVAL = 5.0  # the seed's; ours is also measured at it
 
 # Stamps the wall clock when SIGTERM arrives, then exits 0 (no checkpoint: not measured here).
 TRAINER = """
@@ -78,35 +80,35 @@ def _one_notice(
 
 
 def run(ctx: Context) -> list[Row]:
-    n = ctx.repeats(30, 5)
+    n = ctx.repeats(20, 2)
     work = Path(ctx.workdir) / "detection"
     work.mkdir(parents=True, exist_ok=True)
     trainer = work / "trainer.py"
     trainer.write_text(TRAINER)
     rng = random.Random(42)
     s3 = s3_with_bucket("bench")
-    latency: dict[str, list[float]] = {"ours": [], "seed": []}
-    per_poll: dict[str, list[float]] = {"ours": [], "seed": []}
+    latency: dict[str, list[float]] = {"ours": [], "ours-5s": [], "seed": []}
+    per_poll: dict[str, list[float]] = {"ours": [], "ours-5s": [], "seed": []}
     try:
         with MetadataEmulator() as md:
             for i in range(n):
-                stamp = work / f"ours-{i}"
-                cfg = write_config(
-                    work / f"config-{i}.toml",
-                    run_id=f"detect-{i}",
-                    command=[sys.executable, str(trainer), str(stamp)],
-                    local_dir=work / f"ckpt-{i}",
-                    remote="s3://bench/runs",
-                    endpoint_url=s3.endpoint_url,
-                    imds_url=md.url,
-                    runtime_dir=work / f"run-{i}",
-                    poll_interval=POLL_INTERVAL,
-                )
-                lat, pp = _one_notice(
-                    md, [sys.executable, "-m", "daemon", "run", "--config", str(cfg)], stamp, rng
-                )
-                latency["ours"].append(lat)
-                per_poll["ours"].append(pp)
+                for way, interval in (("ours", POLL_INTERVAL), ("ours-5s", SEED_INTERVAL)):
+                    stamp = work / f"{way}-{i}"
+                    cfg = write_config(
+                        work / f"config-{way}-{i}.toml",
+                        run_id=f"detect-{way}-{i}",
+                        command=[sys.executable, str(trainer), str(stamp)],
+                        local_dir=work / f"ckpt-{way}-{i}",
+                        remote="s3://bench/runs",
+                        endpoint_url=s3.endpoint_url,
+                        imds_url=md.url,
+                        runtime_dir=work / f"run-{way}-{i}",
+                        poll_interval=interval,
+                    )
+                    argv = [sys.executable, "-m", "daemon", "run", "--config", str(cfg)]
+                    lat, pp = _one_notice(md, argv, stamp, rng)
+                    latency[way].append(lat)
+                    per_poll[way].append(pp)
                 stamp = work / f"seed-{i}"
                 seed = [
                     sys.executable,
@@ -126,17 +128,30 @@ def run(ctx: Context) -> list[Row]:
         s3.stop()
     rows = []
     for q, label in ((0.5, "p50"), (0.99, "p99")):
-        ours, base = percentile(latency["ours"], q), percentile(latency["seed"], q)
+        rows.append(
+            Row(
+                group="detection",
+                name=f"notice -> SIGTERM {label}, both polling every {SEED_INTERVAL:g} s",
+                unit="s",
+                ours=percentile(latency["ours-5s"], q),
+                baseline=percentile(latency["seed"], q),
+                baseline_name=f"seed poller, {SEED_INTERVAL:g} s, new token per poll",
+                size=f"{n} notices each",
+                repeats=n,
+            )
+        )
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        ours = percentile(latency["ours"], q)
         p99 = label == "p99"
         rows.append(
             Row(
                 group="detection",
-                name=f"notice -> SIGTERM {label}",
+                name=f"notice -> SIGTERM {label}, ours at its default {POLL_INTERVAL:g} s",
                 unit="s",
                 ours=ours,
-                baseline=base,
-                baseline_name="seed poller, 5 s, new token per poll",
-                size=f"{n} notices at {POLL_INTERVAL:g} s polling",
+                baseline=None,
+                baseline_name="none polls as often (target only)",
+                size=f"{n} notices",
                 repeats=n,
                 target=f"<= {POLL_INTERVAL + 0.2:.1f} s" if p99 else None,
                 met=(ours <= POLL_INTERVAL + 0.2) if p99 else None,
@@ -147,7 +162,7 @@ def run(ctx: Context) -> list[Row]:
             group="detection",
             name="metadata requests per poll",
             unit="req",
-            ours=statistics.median(per_poll["ours"]),
+            ours=statistics.median(per_poll["ours"] + per_poll["ours-5s"]),
             baseline=statistics.median(per_poll["seed"]),
             baseline_name="seed poller",
             size=f"{n} boots",

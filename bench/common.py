@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import structlog
+from structlog.testing import capture_logs
 
 from daemon.standins import FAKE_AWS_ENV, LocalS3, start_local_s3
 
@@ -34,6 +39,9 @@ class Row:
     target: str | None = None
     met: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where it was measured: the S3 server and its shaping ("moto, shaped 30 ms + 90
+    # MB/s/conn"), "-" where no S3 is involved, "projection" for a computed row.
+    server: str = "-"
 
     @property
     def ratio(self) -> float | None:
@@ -99,3 +107,16 @@ def s3_with_bucket(bucket: str = "bench") -> LocalS3:
         Bucket=bucket
     )
     return s3
+
+
+@contextlib.contextmanager
+def capture_info() -> Iterator[list[MutableMapping[str, object]]]:
+    """structlog's ``capture_logs`` at info level, whatever level the harness set (it
+    keeps the stand-ins quiet at warning; a benchmark reads its own info events)."""
+    old = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(wrapper_class=old)

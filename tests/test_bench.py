@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,21 @@ def test_cost_model_when_the_checkpoint_cannot_fit_in_the_notice() -> None:
 
 
 def test_cost_table_uses_measured_rows() -> None:
-    rows = [{"group": "detection", "name": "notice -> SIGTERM p50", "ours": 0.4, "baseline": 3.0}]
+    rows = [
+        {
+            "group": "detection",
+            "name": "notice -> SIGTERM p50, ours at its default 1 s",
+            "ours": 0.4,
+        },
+        {
+            "group": "detection",
+            "name": "notice -> SIGTERM p50, both polling every 5 s",
+            "ours": 2.6,
+            "baseline": 3.0,
+        },
+    ]
     md = cost_markdown(rows)
-    assert "detection p50: ours 0.40 s" in md
+    assert "detection p50: ours 0.40 s at 1 s polling, seed 3.00 s" in md
     assert "| 10 | spot-supervisor |" in md
 
 
@@ -51,3 +64,49 @@ def test_harness_writes_json_and_markdown(tmp_path: Path) -> None:
         assert row["baseline"] and row["ratio"] == row["ours"] / row["baseline"]
     md = (tmp_path / "results.md").read_text()
     assert "| footprint: daemon RSS |" in md and "### Cost model" in md
+
+
+def test_quick_transfer_emergency_and_projection_rows(tmp_path: Path) -> None:
+    """The S3 benchmarks, small, on moto behind the shaping proxy: every row says its
+    server and baseline, and carries what the README reads. No timing is asserted."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "transfer",
+            "emergency",
+            "projection",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "SPOT_BENCH_SERVERS": "moto"},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["meta"]["failed"] == []
+    rows = {(row["group"], row["name"]): row for row in doc["rows"]}
+    for kind in ("upload", "restore"):
+        for shape in ("large files", "64 KB files"):
+            row = rows[("transfer", f"{kind} {shape}")]
+            assert row["baseline_name"].startswith("boto3") and row["target"] == ">= 1.0"
+            assert set(row["extra"]["mb_per_s"]) == {"ours", "boto3"}
+    (emergency,) = [row for (g, _), row in rows.items() if g == "emergency"]
+    assert emergency["baseline_name"].startswith("max(write alone, upload alone)")
+    extra = emergency["extra"]
+    assert set(extra["median_seconds"]) == {"write", "upload", "pipelined"}
+    (pipelined,) = extra["pipelined"]
+    # The ballast was followed as it was written: its parts went up before its rename.
+    assert pipelined["files_followed"] >= 1 and pipelined["sent_while_writing"] > 0
+    (projection,) = [row for (g, _), row in rows.items() if g == "projection"]
+    assert projection["extra"]["connections_for_100_s"] >= 1
+    for row in doc["rows"]:
+        assert row["server"].startswith(("moto, shaped", "projection from one connection"))
+        assert row["ratio"] == row["ours"] / row["baseline"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| benchmark | server |" in md
