@@ -86,7 +86,13 @@ def write_notice_file(path: Path, drain: Drain) -> None:
 
 
 def emergency_commit(
-    drain: Drain, sync: CheckpointSync, loop: MainLoop, local_dir: Path, *, several_nodes: bool
+    drain: Drain,
+    sync: CheckpointSync,
+    loop: MainLoop,
+    local_dir: Path,
+    *,
+    several_nodes: bool,
+    skipped: FlushHandle | None = None,
 ) -> tuple[int | None, dict[str, Any], FlushHandle]:
     """The final flush, watched against the cancel deadline: the committed step, the
     fields of the ``emergency_committed`` / ``emergency_not_committed`` event (logged), and
@@ -95,7 +101,8 @@ def emergency_commit(
     # Several nodes: the peers' parts may still be on their way; wait for them until the
     # cancel deadline (the cancel switch ends the wait).
     wait = max(plan.cancel_in(), 0.0) if several_nodes else 0.0
-    flush = sync.flush_async(wait)
+    # Skipped (daemon.budget): no emergency upload, only the sync's stop.
+    flush = skipped if skipped is not None else sync.flush_async(wait)
     cancelled_at: float | None = None
     while not flush.done.is_set():
         loop.ping_watchdog()

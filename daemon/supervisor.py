@@ -27,6 +27,13 @@ from pathlib import Path
 import structlog
 
 from daemon import layout
+from daemon.budget import (
+    emergency_decision,
+    local_cadence,
+    log_emergency_decision,
+    log_startup_budget,
+    notice_budget,
+)
 from daemon.child import ExitStatus, TrainerProcess, become_subreaper, child_environment
 from daemon.config import Config
 from daemon.deadline import ThroughputEstimate
@@ -37,18 +44,16 @@ from daemon.maintenance import MAINTENANCE_LEAD_S, MaintenanceSchedule
 from daemon.metrics import Metrics, TextfileWriter
 from daemon.nodes import FINAL_COMMIT_WAIT_S, MultiNode, instance_identity
 from daemon.notices import (
-    AwsMaintenanceSource,
-    AwsRebalanceSource,
-    AwsSpotSource,
     Notice,
+    build_sources,
 )
-from daemon.notices.imds import ImdsClient
 from daemon.notices.watch import NoticeWatcher
 from daemon.policy import Step, exit_code_after_drain, on_hang, on_notice, on_trainer_exit
 from daemon.rendezvous import RendezvousIds, user_chose_rdzv_id
 from daemon.sdnotify import Notifier
 from daemon.standby import Standby, log_handoff
 from daemon.state import Phase, StateMachine
+from daemon.storage.backend import build_blob_store, is_blob_remote
 from daemon.storage.lease import Heartbeat, Identity, Leases
 from daemon.storage.s3client import (
     StoreError,
@@ -78,6 +83,8 @@ STANDBY_POLL_S = 1.5
 
 def build_store(cfg: Config) -> CheckpointStore:
     """The S3 checkpoint store for this run, from the config."""
+    if is_blob_remote(cfg.checkpoints.remote):
+        return build_blob_store(cfg)  # gs:// or az://: the same store on another service
     location = parse_remote(cfg.checkpoints.remote)
     concurrency = cfg.s3.max_concurrency
     algo = checksum_algorithm(cfg.s3.checksum_algorithm)
@@ -133,23 +140,21 @@ class Supervisor:
         self._starts = 0
         self.events: queue.Queue[Notice] = queue.Queue()
         self.loop = MainLoop(self.notifier)
-        client = self._imds = ImdsClient(cfg.imds.url, token_ttl=cfg.imds.token_ttl)
+        # imds.provider's notice sources (AWS, GCP, Azure) and its instance facts.
+        sources = self._sources = build_sources(cfg)
+        self._imds = sources.metadata
+        self._emergency_skipped: FlushHandle | None = None
         # run.nodes > 1: this instance as one node of several (set up at boot).
         self.nodes: MultiNode | None = None
         self._rejoin: FlushHandle | None = None
         self.leases: Leases  # set at boot, once the instance is known
         self._heartbeat: Heartbeat | None = None
-        self._maintenance_source = AwsMaintenanceSource(client)
+        self._maintenance_source = sources.maintenance
         self.watcher = NoticeWatcher(
-            # instance-action every poll; rebalance and maintenance are slower news: every 5th.
-            [
-                AwsSpotSource(client),
-                (AwsRebalanceSource(client), 5),
-                (self._maintenance_source, 5),
-            ],
+            sources.watched,
             on_notice=self._on_notice,
             poll_interval=cfg.imds.poll_interval,
-            request_counter=lambda: client.stats.requests,
+            request_counter=sources.request_counter,
         )
         self.metrics = Metrics(run_id=cfg.run.id)
         self.textfile = TextfileWriter(cfg.metrics.textfile, self.metrics)
@@ -266,6 +271,7 @@ class Supervisor:
             return self._run_restored()
         finally:
             self.watcher.stop()
+            self._sources.close()
             if self._heartbeat is not None:
                 self._heartbeat.stop()
             self._write_metrics(force=True)
@@ -321,6 +327,17 @@ class Supervisor:
         self.sync.start()
         step = restored.step if restored is not None else None
         log.info("restore_finished", step=step)
+        local_dir = self.cfg.checkpoints.local_dir
+        log_startup_budget(
+            notice_budget(
+                self.cfg.imds.provider,
+                self._sources.notice_s,
+                newest_local_bytes(local_dir),
+                self.throughput.bytes_per_second if self.throughput.measured else None,
+                self.cfg.daemon.safety_margin,
+                local_cadence(local_dir),
+            )
+        )
         if self._pending_stop() is None:
             if not self._start_child():
                 return self._give_up("training command could not be started")
@@ -349,6 +366,8 @@ class Supervisor:
         """A store of its own for the ledger: short timeouts and few retries, so a ledger
         write never holds a connection the commits need, and gives up quickly."""
         cfg = self.cfg
+        if is_blob_remote(cfg.checkpoints.remote):
+            return build_blob_store(cfg, max_concurrency=1)
         client = make_s3_client(
             cfg.s3.endpoint_url,
             cfg.s3.region,
@@ -551,7 +570,27 @@ class Supervisor:
         )
         write_notice_file(self.cfg.notice_file, drain)
         signalled = self.child.send(signal.SIGTERM) if self.child else False
-        self.sync.begin_emergency()
+        decision = emergency_decision(
+            self.cfg.imds.provider,
+            self._sources.notice_s,
+            drain.plan.reserve_bytes,
+            self.throughput.bytes_per_second,
+            self.throughput.measured,
+            drain.plan.cancel_in(),
+        )
+        log_emergency_decision(decision)
+        if decision.commit:
+            self.sync.begin_emergency()
+        else:
+            # Start no upload that cannot finish: the sync completes the commit it is
+            # sending (a periodic one may still make it) and takes nothing new.
+            sync = self.sync
+
+            def finish_in_flight() -> int | None:
+                sync.stop()
+                return sync.stats.newest_committed_step
+
+            self._emergency_skipped = FlushHandle(finish_in_flight, name="sync-stop")
         self.state.update(drain_deadline=deadline_wall.isoformat())
         self.notifier.extend_timeout(max(drain.plan.notice_deadline - time.monotonic(), 0) + 30)
         self.state.transition(
@@ -575,6 +614,12 @@ class Supervisor:
             self.loop,
             self.cfg.checkpoints.local_dir,
             several_nodes=self.nodes is not None,
+            skipped=self._emergency_skipped,
+        )
+        # Azure: approve the Preempt/Terminate event now, never before the commit.
+        newest_in_storage = committed is not None and committed == fields.get("newest_local_step")
+        self.loop.off_loop(
+            lambda: self._sources.after_emergency_commit(newest_in_storage), "event-approval"
         )
         # The slot is free for a standby (or a replacement) only now, after the commit.
         self._release_slot(committed)

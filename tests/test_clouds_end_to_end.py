@@ -22,18 +22,10 @@ from typing import Any
 
 import pytest
 
-from daemon import supervisor
 from daemon.standins.demo import SupervisorProcess, trainer_command, write_config
 from daemon.standins.emulator import MetadataEmulator
 
-# The supervisor takes its notice sources from daemon.notices.build_sources and its store
-# from daemon.storage.backend once it is wired for issue 19; until then these stories
-# cannot run (the supervisor would poll AWS paths and refuse a gs:// remote).
-WIRED = hasattr(supervisor, "build_sources")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not WIRED, reason="daemon/supervisor.py is not wired to build_sources yet"),
-]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTED_TRAINER = str(REPO / "tests" / "scripted_trainer.py")
@@ -131,7 +123,6 @@ def _story(
 
 @pytest.fixture
 def gcs() -> Iterator[Any]:
-    pytest.importorskip("google.cloud.storage")
     from daemon.standins.gcs import start_gcs_emulator
 
     emulator = start_gcs_emulator()
@@ -165,7 +156,6 @@ def _gcs_manifests(host: str, prefix: str) -> dict[int, dict[str, Any]]:
 def test_gcp_preemption_commit_resume_complete_with_the_reference_trainer(
     tmp_path: Path, gcs: Any
 ) -> None:
-    pytest.importorskip("torch")
     command = trainer_command(steps=20, save_every=5, step_seconds=0.1)
     with MetadataEmulator(provider="gcp") as md:
         env = _env(gcs.env())
@@ -193,13 +183,12 @@ def test_gcp_preemption_commit_resume_complete_with_the_reference_trainer(
 
 @pytest.fixture
 def azurite() -> Iterator[Any]:
-    pytest.importorskip("azure.storage.blob")
     from daemon.standins.azurite import AzuriteUnavailable, start_azurite
 
     try:
         server = start_azurite()
-    except AzuriteUnavailable as exc:
-        pytest.skip(str(exc))
+    except AzuriteUnavailable as exc:  # make install installs it: a missing one is a failure
+        pytest.fail(f"{exc} (make install installs Azurite under tests/npm)")
     server.create_container(BUCKET)
     yield server
     server.stop()

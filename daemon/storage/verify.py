@@ -39,7 +39,8 @@ log = structlog.get_logger(__name__)
 
 
 class VerifyLayer(TransferLayer):
-    """Does the server hold our bytes? ETags where they are MD5s, else AWS checksums or a read-back."""
+    """Does the server hold our bytes? ETags where they are MD5s, else AWS checksums or a
+    read-back."""
 
     def _check_listing(
         self,
