@@ -98,6 +98,7 @@ META_INSTANCE_ID = "/latest/meta-data/instance-id"
 META_INSTANCE_TYPE = "/latest/meta-data/instance-type"
 META_AVAILABILITY_ZONE = "/latest/meta-data/placement/availability-zone"
 META_LIFECYCLE = "/latest/meta-data/instance-life-cycle"
+META_IDENTITY_DOCUMENT = "/latest/dynamic/instance-identity/document"
 
 # Notice kinds that take the instance away (a rebalance recommendation does not).
 INTERRUPTING_KINDS = frozenset({"interruption", "maintenance"})
@@ -146,6 +147,9 @@ class InstanceFacts:
     instance_type: str | None = None
     availability_zone: str | None = None
     lifecycle: str | None = None
+    # When the instance launched (AWS: the identity document's pendingTime): billing
+    # starts there, before the supervisor does.
+    launched_at: str | None = None
 
 
 def instance_facts(metadata: MetadataReader) -> InstanceFacts:
@@ -168,7 +172,20 @@ def instance_facts(metadata: MetadataReader) -> InstanceFacts:
         instance_type=get(META_INSTANCE_TYPE),
         availability_zone=get(META_AVAILABILITY_ZONE),
         lifecycle=get(META_LIFECYCLE),
+        launched_at=_pending_time(get(META_IDENTITY_DOCUMENT)),
     )
+
+
+def _pending_time(document: str | None) -> str | None:
+    """``pendingTime`` of the instance identity document (None if absent or garbled)."""
+    if document is None:
+        return None
+    try:
+        doc = json.loads(document)
+    except ValueError:
+        return None
+    value = doc.get("pendingTime") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and parse_time(value) is not None else None
 
 
 def utc_now() -> dt.datetime:
@@ -342,6 +359,7 @@ class RunLedger:
                     "instance_type": facts.instance_type,
                     "availability_zone": facts.availability_zone,
                     "lifecycle": facts.lifecycle,
+                    "launched_at": facts.launched_at,
                     **{k: v for k, v in base.items() if k not in ("boot_id", "run_id", "version")},
                 }
                 return self._line("boot", t, fields)

@@ -138,6 +138,8 @@ class Supervisor:
         self.ledger: RunLedger | None = None
         self._first_step_pending = False
         self._starts = 0
+        self._instance_id = ""
+        self._node_id = ""
         self.events: queue.Queue[Notice] = queue.Queue()
         self.loop = MainLoop(self.notifier)
         # imds.provider's notice sources (AWS, GCP, Azure) and its instance facts.
@@ -259,6 +261,11 @@ class Supervisor:
         return code
 
     def _boot(self) -> int:
+        self._instance_id = instance_identity(self._imds)
+        self._node_id = self.cfg.run.node_id or self._instance_id
+        # Every boot is in the ledger, one that finds the run complete included.
+        self.ledger = RunLedger(self._ledger_store())
+        self.ledger.boot(node_id=self._node_id, nodes=self.cfg.run.nodes, metadata=self._imds)
         complete = self.store.read_complete()
         if complete is not None:
             log.info("run_already_complete", run_id=self.cfg.run.id, **complete)
@@ -281,23 +288,17 @@ class Supervisor:
                 self.store.close()
 
     def _run_restored(self) -> int:
+        ledger = self.ledger
+        assert ledger is not None  # made at boot
         with self.loop.keepalive():
-            instance_id = instance_identity(self._imds)
-            node_id = self.cfg.run.node_id or instance_id
+            node_id = self._node_id
             self.leases = Leases(
                 self.store,
                 self.cfg.run.nodes,
-                Identity.this_boot(node_id, instance_id),
+                Identity.this_boot(node_id, self._instance_id),
                 self.cfg.daemon.lease_ttl,
             )
             taken = self.leases.try_acquire()
-            self.ledger = RunLedger(self._ledger_store())
-            self.ledger.boot(
-                node_id=node_id,
-                nodes=self.cfg.run.nodes,
-                slot=taken.slot if taken is not None else None,
-                metadata=self._imds,
-            )
             if self.cfg.run.nodes > 1:
                 self.nodes = self._join_as_node(node_id)
             restored = self._restore()
@@ -305,7 +306,7 @@ class Supervisor:
             standby = Standby(
                 self.leases, self.store, self.state, self.notifier, self.loop, self.cfg.run.nodes
             )
-            self.ledger.standby()
+            ledger.standby()
             waited = standby.wait(self._pending_stop, self._exit_code_after)
             if isinstance(waited, int):
                 return waited
@@ -313,7 +314,9 @@ class Supervisor:
             with self.loop.keepalive():
                 restored = self._restore()
             handoff = log_handoff(taken, restored)
-            self.ledger.slot_taken(slot=taken.slot, how=taken.how, handoff_seconds=handoff)
+            ledger.slot_taken(slot=taken.slot, how=taken.how, handoff_seconds=handoff)
+        else:
+            ledger.slot_taken(slot=taken.slot, how=taken.how)
         self._heartbeat = Heartbeat(self.leases)
         self._heartbeat.start()
         with self.loop.keepalive():

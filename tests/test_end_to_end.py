@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -142,13 +143,14 @@ def test_boot_train_notice_restore_resume_complete(
     )
 
 
-def test_demo_command_prints_the_timeline_and_exits_0() -> None:
+def test_demo_command_prints_the_timeline_and_exits_0(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "daemon", "demo"],
         capture_output=True,
         text=True,
         timeout=170,
-        env={**os.environ, **FAKE_AWS_ENV},
+        env={**os.environ, **FAKE_AWS_ENV, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     for text in (
@@ -161,3 +163,31 @@ def test_demo_command_prints_the_timeline_and_exits_0() -> None:
         "complete.json found: not training again",
     ):
         assert text in r.stdout, f"{text!r} missing from the demo's timeline:\n{r.stdout}"
+    # The demo ends with the run's report (issue 17): three boots, one notice.
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("report: "))
+    page = Path(line.split()[1])
+    assert page == tmp_path / "demo-report" / "report.html"
+    report = json.loads((page.parent / "report.json").read_text())
+    assert report["boots"] == 3 and report["interruptions"] == 1
+    assert report["complete"] is True and report["newest_committed_step"] == 60
+    boots = report["per_boot"]
+    assert [b["instance_id"] for b in boots] == [
+        "i-0a11ce0000000000a",
+        "i-0b0b000000000000b",
+        "i-0c0c000000000000c",
+    ]
+    # Against the demo's own story: the interrupt step it committed is the one the
+    # second instance restored, and nothing was lost (the emergency commit saved it).
+    interrupt = int(re.search(r"interrupt checkpoint step (\d+)", r.stdout).group(1))
+    (stop,) = report["per_interruption"]
+    assert stop["saved_step"] == interrupt and stop["lost_steps"] == 0
+    assert boots[1]["restored_step"] == interrupt and boots[0]["notice"]["action"] == "terminate"
+    assert report["cost"]["spot_usd"] > 0 and report["cost"]["on_demand_usd"] > 0
+    assert 0 < report["goodput"] <= 1
+    # Seen, not just written: the page loads in a real browser, picture and all.
+    from chromium import load_page
+
+    check = load_page(page.as_uri())
+    assert check.problems == [], check.problems
+    (img,) = check.images
+    assert img["complete"] and img["width"] > 1000 and img["height"] > 300, img

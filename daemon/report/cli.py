@@ -111,9 +111,23 @@ def open_store(
     remote: str, run_id: str, endpoint_url: str | None, region: str | None
 ) -> CheckpointStore:
     """A read-only use of the run's store (the one place that names the storage modules)."""
+    from daemon.storage.backend import build_blob_store, is_blob_remote
     from daemon.storage.s3client import make_s3_client, parse_remote
     from daemon.storage.store import CheckpointStore
 
+    if is_blob_remote(remote):
+        # GCS or Azure: the same layers over the blob backend, credentials from the
+        # environment as the daemon takes them.
+        from daemon.config import ConfigError, build
+
+        doc = {
+            "run": {"id": run_id, "command": ["true"]},
+            "checkpoints": {"local_dir": "/nonexistent", "remote": remote},
+        }
+        try:
+            return build_blob_store(build(doc), max_concurrency=1)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from exc
     try:
         location = parse_remote(remote)
     except ValueError as exc:

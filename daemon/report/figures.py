@@ -258,12 +258,21 @@ def _train_start(b: Boot, first_progress: dt.datetime | None) -> dt.datetime | N
     return max(before) if before else b.start
 
 
+def _uptime(b: Boot) -> float | None:
+    """Seconds the instance ran before this boot: from its launch time (the identity
+    document's ``pendingTime``) where the ledger has it, else the host's uptime."""
+    launched = parse_time(b.info.get("launched_at"))
+    if launched is not None:
+        return max((b.start - launched).total_seconds(), 0.0)
+    return _num(b.info.get("host_uptime_s"))
+
+
 def _views(boots: Sequence[Boot], created: Mapping[int, dt.datetime]) -> list[_BootView]:
     views: list[_BootView] = []
     for i, b in enumerate(boots):
         info = b.info
         lane = str(info.get("instance_id") or f"boot {b.boot_id}")
-        v = _BootView(b, lane, _num(info.get("host_uptime_s")))
+        v = _BootView(b, lane, _uptime(b))
         progress = [e.t for e in b.events if e.name in ("first_step", "commit")]
         v.train_start = _train_start(b, min(progress) if progress else None)
         if v.train_start is not None:
@@ -319,6 +328,12 @@ def compute(
     if skipped:
         notes.append(f"{skipped} ledger line(s) that were not events were skipped.")
     created = _created_times(boots, committed)
+    reasons = {
+        int(ev.get("step")): str(ev.get("reason"))
+        for b in boots
+        for ev in b.all("commit")
+        if isinstance(ev.get("step"), int)
+    }
     views = _views(boots, created)
 
     # Instances: the union of [boot start - uptime, boot end] of each machine's boots.
@@ -361,6 +376,10 @@ def compute(
             continue
         saved_at = v.productive_end if v.productive_end is not None else v.train_start
         lost_s = max(0.0, _seconds(saved_at, stop)) if saved_at is not None else 0.0
+        if v.made and reasons.get(v.made[-1][0]) == "interrupt":
+            # Saved because of this stop, at the step boundary after it: nothing but the
+            # partial step was lost (created_at has whole seconds and may read earlier).
+            lost_s = 0.0
         own = _rate(v.made)
         rate = own[0] / own[1] if own else run_rate
         saved_step = v.made[-1][0] if v.made else _int((v.boot.first("restore") or _NO).get("step"))
@@ -604,9 +623,12 @@ def _timeline(
         vs = [v for v in views if v.lane == lane]
         info = next((v.info for v in vs if v.info.get("instance_type")), vs[0].info)
         lost: list[list[str | None]] = []
+        nothing_lost = {i["boot_id"] for i in interruptions if i.get("lost_seconds") == 0}
         for v in vs:
             stop = v.stopped_at
             saved = v.productive_end or v.train_start
+            if v.boot.boot_id in nothing_lost:
+                continue  # saved at the stop (an interrupt checkpoint): no hatch
             if stop is not None and saved is not None and saved < stop:
                 lost.append([_iso(saved), _iso(stop)])
         standby: list[list[str | None]] = []

@@ -14,7 +14,9 @@ Azurite):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
 import os
 import shutil
@@ -298,6 +300,40 @@ def _start_standins(cloud: str) -> _Standins:
     )
 
 
+DEMO_REPORT_DIR = Path("demo-report")
+# Each boot of the story is a new instance: its own id, launched when it boots.
+DEMO_INSTANCE_IDS = {
+    "a": "i-0a11ce0000000000a",
+    "b": "i-0b0b000000000000b",
+    "c": "i-0c0c000000000000c",
+}
+DEMO_SPOT_PRICE = 0.42  # USD per hour for g5.xlarge, assumed for the demo's cost figures
+
+
+def _write_report(config: Path, standins: _Standins, env: dict[str, str]) -> Path:
+    """What the run cost, from its ledger: ``spot-supervisor report`` on the demo's run."""
+    from daemon.report.cli import main as report_main
+
+    out = DEMO_REPORT_DIR.resolve()
+    # The emulator's instances are g5.xlarge; no metadata service gives a spot price, so
+    # the demo states one (a typical us-east-1 figure) and prints that it did.
+    argv = ["--config", str(config), "--out", str(out), "--price", f"g5.xlarge={DEMO_SPOT_PRICE}"]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the stand-ins' credentials and emulator hosts
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = report_main(argv)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if code != 0:
+        raise AssertionError(f"spot-supervisor report exited {code}")
+    return out
+
+
 def run_demo(keep: bool = False, echo: bool = False, cloud: str = "aws") -> int:
     """Run the three boots and print the timeline; 0 when every step of the story held."""
     try:
@@ -363,6 +399,7 @@ def _run_demo(keep: bool, echo: bool, cloud: str = "aws") -> int:
         print(
             f"{_at(t0, time.monotonic())}  boot 1 (instance A): empty bucket, training from step 0"
         )
+        emulator.launch(DEMO_INSTANCE_IDS["a"])  # a new instance, launched now
         sup = SupervisorProcess(config_for("instance-a"), env, echo=echo).start()
         sup.wait_for(
             lambda e: (
@@ -406,6 +443,7 @@ def _run_demo(keep: bool, echo: bool, cloud: str = "aws") -> int:
 
         # Boot 2: a new instance with an empty disk restores, resumes and finishes.
         print(f"{_at(t0, time.monotonic())}  boot 2 (instance B): empty local disk")
+        emulator.launch(DEMO_INSTANCE_IDS["b"])  # a new instance, launched now
         sup2 = SupervisorProcess(config_for("instance-b"), env, echo=echo).start()
         restored = sup2.wait_for(lambda e: e.get("event") == "restore_finished", 60, "restore")
         print(
@@ -429,12 +467,18 @@ def _run_demo(keep: bool, echo: bool, cloud: str = "aws") -> int:
 
         # Boot 3: the run is complete; nothing trains.
         print(f"\n{_at(t0, time.monotonic())}  boot 3 (instance C)")
+        emulator.launch(DEMO_INSTANCE_IDS["c"])  # a new instance, launched now
         sup3 = SupervisorProcess(config_for("instance-c"), env, echo=echo).start()
         code = sup3.wait_exit(60)
         if code != 0 or not sup3.find("run_already_complete") or sup3.find("child_started"):
             raise AssertionError(f"boot 3 exited {code} and did not stop at complete.json")
         print(f"{_at(t0, time.monotonic())}    complete.json found: not training again; exit 0")
+        report = _write_report(config_for("instance-c"), cloud_standins, env)
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s")
+        print(
+            f"report: {report / 'report.html'} (timeline.png, report.json beside it; "
+            f"spot price assumed ${DEMO_SPOT_PRICE}/h for g5.xlarge)"
+        )
         return 0
     finally:
         emulator.stop()

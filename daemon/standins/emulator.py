@@ -143,6 +143,9 @@ def _as_utc(t: dt.datetime) -> dt.datetime:
     return t.astimezone(dt.timezone.utc)
 
 
+IDENTITY_DOCUMENT_PATH = "/latest/dynamic/instance-identity/document"
+
+
 def _utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -357,6 +360,8 @@ class MetadataEmulator:
             REGION_PATH: region,
             AVAILABILITY_ZONE_PATH: availability_zone,
         }
+        # The instance identity document's pendingTime: when this "instance" launched.
+        self._launched_at = _utc_now()
         self._notice: tuple[str, dt.datetime] | None = None
         self._rebalance: dt.datetime | None = None
         self._scheduled: list[dict[str, str]] = []
@@ -731,9 +736,36 @@ class MetadataEmulator:
             self._tokens_issued += 1
         return _Reply(200, token.encode(), headers=((TOKEN_TTL_HEADER, str(ttl)),))
 
+    def launch(self, instance_id: str) -> None:
+        """Stand for a new instance from now on: its own id, launched now (the identity
+        document's ``pendingTime``). Notices and events are not touched."""
+        with self._lock:
+            self._static[INSTANCE_ID_PATH] = instance_id
+            self._launched_at = _utc_now()
+
+    def _identity_document(self) -> str:
+        """``dynamic/instance-identity/document`` in the form AWS documents (the fields
+        a supervisor reads; no signature)."""
+        s = self._static
+        return json.dumps(
+            {
+                "instanceId": s[INSTANCE_ID_PATH],
+                "instanceType": s[INSTANCE_TYPE_PATH],
+                "availabilityZone": s[AVAILABILITY_ZONE_PATH],
+                "region": s[REGION_PATH],
+                "pendingTime": format_iso(self._launched_at),
+                "architecture": "x86_64",
+                "imageId": "ami-0123456789abcdef0",
+                "accountId": "123456789012",
+                "version": "2017-09-30",
+            },
+            indent=2,
+        )
+
     def _items(self) -> dict[str, str]:
         with self._lock:
             items = dict(self._static)
+            items[IDENTITY_DOCUMENT_PATH] = self._identity_document()
             items[SCHEDULED_EVENTS_PATH] = json.dumps(self._scheduled, indent=2)
             if self._notice is not None:
                 action, when = self._notice
