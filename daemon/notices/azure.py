@@ -44,7 +44,7 @@ from daemon.notices.imds import INSTANCE_LIFE_CYCLE_PATH as INSTANCE_LIFE_CYCLE_
 from daemon.notices.imds import INSTANCE_TYPE_PATH as INSTANCE_TYPE_PATH_AWS
 from daemon.notices.imds import REGION_PATH as REGION_PATH_AWS
 from daemon.notices.imds import MetadataUnavailable
-from daemon.notices.metadata_http import MetadataHttp
+from daemon.notices.metadata_http import MappedMetadata, MetadataHttp
 
 log = structlog.get_logger(__name__)
 
@@ -341,31 +341,13 @@ _FROM_AWS: dict[str, tuple[str, Callable[[str], str]]] = {
 }
 
 
-class AzureIdentity:
+class AzureIdentity(MappedMetadata):
     """This VM's facts from the Instance Metadata Service, asked by their EC2 paths: the
     VM id (its name in leases, see :func:`daemon.nodes.instance_identity`), size, zone,
     region and whether it is spot (for the run ledger). Any other path: None."""
 
     def __init__(self, base_url: str = DEFAULT_URL) -> None:
-        self._base_url = base_url
-
-    def get_text(self, path: str) -> str | None:
-        """The item for an EC2 metadata path; None when IMDS has none (404, or empty)."""
-        mapped = _FROM_AWS.get(path)
-        if mapped is None:
-            return None
-        azure_path, transform = mapped
-        http = MetadataHttp(self._base_url, METADATA_HEADER)
-        try:
-            answer = http.request("GET", azure_path)
-        finally:
-            http.close()
-        if answer.status == 404:
-            return None
-        if answer.status != 200:
-            raise MetadataUnavailable(azure_path, f"HTTP {answer.status}", status=answer.status)
-        text = answer.body.strip()
-        return transform(text) if text else None
+        super().__init__(base_url, METADATA_HEADER, _FROM_AWS)
 
 
 __all__ = [

@@ -40,7 +40,7 @@ from daemon.notices.imds import INSTANCE_LIFE_CYCLE_PATH as INSTANCE_LIFE_CYCLE_
 from daemon.notices.imds import INSTANCE_TYPE_PATH as INSTANCE_TYPE_PATH_AWS
 from daemon.notices.imds import REGION_PATH as REGION_PATH_AWS
 from daemon.notices.imds import MetadataUnavailable
-from daemon.notices.metadata_http import MetadataDropped, MetadataHttp
+from daemon.notices.metadata_http import MappedMetadata, MetadataDropped, MetadataHttp
 
 log = structlog.get_logger(__name__)
 
@@ -326,32 +326,14 @@ _FROM_AWS: dict[str, tuple[str, Callable[[str], str]]] = {
 }
 
 
-class GcpIdentity:
+class GcpIdentity(MappedMetadata):
     """This instance's facts from the GCE metadata server (plain GETs), asked by their
     EC2 paths: the instance id (its name in leases, see
     :func:`daemon.nodes.instance_identity`), machine type, zone, region and whether it is
     spot (for the run ledger). Any other path: None."""
 
     def __init__(self, base_url: str = DEFAULT_URL) -> None:
-        self._base_url = base_url
-
-    def get_text(self, path: str) -> str | None:
-        """The item for an EC2 metadata path; None when GCE has no such item (404)."""
-        mapped = _FROM_AWS.get(path)
-        if mapped is None:
-            return None
-        gcp_path, transform = mapped
-        http = MetadataHttp(self._base_url, FLAVOR_HEADER)
-        try:
-            answer = http.request("GET", gcp_path)
-        finally:
-            http.close()
-        if answer.status == 404:
-            return None
-        if answer.status != 200:
-            raise MetadataUnavailable(gcp_path, f"HTTP {answer.status}", status=answer.status)
-        text = answer.body.strip()
-        return transform(text) if text else None
+        super().__init__(base_url, FLAVOR_HEADER, _FROM_AWS)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ import contextlib
 import http.client
 import socket
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from daemon.notices.imds import MAX_BODY_BYTES, MetadataUnavailable, parse_base_url
@@ -171,3 +172,37 @@ class MetadataHttp:
 
 
 __all__ = ["Answer", "MetadataDropped", "MetadataHttp"]
+
+
+class MappedMetadata:
+    """Another cloud's metadata service, asked by EC2 metadata paths (the ones the run
+    ledger and :func:`daemon.nodes.instance_identity` read), each mapped to that cloud's
+    own path and a transform of its answer. Any other path: None."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        mapping: Mapping[str, tuple[str, Callable[[str], str]]],
+    ) -> None:
+        self._base_url = base_url
+        self._headers = dict(headers)
+        self._mapping = mapping
+
+    def get_text(self, path: str) -> str | None:
+        """The item for an EC2 metadata path; None when the service has none (404, empty)."""
+        mapped = self._mapping.get(path)
+        if mapped is None:
+            return None
+        own_path, transform = mapped
+        http = MetadataHttp(self._base_url, self._headers)
+        try:
+            answer = http.request("GET", own_path)
+        finally:
+            http.close()
+        if answer.status == 404:
+            return None
+        if answer.status != 200:
+            raise MetadataUnavailable(own_path, f"HTTP {answer.status}", status=answer.status)
+        text = answer.body.strip()
+        return transform(text) if text else None
