@@ -47,9 +47,14 @@ class Standby:
         self._notifier, self._loop, self._slots = notifier, loop, slots
         self._seen: Taken | str | None = None
 
-    def wait(self, pending_stop: StopCheck, exit_code_after: Callable[[str], int]) -> Taken | int:
+    def wait(
+        self,
+        pending_stop: StopCheck,
+        exit_code_after: Callable[[str], int],
+        tick: Callable[[], None] = lambda: None,
+    ) -> Taken | int:
         """Until a slot is taken (returned), or an exit code: a notice or stop, or the
-        run completed by another instance."""
+        run completed by another instance. ``tick`` runs every turn (the metrics)."""
         holders = [self._leases.holder(k) for k in range(self._slots)]
         self._state.transition(
             Phase.STANDBY,
@@ -59,6 +64,7 @@ class Standby:
         self._notifier.ready("standby: another instance holds every slot")
         while True:
             self._loop.ping_watchdog()
+            tick()
             stop = pending_stop()
             if stop is not None:
                 action, source, _deadline = stop

@@ -307,7 +307,7 @@ class Supervisor:
                 self.leases, self.store, self.state, self.notifier, self.loop, self.cfg.run.nodes
             )
             ledger.standby()
-            waited = standby.wait(self._pending_stop, self._exit_code_after)
+            waited = standby.wait(self._pending_stop, self._exit_code_after, self._write_metrics)
             if isinstance(waited, int):
                 return waited
             taken = waited

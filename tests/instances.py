@@ -37,6 +37,7 @@ class Instances:
         command: list[str] | None = None,
         run: dict[str, Any] | None = None,
         s3: dict[str, Any] | None = None,
+        metrics: str | None = None,
         **daemon: Any,
     ) -> tuple[SupervisorProcess, MetadataEmulator]:
         emulator = MetadataEmulator(instance_id=f"i-{name:0>17}").start()
@@ -51,7 +52,12 @@ class Instances:
             imds_url=emulator.url,
             runtime_dir=self.tmp / name / "run",
             poll_interval=0.2,
-            extra={"run": run or {}, "s3": s3 or {}, "daemon": {"stop_budget": 60, **daemon}},
+            extra={
+                "run": run or {},
+                "s3": s3 or {},
+                "daemon": {"stop_budget": 60, **daemon},
+                **({"metrics": {"textfile": metrics}} if metrics else {}),
+            },
         )
         env = {**os.environ, **FAKE_AWS_ENV, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
         proc = SupervisorProcess(cfg, env).start()

@@ -422,3 +422,23 @@ def test_emergency_commit_whose_bytes_do_not_match_its_manifest_is_withdrawn(
     finally:
         sync.stager.close()
         store.close()
+
+
+def test_staging_never_writes_into_a_step_already_committed(
+    setup: Any, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    """Issue 13: a second instance (an early replacement that lost a lease race, an
+    operator's mistake) writing a step another already committed must not replace that
+    commit's objects with its staged bytes."""
+    store, sync, local = setup
+    theirs, _ = make_checkpoint(tmp_path / "theirs", 9)
+    store.upload_checkpoint(theirs, layout.load_complete(theirs))
+    before = {o["Key"]: o["ETag"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
+    w = SlowWriter(local, 9)
+    w.write("shard-0.bin", os.urandom(5000))
+    with capture_logs() as logs:
+        assert sync.stager.scan() == 0
+    refused = events(logs, "staging_refused_committed_step")
+    assert len(refused) == 1 and refused[0]["step"] == 9
+    after = {o["Key"]: o["ETag"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert after == before

@@ -184,3 +184,61 @@ def wait_for_multipart(s3_client: Any, bucket: str, timeout: float = 30) -> list
             return [u["Key"] for u in found]
         time.sleep(0.1)
     raise AssertionError("no multipart upload in flight")
+
+
+def test_a_standby_that_gets_its_own_notice_exits_without_training(
+    instances: Instances,
+) -> None:
+    holder, _ = instances.boot("holder")
+    holder.wait_for(lambda e: e.get("event") == "checkpoint_committed", 60, "a commit")
+    standby, es = instances.boot("standby")
+    in_standby(standby)
+    es.set_notice("terminate", now() + dt.timedelta(seconds=60))
+    assert standby.wait_exit(60) == 0
+    assert standby.find("standby_stopped") and not standby.find("child_started")
+    assert not standby.find("lease_taken")
+    assert holder.proc is not None and holder.proc.poll() is None  # the holder trains on
+    assert holder.find("checkpoint_committed")
+
+
+def test_standby_phase_reaches_the_metrics(tmp_path: Path, instances: Instances) -> None:
+    holder, _ = instances.boot("holder")
+    holder.wait_for(lambda e: e.get("event") == "checkpoint_committed", 60, "a commit")
+    prom = tmp_path / "standby-metrics" / "spot.prom"
+    standby, _ = instances.boot("standby", metrics=str(prom))
+    in_standby(standby)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        prom.exists() and 'phase="standby"} 1' in prom.read_text()
+    ):
+        time.sleep(0.2)
+    assert f'spot_supervisor_phase{{run_id="{RUN_ID}",phase="standby"}} 1' in prom.read_text()
+    assert standby.proc is not None
+    standby.proc.send_signal(signal.SIGTERM)
+    assert standby.wait_exit(60) == 0
+
+
+def test_a_holder_that_cannot_renew_keeps_training_and_keeps_trying(
+    tmp_path: Path, s3_server: LocalS3, bucket: str
+) -> None:
+    with FaultProxy(s3_server.endpoint_url, seed=9) as proxy:
+        fleet = Instances(
+            tmp_path, proxy.url, bucket, RUN_ID, scripted(100000, "--step-seconds", "0.05")
+        )
+        try:
+            holder, _ = fleet.boot("holder", lease_ttl=3)
+            holder.wait_for(lambda e: e.get("event") == "checkpoint_committed", 60, "a commit")
+            # The bucket refuses the lease object for a while (S3 unreachable for it).
+            rule = proxy.error(503, "SlowDown", method="PUT", path="/leases/")
+            holder.wait_for(lambda e: e.get("event") == "lease_renew_failed", 30, "a failure")
+            proxy.remove(rule)
+            renewed_from = len(holder.events)
+            time.sleep(2)  # a few more heartbeats (every ttl / 6 = 0.5 s)
+            assert holder.proc is not None and holder.proc.poll() is None
+            assert not holder.find("child_exited")  # training went on throughout
+            assert not [e for e in holder.events[renewed_from:] if e.get("event") == "lease_lost"]
+            holder.proc.send_signal(signal.SIGTERM)
+            assert holder.wait_exit(60) == 0
+            assert holder.find("lease_released")  # still its slot to release
+        finally:
+            fleet.close()
