@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
+import structlog
 
 from daemon.standins import FAKE_AWS_ENV, LocalS3, start_local_s3, use_fake_aws_credentials
 from daemon.standins.demo import SupervisorProcess, write_config
@@ -22,6 +23,22 @@ use_fake_aws_credentials()
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTED_TRAINER = str(REPO / "tests" / "scripted_trainer.py")
 SUPERVISOR_RUN_ID = "sup-run"
+
+
+# structlog as the test session starts (before any fixture of any scope has run).
+_STRUCTLOG_AT_START = structlog.get_config()
+_STRUCTLOG_AT_START["processors"] = list(_STRUCTLOG_AT_START["processors"])
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config_kept() -> Iterator[None]:
+    """A test (or a module fixture) that runs a command in-process (``report``,
+    ``check``) configures structlog for that command: put the session's first config back
+    after every test, or a later test's ``capture_logs`` sees nothing."""
+    yield
+    structlog.configure(
+        **dict(_STRUCTLOG_AT_START, processors=list(_STRUCTLOG_AT_START["processors"]))
+    )
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,8 @@ def test_the_extra_pins_torch_and_make_install_installs_it() -> None:
     assert "torch==2.13.0" in extra
     names = {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0] for req in extra}
     assert {"transformers", "accelerate", "lightning"} <= names
-    assert "trainer.integrations" in project["tool"]["setuptools"]["packages"]
+    # Every subpackage is found (trainer.integrations among them), not listed by hand.
+    assert "trainer*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
     makefile = (REPO / "Makefile").read_text()
     installs = [ln for ln in makefile.splitlines() if "pip install" in ln and " -e " in ln]
     assert installs and all("integrations" in ln for ln in installs), installs

@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.report import figures as figs
-
 if TYPE_CHECKING:
+    from daemon.report import figures as figs
     from daemon.storage.store import CheckpointStore
 
 EXIT_OK = 0
@@ -141,6 +140,7 @@ def open_store(
 def build_report(store: CheckpointStore, pricing: figs.Pricing) -> dict[str, Any] | None:
     """The figures of the store's run (None: it has no ledger). Store errors propagate."""
     from daemon.ledger import parse_time, read_ledger
+    from daemon.report import figures as figs
 
     boots = read_ledger(store)
     if not boots:
@@ -208,6 +208,7 @@ def summary(f: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """The command, on parsed flags (``configure_parser``'s)."""
     from daemon import log
+    from daemon.report import figures as figs
 
     log.configure(level="warning", stream=sys.stderr)  # stdout is the summary
     try:
