@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import boto3
 import psutil
@@ -180,7 +181,7 @@ def _upload_alone(srv: Server, bucket: str, run_id: str, ckpt: Path) -> float:
 
 def _pipelined(
     srv: Server, bucket: str, run_id: str, work: Path, mb: int, meter: CpuMeter
-) -> tuple[float, dict[str, float], dict[str, int]]:
+) -> tuple[float, dict[str, float], dict[str, Any]]:
     store = make_store(srv.endpoint_url, bucket, run_id)
     committed = threading.Event()
     at: list[float] = []
@@ -213,7 +214,9 @@ def _pipelined(
             sync.stop()
         taken = [e for e in logs if e["event"] == "checkpoint_committed"]
         tails = [e for e in logs if e["event"] == "tail_upload_completed"]
-        detail = {
+        resent = [e for e in logs if e["event"] == "staged_file_resent"]
+        detail: dict[str, Any] = {
+            "resent": [f"{e['path']}: {e['reason']}" for e in resent],
             "bytes_staged": sum(int(str(e["bytes_staged"])) for e in taken),
             "bytes_sent_at_commit": sum(int(str(e["bytes_sent"])) for e in taken),
             "sent_while_writing": sum(int(str(e["sent_while_writing"])) for e in tails),
@@ -236,7 +239,7 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
     work = Path(ctx.workdir) / f"emergency-{srv.name}-{mb}"
     samples: dict[str, list[float]] = {"write": [], "upload": [], "pipelined": []}
     cpu: dict[str, list[dict[str, float]]] = {k: [] for k in samples}
-    details: list[dict[str, int]] = []
+    details: list[dict[str, Any]] = []
     files = 0
     nbytes = 0
     for r in range(repeats):

@@ -147,8 +147,16 @@ def _measure_shape(
 ) -> list[Row]:
     direct = boto3.client("s3", endpoint_url=srv.direct_url, region_name="us-east-1")
     plain = boto3.client("s3", endpoint_url=srv.endpoint_url, region_name="us-east-1")
-    bucket = f"bench-{uuid.uuid4().hex[:12]}"
-    direct.create_bucket(Bucket=bucket)
+    # A bucket per side: s3rver cannot list more than 1,000 keys, and 900 small files
+    # uploaded by three sides would be 2,700.
+    tag = uuid.uuid4().hex[:10]
+    buckets = {
+        "ours": f"bench-{tag}-ours",
+        "boto3": f"bench-{tag}-boto3",
+        "aws cli": f"bench-{tag}-cli",
+    }
+    for b in buckets.values():
+        direct.create_bucket(Bucket=b)
     work = Path(ctx.workdir) / f"transfer-{srv.name}-{name.split()[0]}"
     src, manifest = write_checkpoint(work / "src", 1, sizes)
     total = manifest.total_bytes
@@ -162,7 +170,7 @@ def _measure_shape(
     cpu_down: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
 
     def ours_up() -> None:
-        store = make_store(srv.endpoint_url, bucket)
+        store = make_store(srv.endpoint_url, buckets["ours"])
         try:
             with capture_logs():
                 store.upload_checkpoint(src, manifest)
@@ -171,15 +179,20 @@ def _measure_shape(
 
     def boto_up() -> None:
         with ThreadPoolExecutor(min(len(files), BOTO3_FILE_THREADS)) as pool:
-            list(pool.map(lambda p: plain.upload_file(str(p), bucket, f"plain/{p.name}"), files))
+            list(
+                pool.map(
+                    lambda p: plain.upload_file(str(p), buckets["boto3"], f"plain/{p.name}"), files
+                )
+            )
 
     def cli_up() -> None:
         assert cli is not None
-        _aws(cli, "s3", "cp", str(src), f"s3://{bucket}/cli/", "--recursive", "--quiet",
+        dest_url = f"s3://{buckets['aws cli']}/cli/"
+        _aws(cli, "s3", "cp", str(src), dest_url, "--recursive", "--quiet",
              "--endpoint-url", srv.endpoint_url)  # fmt: skip
 
     def ours_down(dest: Path) -> None:
-        store = make_store(srv.endpoint_url, bucket)
+        store = make_store(srv.endpoint_url, buckets["ours"])
         try:
             with capture_logs():
                 got = store.restore_newest(dest)
@@ -192,14 +205,17 @@ def _measure_shape(
         with ThreadPoolExecutor(min(len(files), BOTO3_FILE_THREADS)) as pool:
             list(
                 pool.map(
-                    lambda p: plain.download_file(bucket, f"plain/{p.name}", str(dest / p.name)),
+                    lambda p: plain.download_file(
+                        buckets["boto3"], f"plain/{p.name}", str(dest / p.name)
+                    ),
                     files,
                 )
             )
 
     def cli_down(dest: Path) -> None:
         assert cli is not None
-        _aws(cli, "s3", "cp", f"s3://{bucket}/cli/", str(dest), "--recursive", "--quiet",
+        src_url = f"s3://{buckets['aws cli']}/cli/"
+        _aws(cli, "s3", "cp", src_url, str(dest), "--recursive", "--quiet",
              "--endpoint-url", srv.endpoint_url)  # fmt: skip
 
     uploads = {"ours": ours_up, "boto3": boto_up, "aws cli": cli_up}
@@ -207,13 +223,13 @@ def _measure_shape(
     # Interleaved, every side in each repeat, so drift on a shared machine hits all.
     for _ in range(repeats):
         for w in ways:
-            empty_bucket(direct, bucket)
+            empty_bucket(direct, buckets[w])
             seconds, used = _timed(cpu, uploads[w])
             up[w].append(total / seconds / 1e6)
             cpu_up[w].append(used)
     # One copy of each side's objects stays for the downloads.
-    empty_bucket(direct, bucket)
     for w in ways:
+        empty_bucket(direct, buckets[w])
         uploads[w]()
     for _ in range(repeats):
         for w in ways:
@@ -223,8 +239,9 @@ def _measure_shape(
             down[w].append(total / seconds / 1e6)
             cpu_down[w].append(used)
             shutil.rmtree(dest, ignore_errors=True)
-    empty_bucket(direct, bucket)
-    direct.delete_bucket(Bucket=bucket)
+    for b in buckets.values():
+        empty_bucket(direct, b)
+        direct.delete_bucket(Bucket=b)
     shutil.rmtree(work, ignore_errors=True)
 
     size = f"{len(sizes)} files, {total / 1e6:,.0f} MB"

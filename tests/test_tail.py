@@ -21,6 +21,7 @@ from daemon import layout
 from daemon.deadline import ThroughputEstimate
 from daemon.standins import LocalS3
 from daemon.standins.faultproxy import FaultProxy
+from daemon.storage.s3client import RemoteLocation, make_s3_client, make_transfer_config
 from daemon.storage.store import CheckpointStore
 from daemon.storage.sync import CheckpointSync
 
@@ -242,6 +243,37 @@ def test_a_part_corrupted_on_the_wire_is_caught_before_the_commit(
                 assert sync.flush() == 9
             assert events(logs, "uploaded_bytes_differ")[0]["path"] == "model.pt"
             key = store.file_key(9, "model.pt")
+            assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
+        finally:
+            sync.stager.close()
+            store.close()
+
+
+def test_a_complete_that_outlasts_the_read_timeout_is_found_done(
+    s3_server: LocalS3, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    # Completing a large object can take longer than the client waits (and a retry can
+    # then find the upload gone): the server did complete it, and the object settles it.
+    # One attempt only here, so the timeout itself is what the tail sees.
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        client = make_s3_client(proxy.url, "us-east-1", 8, read_timeout=1.0, max_attempts=1)
+        config = make_transfer_config(part_size=PART, max_concurrency=4)
+        store = CheckpointStore(client, RemoteLocation(bucket, "runs"), RUN, config)
+        sync = CheckpointSync(store, tmp_path / "ckpt", ThroughputEstimate(), rescan_interval=60)
+        try:
+            proxy.stall(2.0, method="POST", path=r"uploadId=", count=1)
+            w = GrowingWriter(tmp_path / "ckpt", 10)
+            w.append("model.pt", os.urandom(2 * PART + 99))
+            sync.stager.scan()
+            with capture_logs() as logs:
+                w.rename("model.pt")
+                final = w.finish()
+                assert sync.flush() == 10
+            assert events(logs, "tail_upload_completed_on_retry")
+            assert not events(logs, "staged_file_resent")
+            (committed,) = events(logs, "checkpoint_committed")
+            assert committed["bytes_sent"] == 0
+            key = store.file_key(10, "model.pt")
             assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
         finally:
             sync.stager.close()

@@ -284,15 +284,23 @@ class TailUpload:
             self._send_part(min(self._part_size, size - self._offset))
         parts = [f.result() for f in self._parts]  # re-raises a failed part
         self._check_stop()
-        self._call(
-            "complete",
-            lambda: self._store.client.complete_multipart_upload(
-                Bucket=self._store.location.bucket,
-                Key=self.key,
-                UploadId=str(self._upload_id),
-                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
-            ),
-        )
+        try:
+            self._call(
+                "complete",
+                lambda: self._store.client.complete_multipart_upload(
+                    Bucket=self._store.location.bucket,
+                    Key=self.key,
+                    UploadId=str(self._upload_id),
+                    MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                ),
+            )
+        except StoreError as exc:
+            # Completing a large object can outlast the read timeout; botocore's retry
+            # then finds the upload already completed and fails. The object is what
+            # counts (the commit checks its ETag), so look before giving up.
+            if isinstance(exc, UploadCancelled) or not self._stored(size):
+                raise
+            log.info("tail_upload_completed_on_retry", key=self.key, error=str(exc))
         self._upload_id = None  # completed: nothing to abort any more
         joined = b"".join(self._md5s)
         etag = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(self._md5s)}"
@@ -352,8 +360,10 @@ class TailUpload:
         try:
             if self._stop.is_set() or self._store.cancel_switch.cancelled:
                 raise TailFailed(f"tail upload of {self.key} stopped before part {number}")
-            # In the worker, beside the reader's sha256 of the next part: two cores, two hashes.
-            self._md5s[number - 1] = hashlib.md5(data, usedforsecurity=False).digest()
+            if self._whole is None:
+                # In the worker, beside the reader's sha256 of the next part: two cores,
+                # two hashes. (An endpoint of whole-object MD5s needs no part MD5s.)
+                self._md5s[number - 1] = hashlib.md5(data, usedforsecurity=False).digest()
             checksum = _part_checksum(self._algorithm, data)
             extra: dict[str, Any] = dict(checksum)
             if self._algorithm and not checksum:
@@ -378,6 +388,14 @@ class TailUpload:
             return part
         finally:
             self._slots.release()
+
+    def _stored(self, size: int) -> bool:
+        """Whether the key now holds an object of ``size`` bytes."""
+        try:
+            head = self._store.client.head_object(Bucket=self._store.location.bucket, Key=self.key)
+        except (ClientError, BotoCoreError):
+            return False
+        return int(head.get("ContentLength", -1)) == size
 
     def _put_whole(self, data: bytes) -> str:
         extra: dict[str, Any] = dict(self._store.upload_args(self._sha.hexdigest()))
