@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,8 @@ POLL_SECONDS = 0.01
 # S3's limits on multipart uploads: at most 10,000 parts, each but the last >= 5 MiB.
 MAX_PARTS = 10_000
 MIN_PART = 5 * 1024 * 1024
+# How long a failed CompleteMultipartUpload may still turn out done (see TailUpload._finish).
+COMPLETE_WAIT = 30.0
 
 
 class TailFailed(StoreError):
@@ -295,10 +298,11 @@ class TailUpload:
                 ),
             )
         except StoreError as exc:
-            # Completing a large object can outlast the read timeout; botocore's retry
-            # then finds the upload already completed and fails. The object is what
-            # counts (the commit checks its ETag), so look before giving up.
-            if isinstance(exc, UploadCancelled) or not self._stored(size):
+            # Completing a large object can outlast the read timeout ("could take several
+            # minutes", AWS says); botocore's retry then finds the upload taken and fails
+            # while the server is still assembling it. The object is what counts (the
+            # commit checks its ETag): wait for it a while before sending the file again.
+            if isinstance(exc, UploadCancelled) or not self._stored(size, COMPLETE_WAIT):
                 raise
             log.info("tail_upload_completed_on_retry", key=self.key, error=str(exc))
         self._upload_id = None  # completed: nothing to abort any more
@@ -389,13 +393,22 @@ class TailUpload:
         finally:
             self._slots.release()
 
-    def _stored(self, size: int) -> bool:
-        """Whether the key now holds an object of ``size`` bytes."""
-        try:
-            head = self._store.client.head_object(Bucket=self._store.location.bucket, Key=self.key)
-        except (ClientError, BotoCoreError):
-            return False
-        return int(head.get("ContentLength", -1)) == size
+    def _stored(self, size: int, wait: float) -> bool:
+        """Whether the key holds an object of ``size`` bytes within ``wait`` seconds (the
+        cancel switch ends the wait)."""
+        end = time.monotonic() + wait
+        while True:
+            try:
+                head = self._store.client.head_object(
+                    Bucket=self._store.location.bucket, Key=self.key
+                )
+                if int(head.get("ContentLength", -1)) == size:
+                    return True
+            except (ClientError, BotoCoreError):
+                pass
+            if time.monotonic() >= end or self._store.cancel_switch.cancelled:
+                return False
+            time.sleep(0.5)
 
     def _put_whole(self, data: bytes) -> str:
         extra: dict[str, Any] = dict(self._store.upload_args(self._sha.hexdigest()))
