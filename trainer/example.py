@@ -40,7 +40,12 @@ import torch.distributed as dist
 from torch import nn
 
 from daemon.layout import Manifest
-from trainer.checkpoint import CHECKPOINT_DIR_ENV, CheckpointError, CheckpointManager
+from trainer.checkpoint import (
+    CHECKPOINT_DIR_ENV,
+    DEFAULT_SHARD_BYTES,
+    CheckpointError,
+    CheckpointManager,
+)
 
 log = logging.getLogger("trainer.example")
 
@@ -236,8 +241,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--shard-mb",
         type=int,
-        default=1024,
-        help="largest file of a checkpoint, MiB; larger state is split (default 1024)",
+        default=DEFAULT_SHARD_BYTES // MIB,
+        help=(
+            "largest file of a checkpoint, MiB; larger state is split "
+            f"(default {DEFAULT_SHARD_BYTES // MIB}, see trainer.shards)"
+        ),
     )
     args = _parse(p, argv)
     for flag in ("steps", "state_mb", "seed"):
