@@ -10,6 +10,10 @@
   and the approval of an event after the emergency commit.
 * :mod:`daemon.notices.watch`: the thread that polls the sources and delivers each new
   notice once.
+* The clients under them: :mod:`daemon.notices.wire` (what every metadata client shares:
+  the URL rule, :class:`~daemon.notices.wire.MetadataUnavailable`, the bounded connect
+  and read), :mod:`daemon.notices.metadata_http` (GCP's and Azure's plain client) and
+  :mod:`daemon.notices.poller` (a value followed on a thread of its own).
 * :func:`build_sources`: the sources of ``imds.provider``, and what else the supervisor
   needs of that cloud's metadata service, in one :class:`NoticeSources`.
 

@@ -41,6 +41,7 @@ INTERRUPTING_EVENT_CODES = frozenset(
 
 FINISHED_EVENT_STATES = frozenset({"completed", "canceled"})
 
+
 def parse_event_time(value: str) -> dt.datetime | None:
     """``21 Jan 2019 09:00:43 GMT`` (scheduled events) as aware UTC; None if unparseable."""
     try:
@@ -205,5 +206,3 @@ def event_key(notice: Notice) -> str:
     the notice's id for an event that has none."""
     raw = notice.raw if isinstance(notice.raw, dict) else {}
     return str(raw.get("EventId") or notice.id)
-
-

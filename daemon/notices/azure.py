@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +42,9 @@ from daemon.notices.imds import INSTANCE_ID_PATH as INSTANCE_ID_PATH_AWS
 from daemon.notices.imds import INSTANCE_LIFE_CYCLE_PATH as INSTANCE_LIFE_CYCLE_PATH_AWS
 from daemon.notices.imds import INSTANCE_TYPE_PATH as INSTANCE_TYPE_PATH_AWS
 from daemon.notices.imds import REGION_PATH as REGION_PATH_AWS
-from daemon.notices.imds import MetadataUnavailable
 from daemon.notices.metadata_http import MappedMetadata, MetadataHttp
+from daemon.notices.poller import MetadataThread
+from daemon.notices.wire import MetadataUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +78,7 @@ class _Seen:
     enabled_after_s: float | None = None
 
 
-class AzureEventsSource:
+class AzureEventsSource(MetadataThread):
     """Scheduled Events for this VM, polled every ``poll_interval`` on a daemon thread."""
 
     name = "azure-events"
@@ -92,15 +92,13 @@ class AzureEventsSource:
         first_call_timeout: float = FIRST_CALL_TIMEOUT_S,
         clock: Clock = utc_now,
     ) -> None:
+        super().__init__(
+            MetadataHttp(base_url, METADATA_HEADER, read_timeout=CALL_TIMEOUT_S), "azure-events"
+        )
         self._base_url = base_url
-        self._http = MetadataHttp(base_url, METADATA_HEADER, read_timeout=CALL_TIMEOUT_S)
         self.poll_interval = poll_interval
         self._first_call_timeout = first_call_timeout
         self._clock = clock
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._seen = _Seen()
         self.vm_name = vm_name
         self._name_warned = False
@@ -112,35 +110,16 @@ class AzureEventsSource:
 
     def start(self) -> AzureEventsSource:
         """Start polling (from boot: the first call enables the service)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="azure-events", daemon=True)
-                self._thread.start()
+        self._start_thread()
         return self
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop; a call under way (the slow first one too) is cut off at once."""
-        self._stop.set()
-        self._http.abort()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        self._http.close()
-
-    @property
-    def requests(self) -> int:
-        return self._http.requests
+        self._stop_thread(timeout)
 
     def wait_answered(self, timeout: float) -> bool:
         """Block until the first answer (tests and the demo)."""
-        end = time.monotonic() + timeout
-        with self._changed:
-            while self._seen.events is None:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
-            return True
+        return self._wait_until(lambda: self._seen.events is not None, timeout)
 
     # -- the thread -------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ needs nothing.
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from collections.abc import Callable
 from urllib.parse import quote
@@ -39,8 +38,9 @@ from daemon.notices.imds import INSTANCE_ID_PATH as INSTANCE_ID_PATH_AWS
 from daemon.notices.imds import INSTANCE_LIFE_CYCLE_PATH as INSTANCE_LIFE_CYCLE_PATH_AWS
 from daemon.notices.imds import INSTANCE_TYPE_PATH as INSTANCE_TYPE_PATH_AWS
 from daemon.notices.imds import REGION_PATH as REGION_PATH_AWS
-from daemon.notices.imds import MetadataUnavailable
 from daemon.notices.metadata_http import MappedMetadata, MetadataDropped, MetadataHttp
+from daemon.notices.poller import MetadataThread
+from daemon.notices.wire import MetadataUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +65,7 @@ DROPS_BEFORE_PAUSE = 3
 request at once must not make the thread spin)."""
 
 
-class HangingWatch:
+class HangingWatch(MetadataThread):
     """One metadata value, followed on a daemon thread: a plain GET for the value and its
     ETag, then hanging GETs with ``last_etag`` (answered at once when the ETag is not
     the current one, so a wrong or stale ETag costs one request, never a miss).
@@ -84,45 +84,30 @@ class HangingWatch:
         hang_s: int = HANG_S,
         connect_timeout: float = 0.5,
     ) -> None:
+        super().__init__(
+            MetadataHttp(base_url, FLAVOR_HEADER, connect_timeout=connect_timeout),
+            f"gcp-watch{path.rsplit('/', 1)[-1]}",
+        )
         self.path = path
         self._valid = valid
         self._retry_pause = retry_pause
         self._hang_s = hang_s
-        self._http = MetadataHttp(base_url, FLAVOR_HEADER, connect_timeout=connect_timeout)
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._value: str | None = None
         self._since: dt.datetime | None = None  # when the value last changed, as seen here
         self._etag: str | None = None
         self._error: MetadataUnavailable | None = None
-        self._changed = threading.Condition(self._lock)
         self.answers = 0
         self.drops = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> HangingWatch:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name=f"gcp-watch{self.path.rsplit('/', 1)[-1]}", daemon=True
-                )
-                self._thread.start()
+        self._start_thread()
         return self
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop: the hanging GET under way is cut off at once (its socket shut down)."""
-        self._stop.set()
-        self._http.abort()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        self._http.close()
-
-    @property
-    def requests(self) -> int:
-        return self._http.requests
+        self._stop_thread(timeout)
 
     # -- what the thread saw ----------------------------------------------------------------
 
@@ -134,14 +119,7 @@ class HangingWatch:
 
     def wait_for(self, pred: Callable[[str | None], bool], timeout: float) -> bool:
         """Block until ``pred(value)`` (tests and the demo)."""
-        end = time.monotonic() + timeout
-        with self._changed:
-            while not pred(self._value):
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
-            return True
+        return self._wait_until(lambda: pred(self._value), timeout)
 
     # -- the thread -------------------------------------------------------------------------
 

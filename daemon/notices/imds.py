@@ -20,9 +20,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
+
+from daemon.notices.wire import (
+    MAX_BODY_BYTES,
+    AnswerTooLarge,
+    MetadataUnavailable,
+    connect,
+    parse_base_url,
+    read_answer,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -47,24 +55,6 @@ INSTANCE_LIFE_CYCLE_PATH = "/latest/meta-data/instance-life-cycle"
 REGION_PATH = "/latest/meta-data/placement/region"
 AVAILABILITY_ZONE_PATH = "/latest/meta-data/placement/availability-zone"
 
-MAX_BODY_BYTES = 64 * 1024
-"""Metadata answers are small; anything larger is a fault, not something to buffer."""
-
-
-class MetadataUnavailable(Exception):
-    """The metadata service gave no usable answer for ``path``.
-
-    ``status`` is the HTTP status when there was one (5xx, 429, 401 after a fresh
-    token, or 200 with a body that does not parse), else None (refused, timed out,
-    connection closed).
-    """
-
-    def __init__(self, path: str, reason: str, *, status: int | None = None) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-        self.status = status
-
 
 @dataclass
 class ClientStats:
@@ -83,29 +73,6 @@ class ClientStats:
 def token_refresh_margin(ttl: int) -> float:
     """How long before expiry a token is replaced: 10% of its TTL, at most 60 s."""
     return min(60.0, 0.1 * ttl)
-
-
-def parse_base_url(url: str) -> tuple[str, int]:
-    """``(host, port)`` of a metadata URL; ValueError saying why it is not ``http://host[:port]``.
-
-    The one place that decides what the client can speak: plain HTTP (the service has no
-    TLS), to a host and port, with no path (the client appends the metadata paths). The
-    config refuses at load time exactly what this refuses.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise ValueError(f"{url!r} is not http://host[:port]: the client speaks plain http only")
-    if not parts.hostname:
-        raise ValueError(f"{url!r} is not http://host[:port]: it names no host")
-    if parts.path not in ("", "/"):
-        raise ValueError(f"{url!r} is not http://host[:port]: no path allowed ({parts.path!r})")
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or outside 0..65535
-        raise ValueError(f"{url!r} is not http://host[:port]: bad port") from None
-    if port == 0:
-        raise ValueError(f"{url!r} is not http://host[:port]: port 0 is not a port")
-    return parts.hostname, port or 80
 
 
 class _StaleConnection(Exception):
@@ -257,25 +224,7 @@ class ImdsClient:
     # -- transport ------------------------------------------------------------------
 
     def _connect(self, path: str) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
-        try:
-            conn.connect()
-        except TimeoutError:
-            conn.close()
-            raise MetadataUnavailable(
-                path,
-                f"connect to {self._host}:{self._port} timed out after {self.connect_timeout:g} s",
-            ) from None
-        except ConnectionRefusedError:
-            conn.close()
-            raise MetadataUnavailable(
-                path, f"connection to {self._host}:{self._port} refused"
-            ) from None
-        except OSError as exc:
-            conn.close()
-            raise MetadataUnavailable(
-                path, f"connect to {self._host}:{self._port} failed: {exc}"
-            ) from None
+        conn = connect(self._host, self._port, self.connect_timeout, path)
         assert conn.sock is not None
         # Past the connect, every wait for the service is bounded by the read timeout.
         conn.sock.settimeout(self.read_timeout)
@@ -308,9 +257,10 @@ class ImdsClient:
         self._conn_requests += 1
         self.stats.requests += 1
         try:
-            conn.request(method, path, headers=headers)
-            resp = conn.getresponse()
-            body = resp.read(MAX_BODY_BYTES + 1)
+            resp, body = read_answer(conn, method, path, headers)
+        except AnswerTooLarge:
+            self._drop_connection()
+            raise
         except TimeoutError:
             self._drop_connection()
             hint = ""
@@ -333,11 +283,6 @@ class ImdsClient:
             raise MetadataUnavailable(
                 path, f"HTTP exchange failed: {type(exc).__name__}: {exc}"
             ) from None
-        if len(body) > MAX_BODY_BYTES:
-            self._drop_connection()
-            raise MetadataUnavailable(
-                path, f"response larger than {MAX_BODY_BYTES} bytes", status=resp.status
-            )
         if resp.will_close:
             self._drop_connection()
         self._last_ttl_header = resp.getheader(TOKEN_TTL_HEADER)
@@ -351,6 +296,7 @@ __all__ = [
     "INSTANCE_ID_PATH",
     "INSTANCE_LIFE_CYCLE_PATH",
     "INSTANCE_TYPE_PATH",
+    "MAX_BODY_BYTES",
     "MAX_TOKEN_TTL",
     "META_DATA_PREFIX",
     "MIN_TOKEN_TTL",

@@ -21,7 +21,13 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from daemon.notices.imds import MAX_BODY_BYTES, MetadataUnavailable, parse_base_url
+from daemon.notices.wire import (
+    AnswerTooLarge,
+    MetadataUnavailable,
+    connect,
+    parse_base_url,
+    read_answer,
+)
 
 
 class MetadataDropped(MetadataUnavailable):
@@ -79,9 +85,10 @@ class MetadataHttp:
             conn.sock.settimeout(timeout)
             self.requests += 1
             try:
-                conn.request(method, path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read(MAX_BODY_BYTES + 1)
+                resp, data = read_answer(conn, method, path, headers, body)
+            except AnswerTooLarge:
+                self.close()
+                raise
             except TimeoutError:
                 self.close()
                 raise MetadataUnavailable(
@@ -106,11 +113,6 @@ class MetadataHttp:
                 raise MetadataUnavailable(
                     path, f"HTTP exchange failed: {type(exc).__name__}: {exc}"
                 ) from None
-            if len(data) > MAX_BODY_BYTES:
-                self.close()
-                raise MetadataUnavailable(
-                    path, f"response larger than {MAX_BODY_BYTES} bytes", status=resp.status
-                )
             if resp.will_close:
                 self.close()
             try:
@@ -128,25 +130,7 @@ class MetadataHttp:
                 raise MetadataDropped(path, "request aborted (stopping)")
             if self._conn is not None and self._conn.sock is not None:
                 return self._conn, True
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
-        try:
-            conn.connect()
-        except TimeoutError:
-            conn.close()
-            raise MetadataUnavailable(
-                path,
-                f"connect to {self._host}:{self._port} timed out after {self.connect_timeout:g} s",
-            ) from None
-        except ConnectionRefusedError:
-            conn.close()
-            raise MetadataUnavailable(
-                path, f"connection to {self._host}:{self._port} refused"
-            ) from None
-        except OSError as exc:
-            conn.close()
-            raise MetadataUnavailable(
-                path, f"connect to {self._host}:{self._port} failed: {exc}"
-            ) from None
+        conn = connect(self._host, self._port, self.connect_timeout, path)
         with self._lock:
             if self._aborted:
                 conn.close()

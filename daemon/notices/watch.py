@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import structlog
 
 from daemon.notices import Notice, NoticeSource
-from daemon.notices.imds import MetadataUnavailable
+from daemon.notices.wire import MetadataUnavailable
 
 log = structlog.get_logger(__name__)
 
