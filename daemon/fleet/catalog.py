@@ -9,11 +9,16 @@ On-demand prices are the list prices we compare spot against (``prices``). AWS h
 on-demand price in the APIs ``prices`` already calls, and the Pricing API would mean
 another service and permission for one number per type; so the table is kept here, with
 its date and source, and ``prices --on-demand TYPE=USD`` overrides any entry.
+
+The flags that name these things (instance types, regions, ``TYPE=USD`` prices) are
+parsed here too, once for ``prices``, ``doctor`` and ``report``.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -170,6 +175,28 @@ def on_demand_usd(region: str, instance_type: str) -> float | None:
     if region not in ON_DEMAND_REGIONS:
         return None
     return _US_LIST_USD.get(instance_type)
+
+
+def parse_prices(
+    flag: str, pairs: Sequence[str], *, example: str, free_ok: bool = False
+) -> dict[str, float]:
+    """``TYPE=USD`` flags (``--price``, ``--on-demand``) as a table of prices per hour.
+
+    A malformed pair, or a price that is not a finite number above 0 (at least 0 with
+    ``free_ok``), raises ValueError naming the flag, the pair and ``example``.
+    """
+    table: dict[str, float] = {}
+    for pair in pairs:
+        itype, _, usd = pair.partition("=")
+        try:
+            price = float(usd)
+        except ValueError:
+            price = math.nan
+        priced = price >= 0 if free_ok else price > 0
+        if not itype.strip() or not math.isfinite(price) or not priced:
+            raise ValueError(f"{flag}: {pair!r} must be TYPE=USD per hour, like {example}")
+        table[itype.strip()] = price
+    return table
 
 
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")

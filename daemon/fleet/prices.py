@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -94,19 +93,7 @@ def spot_prices(
 
 def parse_on_demand(pairs: Sequence[str]) -> dict[str, float]:
     """``--on-demand TYPE=USD`` flags as a table; a malformed one raises ValueError."""
-    table: dict[str, float] = {}
-    for pair in pairs:
-        itype, _, usd = pair.partition("=")
-        try:
-            price = float(usd)
-        except ValueError:
-            price = -1.0
-        if not itype or not math.isfinite(price) or price <= 0:
-            raise ValueError(
-                f"--on-demand: {pair!r} must be TYPE=USD per hour, like p4d.24xlarge=21.96"
-            )
-        table[itype] = price
-    return table
+    return catalog.parse_prices("--on-demand", pairs, example="p4d.24xlarge=21.96")
 
 
 def render(regions: Sequence[Region], overridden: Mapping[str, float]) -> str:

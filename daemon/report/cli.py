@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,17 +70,12 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def parse_prices(flag: str, pairs: Sequence[str]) -> dict[str, float]:
     """``TYPE=USD`` flags as a table; a malformed one raises :class:`UsageError` naming it."""
-    table: dict[str, float] = {}
-    for pair in pairs:
-        itype, _, usd = pair.partition("=")
-        try:
-            price = float(usd)
-        except ValueError:
-            price = math.nan
-        if not itype.strip() or not math.isfinite(price) or price < 0:
-            raise UsageError(f"{flag}: {pair!r} must be TYPE=USD per hour, like g5.xlarge=0.42")
-        table[itype.strip()] = price
-    return table
+    from daemon.fleet import catalog  # only here: the run path never loads daemon.fleet
+
+    try:
+        return catalog.parse_prices(flag, pairs, example="g5.xlarge=0.42", free_ok=True)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str, str | None, str | None]:
