@@ -16,10 +16,14 @@ boundary, as CONTRACT §4 says, and exits. Three ways, interleaved in each repea
   rename; see :mod:`daemon.storage.tail`), and the commit follows the directory's
   rename. Timed from the SIGTERM to the manifest written (the commit).
 
-Target: pipelined <= 1.15 x max(write alone, upload alone). Each way also records the CPU
-seconds of each party (trainer, server, shaping proxy, ours): on a machine with few
-cores they share the CPU, and ``cpu_floor_s`` (their sum over the cores) is the
-shortest time the pipelined way could take when all are CPU-bound at once.
+Target: pipelined <= 1.15 x max(write alone, upload alone). The server and the shaping
+proxy run on CPUs of their own, the trainer and the uploader (the instance) on the others
+(:mod:`bench.placement`), as on AWS, where S3's work is not done on the instance's CPUs.
+Each way also records the CPU seconds of each party (trainer, server, shaping proxy,
+ours), ``server_busy`` (the server's CPU seconds per second of the way: near 1, the
+stand-in set the pace), and ``instance_floor_s``: the CPU seconds of the trainer and
+ours in the pipelined way over the instance's CPUs, the shortest time the pipelined way
+could take on them when both are CPU-bound at once.
 """
 
 from __future__ import annotations
@@ -269,8 +273,16 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
         way: {p: round(statistics.median(c[p] for c in runs) / gb, 2) for p in PARTIES}
         for way, runs in cpu.items()
     }
-    cores = os.cpu_count() or 1
-    floor = round(sum(cpu_per_gb["pipelined"].values()) * gb / cores, 3)
+    instance_cpus = len(srv.placement.instance or os.sched_getaffinity(0))
+    # The parties on the instance's CPUs: all of them when nothing is pinned.
+    on_instance = ("trainer", "ours") if srv.placement.pinned else PARTIES
+    floor = round(sum(cpu_per_gb["pipelined"][p] for p in on_instance) * gb / instance_cpus, 3)
+    busy = {
+        way: round(
+            statistics.median(c["server"] / t for c, t in zip(runs, samples[way], strict=True)), 2
+        )
+        for way, runs in cpu.items()
+    }
     ratio = med["pipelined"] / limit
     return Row(
         "emergency",
@@ -291,9 +303,10 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
             "sequential_s": round(med["write"] + med["upload"], 3),
             "pipelined": details,
             "cpu_s_per_gb": cpu_per_gb,
-            "cores": cores,
-            "cpu_floor_s": floor,
-            "pipelined_vs_cpu_floor": round(med["pipelined"] / floor, 3) if floor else None,
+            "instance_cpus": instance_cpus,
+            "instance_floor_s": floor,
+            "pipelined_vs_instance_floor": round(med["pipelined"] / floor, 3) if floor else None,
+            "server_busy": busy,
         },
     )
 

@@ -14,6 +14,11 @@ checksum, ETags checked before the manifest, manifest last) and
 rename), with the daemon's default settings (``s3.part_size_mb``, ``s3.max_concurrency``)
 and connection pool, as ``spot-supervisor run`` builds its store.
 
+The server and the shaping proxy run on CPUs of their own, the sides on the others
+(:mod:`bench.placement`), as on AWS. ``server_busy`` in a row's extras is the server's CPU
+seconds per second of each side: near 1, the stand-in (one busy thread) set the pace of
+that side, and a ratio between two server-bound sides measures the server, not them.
+
 Baseline: boto3's ``upload_file`` / ``download_file`` with the default ``TransferConfig``
 (8 MiB parts, 10 threads per file) and a default client, run concurrently over the files
 (one thread per file, up to 10), which neither hashes nor fsyncs. Beside it, when the AWS
@@ -251,12 +256,19 @@ def _measure_shape(
     def cpu_med(samples: list[dict[str, float]]) -> dict[str, float]:
         return {k: round(statistics.median(s[k] for s in samples), 2) for k in samples[0]}
 
+    def server_busy(speeds: list[float], samples: list[dict[str, float]]) -> float:
+        """The server's CPU seconds per second of the way, median: near 1 (one core: moto
+        and s3rver do their work on one thread) means the server set the pace."""
+        pairs = zip(speeds, samples, strict=True)
+        return round(statistics.median(c["server"] * v * 1e6 / total for v, c in pairs), 2)
+
     rows = []
     for kind, speeds, cpus in (("upload", up, cpu_up), ("restore", down, cpu_down)):
         ours = statistics.median(speeds["ours"])
         extra = {
             "mb_per_s": {w: [round(x, 1) for x in v] for w, v in speeds.items()},
             "cpu_s": {w: cpu_med(v) for w, v in cpus.items()},
+            "server_busy": {w: server_busy(speeds[w], v) for w, v in cpus.items()},
             **knobs,
         }
         base = statistics.median(speeds["boto3"])

@@ -10,10 +10,11 @@ Two independent implementations, each in a process of its own on loopback:
 
 Every request goes through the fault proxy's shaping (:class:`Shaping`, also a process
 of its own, so its CPU is not ours): a first-byte latency and a bandwidth cap per
-connection, so concurrency matters as it does against S3. Each row names its server
-and shaping. On a machine with few cores the server, the proxy, the client (and in the
-emergency benchmark the trainer) share the CPU: absolute speeds are this machine's,
-and the rows record each party's CPU seconds where that decides the outcome.
+connection, so concurrency matters as it does against S3. The server and the proxy run
+on CPUs of their own, the instance's parties (the client, the trainer) on the others, as
+on AWS (:mod:`bench.placement`). Each row names its server, shaping and placement;
+absolute speeds are this machine's, and the rows record each party's CPU seconds where
+that decides the outcome.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from bench.placement import Placement, describe, pin, pin_self, split
 from daemon.standins import FAKE_AWS_ENV, use_fake_aws_credentials
 from daemon.standins.faultproxy import Shaping
 
@@ -53,14 +55,16 @@ class Server:
     proc: subprocess.Popen[bytes]  # the server (its CPU is metered)
     proxy: subprocess.Popen[bytes]
     shaping: Shaping
+    placement: Placement
 
     @property
     def label(self) -> str:
-        """``moto, shaped 30 ms + 90 MB/s/conn``: what each row says of its server."""
+        """``moto, shaped 30 ms + 90 MB/s/conn; server and proxy on CPU 1, instance on
+        CPU 0``: what each row says of its server."""
         s = self.shaping
         return (
             f"{self.name}, shaped {s.first_byte_latency * 1000:g} ms"
-            f" + {s.connection_rate / 1e6:g} MB/s/conn"
+            f" + {s.connection_rate / 1e6:g} MB/s/conn; {describe(self.placement)}"
         )
 
 
@@ -174,11 +178,20 @@ def _proxy(upstream: str, shaping: Shaping) -> Iterator[tuple[str, subprocess.Po
 
 @contextlib.contextmanager
 def server(name: str, workdir: Path, shaping: Shaping = AWS_SHAPING) -> Iterator[Server]:
-    """Server ``name`` (``moto`` or ``s3rver``) behind the shaping proxy."""
+    """Server ``name`` (``moto`` or ``s3rver``) behind the shaping proxy, each on the
+    cloud's CPUs; this process on the instance's until the block ends."""
     use_fake_aws_credentials()
+    placement = split()
+    mine = os.sched_getaffinity(0)
     start = _moto() if name == "moto" else _s3rver(workdir)
-    with start as (url, proc), _proxy(url, shaping) as (proxy_url, proxy):
-        yield Server(name, proxy_url, url, proc, proxy, shaping)
+    try:
+        with start as (url, proc), _proxy(url, shaping) as (proxy_url, proxy):
+            pin(proc.pid, placement.cloud)
+            pin(proxy.pid, placement.cloud)
+            pin_self(placement)
+            yield Server(name, proxy_url, url, proc, proxy, shaping, placement)
+    finally:
+        pin(os.getpid(), frozenset(mine))  # the next benchmark gets every CPU again
 
 
 def aws_cli() -> str | None:

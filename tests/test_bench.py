@@ -96,10 +96,16 @@ def test_quick_transfer_emergency_and_projection_rows(tmp_path: Path) -> None:
             row = rows[("transfer", f"{kind} {shape}")]
             assert row["baseline_name"].startswith("boto3") and row["target"] == ">= 1.0"
             assert set(row["extra"]["mb_per_s"]) == {"ours", "boto3"}
+            assert set(row["extra"]["server_busy"]) == {"ours", "boto3"}
+            # Each row names where the server ran (bench.placement): its own CPUs here.
+            assert "server and proxy on CPU 1, instance on CPU 0" in row["server"]
     (emergency,) = [row for (g, _), row in rows.items() if g == "emergency"]
     assert emergency["baseline_name"].startswith("max(write alone, upload alone)")
     extra = emergency["extra"]
     assert set(extra["median_seconds"]) == {"write", "upload", "pipelined"}
+    assert set(extra["server_busy"]) == {"write", "upload", "pipelined"}
+    assert extra["server_busy"]["write"] < extra["server_busy"]["upload"]
+    assert extra["instance_cpus"] == 1 and extra["instance_floor_s"] > 0
     (pipelined,) = extra["pipelined"]
     # The ballast was followed as it was written: its parts went up before its rename.
     assert pipelined["files_followed"] >= 1 and pipelined["sent_while_writing"] > 0
