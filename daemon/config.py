@@ -3,18 +3,33 @@
 Precedence (CONTRACT §2): flags over the environment, the environment over the file,
 the file over the defaults. Unknown keys, wrong types and missing required keys raise
 :class:`ConfigError`, whose message names the key; the CLI turns it into exit 2.
+
+This module is the configuration's public face: the dataclasses the daemon reads
+(:class:`Config` and its sections), the loading (:func:`load`, :func:`build`), the rules
+between keys, and the checks only the running machine can make (:func:`check_paths`).
+What each key accepts is :mod:`daemon.config_values`; the table of keys, parsers and
+defaults is :mod:`daemon.config_schema`. Every name of those two that callers use is
+importable from here as before.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from daemon.config_schema import REQUIRED, SCHEMA, STRING_PARSERS
+from daemon.config_values import (
+    CHECKSUM_ALGORITHMS,
+    PROVIDERS,
+    REMOTE_SCHEMES,
+    RUN_ID_RE,
+    ConfigError,
+    Parser,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,11 +39,6 @@ else:  # pragma: no cover - Python 3.10
 DEFAULT_CONFIG_PATH = Path("/etc/spot-supervisor/config.toml")
 CONFIG_ENV = "SPOT_SUPERVISOR_CONFIG"
 ENV_PREFIX = "SPOT_SUPERVISOR_"
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-
-class ConfigError(ValueError):
-    """The configuration is wrong; the message names the key (or file) and why."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,6 @@ class S3Config:
     checksum_algorithm: str = "CRC32"
 
 
-PROVIDERS = ("aws", "gcp", "azure")
 # Where each cloud's metadata service answers: link-local on AWS and Azure, the name
 # every GCE instance resolves on GCP.
 DEFAULT_METADATA_URLS = {
@@ -142,324 +151,6 @@ class Config:
         return self.daemon.runtime_dir / "state.json"
 
 
-# --- the schema: section -> key -> (parser, default or REQUIRED) ----------------------
-
-_REQUIRED = object()
-Parser = Callable[[str, Any], Any]
-
-
-def _string(key: str, v: Any) -> str:
-    if not isinstance(v, str):
-        raise ConfigError(f"{key}: expected a string, got {type(v).__name__} {v!r}")
-    if "\0" in v:
-        # Paths, argv and names go to the OS, which ends a C string there (Python raises).
-        raise ConfigError(f"{key}: {v!r} must not contain a NUL character")
-    return v
-
-
-def _nonempty_string(key: str, v: Any) -> str:
-    s = _string(key, v)
-    if not s.strip():
-        raise ConfigError(f"{key}: must not be empty")
-    return s
-
-
-def _run_id(key: str, v: Any) -> str:
-    s = _string(key, v)
-    if not RUN_ID_RE.match(s):
-        raise ConfigError(f"{key}: {s!r} must match [A-Za-z0-9._-]{{1,128}}")
-    return s
-
-
-def _argv(key: str, v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
-        raise ConfigError(f"{key}: expected a non-empty list of strings (argv), got {v!r}")
-    if not v[0]:
-        raise ConfigError(f"{key}: the program (first element) must not be empty")
-    for i, arg in enumerate(v):
-        if "\0" in arg:  # Popen would raise ValueError
-            raise ConfigError(f"{key}: argument {i} {arg!r} must not contain a NUL character")
-    return tuple(v)
-
-
-def _path(key: str, v: Any) -> Path:
-    s = _nonempty_string(key, v)
-    p = Path(s)
-    if not p.is_absolute():
-        raise ConfigError(f"{key}: {s!r} must be an absolute path")
-    return p
-
-
-def _prom_path(key: str, v: Any) -> Path:
-    p = _path(key, v)
-    if p.suffix != ".prom":
-        raise ConfigError(f"{key}: {p} must end in .prom (node_exporter reads only those)")
-    return p
-
-
-CHECKSUM_ALGORITHMS = ("SHA256", "CRC32", "CRC32C", "none")
-
-
-def _checksum_algorithm(key: str, v: Any) -> str:
-    s = _string(key, v)
-    name = "none" if s.lower() == "none" else s.upper()
-    if name not in CHECKSUM_ALGORITHMS:
-        raise ConfigError(f"{key}: {s!r} must be one of {', '.join(CHECKSUM_ALGORITHMS)}")
-    if name == "CRC32C":
-        from botocore.compat import HAS_CRT  # only here: config loads without boto
-
-        if not HAS_CRT:
-            raise ConfigError(
-                f"{key}: CRC32C needs awscrt (pip install 'botocore[crt]'), which is not"
-                " installed; use CRC32 or SHA256"
-            )
-    return name
-
-
-# The same rules as daemon.storage.s3client.parse_remote (s3://) and
-# daemon.storage.backend.parse_blob_remote (gs://, az://), which cannot be imported here
-# (boto3, the cloud SDKs); tests/test_config.py checks that they agree on every case it lists.
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$")
-# GCS: 3-63 characters (222 with dots) of a-z 0-9 - _ ., starting and ending alphanumeric.
-_GCS_BUCKET_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{1,220})[a-z0-9]$")
-# Azure: 3-63 of a-z 0-9 -, starting with a letter or digit, no "--", not ending in "-".
-_AZURE_CONTAINER_RE = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
-REMOTE_SCHEMES = ("s3", "gs", "az")
-
-
-def _remote(key: str, v: Any) -> str:
-    s = _nonempty_string(key, v)
-    m = re.match(r"^(s3|gs|az)://([^/]*)(?:/(.*))?$", s, re.DOTALL)
-    if not m or not m[2]:
-        raise ConfigError(
-            f"{key}: {s!r} must look like s3://bucket[/prefix], gs://bucket[/prefix] or"
-            " az://container[/prefix]"
-        )
-    scheme, bucket, prefix = m[1], m[2], m[3] or ""
-    if scheme == "s3" and not _BUCKET_RE.match(bucket):
-        raise ConfigError(
-            f"{key}: {bucket!r} is not a valid bucket name (3 to 255 of A-Z a-z 0-9 . _ -,"
-            " starting with a letter or digit)"
-        )
-    if scheme == "gs" and (
-        not _GCS_BUCKET_RE.match(bucket)
-        or (len(bucket) > 63 and "." not in bucket)
-        or any(len(part) > 63 for part in bucket.split("."))
-    ):
-        raise ConfigError(
-            f"{key}: {bucket!r} is not a valid GCS bucket name (3 to 63 of a-z 0-9 - _ .,"
-            " up to 222 with dots, starting and ending with a letter or digit)"
-        )
-    if scheme == "az" and not _AZURE_CONTAINER_RE.match(bucket):
-        raise ConfigError(
-            f"{key}: {bucket!r} is not a valid Azure container name (3 to 63 of a-z 0-9 -,"
-            " starting and ending with a letter or digit, no '--')"
-        )
-    if any(c in s for c in "?#") or any(c.isspace() for c in s):
-        raise ConfigError(f"{key}: {s!r}: no '?', '#' or whitespace in a key prefix")
-    if "//" in prefix.strip("/"):
-        raise ConfigError(f"{key}: {s!r} has an empty path segment ('//') in its prefix")
-    return s
-
-
-def _http_url(key: str, s: str) -> str:
-    if not re.match(r"^https?://[^/\s]+", s):
-        raise ConfigError(f"{key}: {s!r} must be an http:// or https:// URL")
-    return s.rstrip("/")
-
-
-def _endpoint_url(key: str, v: Any) -> str:
-    s = _http_url(key, _nonempty_string(key, v))
-    # botocore's own test when it builds the client (no "_" in a host name, for one);
-    # imported only here: the config loads without boto.
-    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
-
-    if not (is_valid_endpoint_url(s) or is_valid_ipv6_endpoint_url(s)):
-        raise ConfigError(f"{key}: {s!r} is not a URL botocore accepts (is the host name valid?)")
-    return s
-
-
-def _region(key: str, v: Any) -> str:
-    s = _nonempty_string(key, v)
-    from botocore.exceptions import InvalidRegionError
-    from botocore.utils import validate_region_name
-
-    try:
-        validate_region_name(s)
-    except InvalidRegionError:
-        raise ConfigError(f"{key}: {s!r} is not a region name (like us-east-1)") from None
-    return s
-
-
-def _metadata_url(key: str, v: Any) -> str:
-    from daemon.notices.imds import parse_base_url  # the client's own rule: config agrees with it
-
-    s = _nonempty_string(key, v)
-    try:
-        parse_base_url(s)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    return s.rstrip("/")
-
-
-def _provider(key: str, v: Any) -> str:
-    s = _string(key, v)
-    if s not in PROVIDERS:
-        raise ConfigError(f"{key}: {s!r} must be one of {', '.join(PROVIDERS)}")
-    return s
-
-
-def _boolean(key: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(
-            f"{key}: expected a boolean (true or false), got {type(v).__name__} {v!r}"
-        )
-    return v
-
-
-def _account_url(key: str, v: Any) -> str:
-    s = _http_url(key, _nonempty_string(key, v))
-    local = re.match(r"^http://(127\.|localhost([:/]|$)|\[::1\])", s)
-    if not s.startswith("https://") and not local:
-        # The account key or token would cross the network in the clear.
-        raise ConfigError(f"{key}: {s!r} must be https:// (plain http only to localhost)")
-    return s
-
-
-def _env_map(key: str, v: Any) -> dict[str, str]:
-    if not isinstance(v, dict) or not all(
-        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
-    ):
-        raise ConfigError(f"{key}: expected a table of string values, got {v!r}")
-    for name, value in v.items():
-        # What Popen refuses with ValueError, plus the empty name nobody means.
-        if not name or "=" in name or "\0" in name:
-            raise ConfigError(f"{key}: {name!r} is not an environment variable name")
-        if "\0" in value:
-            raise ConfigError(f"{key}: {name}={value!r} must not contain a NUL character")
-    return dict(v)
-
-
-# Login names (and group names) as the passwd and group databases hold them; ":" and
-# whitespace would break those files, a leading "-" would read as an option.
-_ACCOUNT_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,255}\$?$")
-
-
-def _node_id(key: str, v: Any) -> str:
-    # A key segment in storage, like the run id.
-    return _run_id(key, v)
-
-
-def _account(key: str, v: Any) -> str:
-    s = _nonempty_string(key, v)
-    if not _ACCOUNT_RE.match(s):
-        raise ConfigError(f"{key}: {s!r} is not a user or group name")
-    return s
-
-
-def _number(lo: float, hi: float) -> Parser:
-    def parse(key: str, v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(v).__name__} {v!r}")
-        f = float(v)
-        if not (math.isfinite(f) and lo <= f <= hi):
-            raise ConfigError(f"{key}: {v!r} must be between {lo:g} and {hi:g}")
-        return f
-
-    return parse
-
-
-def _integer(lo: int, hi: int) -> Parser:
-    def parse(key: str, v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(v).__name__} {v!r}")
-        if not lo <= v <= hi:
-            raise ConfigError(f"{key}: {v!r} must be between {lo} and {hi}")
-        return v
-
-    return parse
-
-
-# 2 means "bad configuration" (CONTRACT §1): the unit's RestartPreventExitStatus=2 never
-# restarts it, and an orchestrator must not mistake a drain for a config error either.
-_RESERVED_EXIT_CODES = {2: "2 is reserved for configuration errors"}
-
-
-def _exit_code(key: str, v: Any) -> int:
-    code: int = _integer(0, 255)(key, v)
-    if code in _RESERVED_EXIT_CODES:
-        raise ConfigError(f"{key}: {_RESERVED_EXIT_CODES[code]}; pick another (e.g. 75)")
-    return code
-
-
-SCHEMA: dict[str, dict[str, tuple[Parser, Any]]] = {
-    "run": {
-        "id": (_run_id, _REQUIRED),
-        "command": (_argv, _REQUIRED),
-        "workdir": (_path, None),
-        "env": (_env_map, {}),
-        "user": (_account, None),
-        "group": (_account, None),
-        "nodes": (_integer(1, 1024), 1),
-        "node_id": (_node_id, None),
-    },
-    "checkpoints": {
-        "local_dir": (_path, _REQUIRED),
-        "remote": (_remote, _REQUIRED),
-        "keep_remote": (_integer(1, 1000), 3),
-    },
-    "s3": {
-        "endpoint_url": (_endpoint_url, None),
-        "region": (_region, None),
-        "part_size_mb": (_integer(5, 5120), 16),
-        "max_concurrency": (_integer(1, 64), 32),
-        "checksum_algorithm": (_checksum_algorithm, "CRC32"),
-    },
-    "imds": {
-        # Default: the provider's (DEFAULT_METADATA_URLS), filled in by build().
-        "url": (_metadata_url, None),
-        "poll_interval": (_number(0.05, 60.0), 1.0),
-        "token_ttl": (_integer(1, 21600), 21600),
-        "provider": (_provider, "aws"),
-    },
-    "daemon": {
-        "runtime_dir": (_path, Path("/run/spot-supervisor")),
-        "stop_budget": (_number(1.0, 3600.0), 90.0),
-        "safety_margin": (_number(0.0, 600.0), 5.0),
-        "rescan_interval": (_number(0.1, 3600.0), 30.0),
-        "max_restarts": (_integer(0, 1000), 5),
-        "restart_window": (_number(1.0, 86400.0), 600.0),
-        # Seconds without a new complete checkpoint before a running trainer counts as
-        # hung (killed, restarted like a crash); 0 turns the check off.
-        "progress_timeout": (_number(0.0, 7 * 86400.0), 0.0),
-        # A slot's lease unrenewed this long (as a standby watches it) may be taken over.
-        "lease_ttl": (_number(3.0, 3600.0), 30.0),
-        # The exit code after an orderly drain on a cloud notice (0-255, not 2).
-        "exit_code_after_notice": (_exit_code, 0),
-    },
-    "metrics": {
-        # A Prometheus textfile for node_exporter's textfile collector (*.prom).
-        "textfile": (_prom_path, None),
-    },
-    "azure": {
-        # Approve this VM's Preempt/Terminate event after the emergency commit.
-        "approve_after_commit": (_boolean, True),
-        # The storage account for az:// remotes without a connection string.
-        "account_url": (_account_url, None),
-    },
-}
-
-
-# Keys whose value is a string: from the environment they are taken as they are, so
-# SPOT_SUPERVISOR_RUN_ID=12345 is the run "12345", not the integer 12345.
-_STRING_PARSERS: frozenset[Parser] = frozenset(
-    {
-        _string, _nonempty_string, _run_id, _path, _prom_path, _checksum_algorithm, _remote,
-        _endpoint_url, _region, _metadata_url, _account, _node_id, _provider, _account_url,
-    }
-)  # fmt: skip
-
-
 def _env_value(raw: str, parse: Parser) -> Any:
     """A value from the environment, for a key parsed by ``parse``.
 
@@ -471,7 +162,7 @@ def _env_value(raw: str, parse: Parser) -> Any:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
-    if parse in _STRING_PARSERS and not isinstance(value, str):
+    if parse in STRING_PARSERS and not isinstance(value, str):
         return raw
     return value
 
@@ -547,7 +238,7 @@ def build(
             name = f"{section}.{key}"
             if key in given:
                 values[section][key] = parse(name, given[key])
-            elif default is _REQUIRED:
+            elif default is REQUIRED:
                 raise ConfigError(f"{name}: required key is missing")
             else:
                 values[section][key] = default
@@ -620,3 +311,30 @@ def _check_run_user(cfg: Config) -> None:
             f"run.user: running the training command as {cfg.run.user!r} needs root with"
             " CAP_SETUID and CAP_SETGID (see the unit's CapabilityBoundingSet=)"
         )
+
+
+__all__ = [
+    "CHECKSUM_ALGORITHMS",
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_METADATA_URLS",
+    "ENV_PREFIX",
+    "PROVIDERS",
+    "REMOTE_SCHEMES",
+    "RUN_ID_RE",
+    "SCHEMA",
+    "AzureConfig",
+    "CheckpointsConfig",
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "ImdsConfig",
+    "MetricsConfig",
+    "RunConfig",
+    "S3Config",
+    "build",
+    "check_paths",
+    "load",
+    "read_toml",
+    "resolve_path",
+]
