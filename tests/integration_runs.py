@@ -9,111 +9,46 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import queue
 import re
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from followed import FINAL_RE, REPO, SAVED_RE, STOPPED_RE, FollowedProcess, child_env
 
 from daemon.standins import FAKE_AWS_ENV
 from daemon.standins.demo import SupervisorProcess, write_config
 from daemon.standins.emulator import MetadataEmulator
 
-REPO = Path(__file__).resolve().parent.parent
-FINAL_RE = re.compile(r"^final_params_sha256=([0-9a-f]{64})$")
-STEP_RE = re.compile(r"^step=(\d+) loss=")
-SAVED_RE = re.compile(r"^checkpoint_saved step=(\d+) reason=(\w+) bytes=\d+$")
-STOPPED_RE = re.compile(r"^stopped step=(\d+)$")
-START_RE = re.compile(r"^(?:start step=0|resumed step=(\d+) reason=\w+)$")
-
 
 def script_env(**extra: str) -> dict[str, str]:
     """The environment a script runs in: offline, one thread, unbuffered, this checkout."""
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(REPO),
-        PYTHONUNBUFFERED="1",
-        # The runs are tiny, and the tests share two cores.
-        OMP_NUM_THREADS="1",
+    offline = {
+        "PYTHONPATH": str(REPO),
         # Nothing is downloaded: models are built from configs.
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-    )
-    env.pop("SPOT_NOTICE_FILE", None)
-    env.update(extra)
-    return env
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    return child_env({**offline, **extra})
 
 
-class Script:
+class Script(FollowedProcess):
     """``python -m <module> <args>`` with ``$SPOT_CHECKPOINT_DIR`` set, stdout followed."""
+
+    timeout = 90
+    what = "the script"
 
     def __init__(self, module: str, ckpt_dir: Path, *args: str) -> None:
         ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.stderr_path = ckpt_dir.parent / f"{ckpt_dir.name}-{time.monotonic_ns()}.stderr"
-        env = script_env(SPOT_CHECKPOINT_DIR=str(ckpt_dir), SPOT_RUN_ID="test-run")
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float = 90) -> re.Match[str]:
-        """The first line (from now on) matching ``pattern``; fails on EOF or timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"no line matching {pattern.pattern} in {timeout}s\n{self.report()}")
-            if line is None:
-                pytest.fail(f"exited before {pattern.pattern}\n{self.report()}")
-            self.lines.append(line)
-            m = pattern.match(line)
-            if m:
-                return m
-
-    def finish(self, timeout: float = 90) -> int:
-        """Wait for exit and drain stdout; the exit status."""
-        rc = self.proc.wait(timeout=timeout)
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
-        return rc
-
-    def saved(self) -> list[tuple[int, str]]:
-        """``(step, reason)`` of every ``checkpoint_saved`` line so far."""
-        return [(int(m[1]), m[2]) for line in self.lines if (m := SAVED_RE.match(line))]
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def report(self) -> str:
-        return "stdout:\n" + "\n".join(self.lines[-40:]) + "\nstderr:\n" + self.stderr()[-4000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+        super().__init__(
+            [sys.executable, "-m", module, *args],
+            script_env(SPOT_CHECKPOINT_DIR=str(ckpt_dir), SPOT_RUN_ID="test-run"),
+            ckpt_dir.parent / f"{ckpt_dir.name}-{time.monotonic_ns()}.stderr",
+        )
 
 
 def final_hash(script: Script, timeout: float = 120) -> str:

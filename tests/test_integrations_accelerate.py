@@ -15,7 +15,8 @@ import pytest
 
 pytest.importorskip("accelerate")
 
-from integration_runs import START_RE, STEP_RE, STOPPED_RE, Script, final_hash
+from followed import START_RE, STEP_RE, STOPPED_RE
+from integration_runs import Script, final_hash
 
 from daemon.layout import list_step_dirs, load_complete
 

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import torch.distributed as dist
+from followed import Followed
 from test_trainer_harness import FINAL_RE, REPO, START_RE, STOPPED_RE, TORCHRUN, tmp_dirs
 
 from daemon.layout import (
@@ -95,7 +93,7 @@ def restore_global(node_dirs: list[Path], step: int) -> Manifest:
     return manifest
 
 
-class Pair:
+class Pair(Followed):
     """Two torchrun agents, one per simulated node, of one two-node job.
 
     Only global rank 0 prints (trainer.example), so the lines followed are those of
@@ -103,9 +101,8 @@ class Pair:
     """
 
     def __init__(self, base: Path, port: int, rdzv_id: str, *args: str) -> None:
+        super().__init__()
         self.dirs = [base / "node-a", base / "node-b"]
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
         self.procs: list[subprocess.Popen[str]] = []
         self.stderr: list[Path] = []
         for d in self.dirs:
@@ -144,28 +141,10 @@ class Pair:
                     text=True,
                 )
             self.procs.append(proc)
-            threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+            self.follow(proc)
 
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float = 60) -> re.Match[str]:
-        """The first line (from now on) of rank 0 matching ``pattern``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"no line matching {pattern.pattern} in {timeout}s\n{self.report()}")
-            if line is None:
-                continue  # one agent's stdout ended; rank 0's may still be going
-            self.lines.append(line)
-            m = pattern.match(line)
-            if m:
-                return m
+    def ended(self, pattern: re.Pattern[str]) -> None:
+        """One agent's stdout ended; rank 0's may still be going."""
 
     def rank_pid(self, rank: int) -> int:
         """The pid of the worker of global ``rank``, on whichever node it is."""
