@@ -41,33 +41,34 @@ class Reader:
         self._buf += data
         return True
 
+    def _take_through(self, sep: bytes) -> bytes | None:
+        """The buffered bytes up to and including ``sep``, taken; None while it is not in."""
+        end = self._buf.find(sep)
+        if end < 0:
+            return None
+        taken = bytes(self._buf[: end + len(sep)])
+        del self._buf[: end + len(sep)]
+        return taken
+
     def read_head(self) -> bytes | None:
         """Bytes up to and including the blank line; None on a clean EOF before any."""
-        while True:
-            end = self._buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head = bytes(self._buf[: end + 4])
-                del self._buf[: end + 4]
-                return head
+        while (head := self._take_through(b"\r\n\r\n")) is None:
             if len(self._buf) > MAX_HEAD:
                 raise ValueError("header section too large")
             if not self._fill():
                 if self._buf:
                     raise ConnectionError("connection closed inside a header section")
                 return None
+        return head
 
     def read_line(self) -> bytes:
         """One CRLF-terminated line, terminator included."""
-        while True:
-            end = self._buf.find(b"\r\n")
-            if end >= 0:
-                line = bytes(self._buf[: end + 2])
-                del self._buf[: end + 2]
-                return line
+        while (line := self._take_through(b"\r\n")) is None:
             if len(self._buf) > MAX_LINE:
                 raise ValueError("line too long")
             if not self._fill():
                 raise ConnectionError("connection closed inside a chunked body")
+        return line
 
     def read_some(self, limit: int) -> bytes:
         """Up to ``limit`` bytes (at least one); b"" at EOF."""
