@@ -100,3 +100,14 @@ def boot(
         if p.proc is not None and p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+
+
+@pytest.fixture
+def staging(s3_server: LocalS3, bucket: str, tmp_path: Path) -> Iterator[Any]:
+    """A store on the local S3 server and the sync staging ``tmp_path/ckpt`` into it
+    (tests/staging_harness.py): ``(store, sync, local_dir)``, closed after the test."""
+    from staging_harness import store_and_sync
+
+    local = tmp_path / "ckpt"
+    with store_and_sync(s3_server, bucket, local) as (store, sync):
+        yield store, sync, local

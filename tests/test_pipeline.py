@@ -5,47 +5,29 @@ commits nothing and leaves no multipart upload behind."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from staging_harness import StepWriter, open_uploads, store_and_sync
+from staging_harness import make_store as make_store  # test_sync.py imports it from here
 from structlog.testing import capture_logs
 from test_store import PART, RUN, MiB, events, make_checkpoint, same_tree
 
 from daemon import layout
-from daemon.deadline import ThroughputEstimate
 from daemon.standins import LocalS3
 from daemon.storage.s3client import (
     RemoteLocation,
     UploadCancelled,
     make_s3_client,
-    make_transfer_config,
 )
 from daemon.storage.store import CheckpointStore
-from daemon.storage.sync import CheckpointSync
 
 
-def make_store(
-    s3: LocalS3, bucket: str, concurrency: int = 4, crt: bool = False
-) -> CheckpointStore:
-    client = make_s3_client(s3.endpoint_url, "us-east-1", 2 * concurrency)
-    config = make_transfer_config(part_size=PART, max_concurrency=concurrency)
-    return CheckpointStore(client, RemoteLocation(bucket, "runs"), RUN, config, crt=crt)
-
-
-class SlowWriter:
+class SlowWriter(StepWriter):
     """Builds ``.tmp-step-N-*/`` the way CONTRACT §4 says, one file at a time, so a test
     can act between files: ``<name>.partial``, fsync, rename; manifest last; rename dir."""
-
-    def __init__(self, local_dir: Path, step: int) -> None:
-        self.local_dir = local_dir
-        self.step = step
-        self.tmp = local_dir / f".tmp-{layout.step_dir_name(step)}-test-{os.urandom(2).hex()}"
-        self.tmp.mkdir(parents=True)
-        self.files: dict[str, bytes] = {}
 
     def write(self, name: str, data: bytes) -> None:
         final = self.tmp / name
@@ -58,51 +40,26 @@ class SlowWriter:
         os.replace(partial, final)
         self.files[name] = data
 
-    def finish(self) -> Path:
-        doc = {
-            "format": layout.MANIFEST_FORMAT,
-            "run_id": RUN,
-            "step": self.step,
-            "created_at": layout.utc_now_iso(),
-            "reason": "interrupt",
-            "files": [
-                {"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
-                for n, d in self.files.items()
-            ],
-        }
-        (self.tmp / layout.MANIFEST_NAME).write_text(json.dumps(doc))
-        final = self.local_dir / layout.step_dir_name(self.step)
-        os.rename(self.tmp, final)
-        return final
-
 
 def remote_keys(s3_client: Any, bucket: str, prefix: str) -> set[str]:
     resp = s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix)
     return {o["Key"][len(prefix) :] for o in resp.get("Contents", [])}
 
 
-def open_uploads(s3_client: Any, bucket: str) -> list[str]:
-    resp = s3_client.list_multipart_uploads(Bucket=bucket)
-    return [u["Key"] for u in resp.get("Uploads", [])]
-
-
-@pytest.fixture
-def setup(s3_server: LocalS3, bucket: str, tmp_path: Path) -> Any:
-    store = make_store(s3_server, bucket)
-    sync = CheckpointSync(store, tmp_path / "ckpt", ThroughputEstimate(), rescan_interval=60)
-    yield store, sync, tmp_path / "ckpt"
-    sync.stager.close()
-    store.close()
-
-
-def test_files_staged_while_writing_are_invisible_then_committed(
-    setup: Any, s3_client: Any, bucket: str, tmp_path: Path
-) -> None:
-    store, sync, local = setup
-    # A committed older checkpoint: restore must keep choosing it until the commit.
+def commit_step_5(staging: Any, tmp_path: Path) -> None:
+    """An older checkpoint, step 5, committed, and the sync told of it."""
+    store, sync, _local = staging
     old_dir, _ = make_checkpoint(tmp_path / "old", 5)
     store.upload_checkpoint(old_dir, layout.load_complete(old_dir))
     sync.load_remote()
+
+
+def test_files_staged_while_writing_are_invisible_then_committed(
+    staging: Any, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    store, sync, local = staging
+    # A committed older checkpoint: restore must keep choosing it until the commit.
+    commit_step_5(staging, tmp_path)
 
     w = SlowWriter(local, 9)
     big = os.urandom(3 * PART + 12345)  # multipart-sized: four parts
@@ -138,9 +95,9 @@ def test_files_staged_while_writing_are_invisible_then_committed(
 
 
 def test_staged_file_not_matching_the_manifest_is_sent_again(
-    setup: Any, s3_client: Any, bucket: str
+    staging: Any, s3_client: Any, bucket: str
 ) -> None:
-    store, sync, local = setup
+    store, sync, local = staging
     w = SlowWriter(local, 3)
     w.write("model.pt", b"A" * 300_000)
     w.write("optim.pt", os.urandom(2 * PART))
@@ -166,10 +123,9 @@ def test_rename_while_parts_are_read_does_not_break_the_upload(
     s3_server: LocalS3, bucket: str, tmp_path: Path, crt: bool
 ) -> None:
     # One connection, many parts: the directory is renamed while most parts are unread.
-    store = make_store(s3_server, bucket, concurrency=1, crt=crt)
-    sync = CheckpointSync(store, tmp_path / "ckpt", ThroughputEstimate(), rescan_interval=60)
-    try:
-        w = SlowWriter(tmp_path / "ckpt", 4)
+    local = tmp_path / "ckpt"
+    with store_and_sync(s3_server, bucket, local, concurrency=1, crt=crt) as (store, sync):
+        w = SlowWriter(local, 4)
         w.write("big.bin", os.urandom(6 * PART))
         sync.stager.scan()
         final = w.finish()
@@ -186,18 +142,13 @@ def test_rename_while_parts_are_read_does_not_break_the_upload(
         assert "big.bin" not in checked.get("unchecked", {}), checked
         assert store.etag_checkable(6 * PART, staged=True)
         assert store.etag_checkable(6 * PART) is not crt
-    finally:
-        sync.stager.close()
-        store.close()
 
 
 def test_cancel_commits_nothing_and_aborts_multipart_uploads(
-    setup: Any, s3_client: Any, bucket: str, tmp_path: Path
+    staging: Any, s3_client: Any, bucket: str, tmp_path: Path
 ) -> None:
-    store, sync, local = setup
-    old_dir, _ = make_checkpoint(tmp_path / "old", 5)
-    store.upload_checkpoint(old_dir, layout.load_complete(old_dir))
-    sync.load_remote()
+    store, sync, local = staging
+    commit_step_5(staging, tmp_path)
 
     w = SlowWriter(local, 8)
     w.write("shard-0.bin", os.urandom(8 * PART))
@@ -218,8 +169,8 @@ def test_cancel_commits_nothing_and_aborts_multipart_uploads(
         store.write_complete(8)
 
 
-def test_writer_that_never_finishes_is_abandoned(setup: Any, s3_client: Any, bucket: str) -> None:
-    store, sync, local = setup
+def test_writer_that_never_finishes_is_abandoned(staging: Any, s3_client: Any, bucket: str) -> None:
+    store, sync, local = staging
     w = SlowWriter(local, 6)
     w.write("shard-0.bin", os.urandom(4 * PART))
     sync.stager.scan()
@@ -232,9 +183,9 @@ def test_writer_that_never_finishes_is_abandoned(setup: Any, s3_client: Any, buc
 
 
 def test_boot_cleanup_aborts_leftover_multipart_uploads(
-    setup: Any, s3_client: Any, bucket: str
+    staging: Any, s3_client: Any, bucket: str
 ) -> None:
-    store, _sync, _local = setup
+    store, _sync, _local = staging
     key = store.file_key(7, "shard-0.bin")
     up = s3_client.create_multipart_upload(Bucket=bucket, Key=key)
     s3_client.upload_part(
@@ -249,9 +200,9 @@ def test_boot_cleanup_aborts_leftover_multipart_uploads(
 
 
 def test_emergency_copies_unchanged_files_server_side(
-    setup: Any, s3_client: Any, bucket: str
+    staging: Any, s3_client: Any, bucket: str
 ) -> None:
-    store, sync, local = setup
+    store, sync, local = staging
     frozen = os.urandom(2 * PART + 7)
     first = SlowWriter(local, 1)
     first.write("frozen.bin", frozen)
@@ -359,10 +310,8 @@ def test_emergency_commit_is_pending_until_hashed_then_retention_runs(
 ) -> None:
     """Staged files are checked by ETag at the commit, not by sha256: the commit is
     pending, the verifier hashes them afterwards, and only then does retention delete."""
-    store = make_store(s3_server, bucket)
     local = tmp_path / "ckpt"
-    sync = CheckpointSync(store, local, ThroughputEstimate(), rescan_interval=60, keep_remote=1)
-    try:
+    with store_and_sync(s3_server, bucket, local, keep_remote=1) as (store, sync):
         make_checkpoint(local, 1)
         sync.sync_pass(skip_superseded=True, reason="background")
         (first,) = store.list_committed()
@@ -389,9 +338,6 @@ def test_emergency_commit_is_pending_until_hashed_then_retention_runs(
         assert applied["deleted"] == [1]
         (ckpt,) = store.list_committed()
         assert ckpt.step == 2 and ckpt.verified
-    finally:
-        sync.stager.close()
-        store.close()
 
 
 def test_emergency_commit_whose_bytes_do_not_match_its_manifest_is_withdrawn(
@@ -400,10 +346,8 @@ def test_emergency_commit_whose_bytes_do_not_match_its_manifest_is_withdrawn(
     """A writer whose manifest names another sha256 than the bytes it wrote: the server
     holds the bytes we read (ETag), the verifier finds the sha256 wrong and withdraws the
     commit; the older one was never deleted for it."""
-    store = make_store(s3_server, bucket)
     local = tmp_path / "ckpt"
-    sync = CheckpointSync(store, local, ThroughputEstimate(), rescan_interval=60, keep_remote=1)
-    try:
+    with store_and_sync(s3_server, bucket, local, keep_remote=1) as (store, sync):
         make_checkpoint(local, 1)
         sync.sync_pass(skip_superseded=True, reason="background")
         w = SlowWriter(local, 2)
@@ -419,18 +363,15 @@ def test_emergency_commit_whose_bytes_do_not_match_its_manifest_is_withdrawn(
         assert not events(logs, "retention_applied")
         assert [c.step for c in store.list_committed()] == [1]
         assert 2 not in sync.committed_steps
-    finally:
-        sync.stager.close()
-        store.close()
 
 
 def test_staging_never_writes_into_a_step_already_committed(
-    setup: Any, s3_client: Any, bucket: str, tmp_path: Path
+    staging: Any, s3_client: Any, bucket: str, tmp_path: Path
 ) -> None:
     """Issue 13: a second instance (an early replacement that lost a lease race, an
     operator's mistake) writing a step another already committed must not replace that
     commit's objects with its staged bytes."""
-    store, sync, local = setup
+    store, sync, local = staging
     theirs, _ = make_checkpoint(tmp_path / "theirs", 9)
     store.upload_checkpoint(theirs, layout.load_complete(theirs))
     before = {o["Key"]: o["ETag"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}

@@ -4,26 +4,21 @@ abandoned, and a file whose bytes are not the ones sent is never committed as se
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import pytest
+from staging_harness import StepWriter, open_uploads, store_and_sync, syncing
 from structlog.testing import capture_logs
-from test_pipeline import make_store, open_uploads
 from test_store import PART, RUN, events
 
 from daemon import layout
-from daemon.deadline import ThroughputEstimate
 from daemon.standins import LocalS3
 from daemon.standins.faultproxy import FaultProxy
 from daemon.storage.s3client import RemoteLocation, make_s3_client, make_transfer_config
 from daemon.storage.store import CheckpointStore
-from daemon.storage.sync import CheckpointSync
 
 
 def until(cond: Callable[[], Any], timeout: float = 15.0) -> Any:
@@ -36,15 +31,11 @@ def until(cond: Callable[[], Any], timeout: float = 15.0) -> Any:
     raise AssertionError(f"not true within {timeout} s")
 
 
-class GrowingWriter:
+class GrowingWriter(StepWriter):
     """One checkpoint written as CONTRACT §4 says, a file growing a piece at a time."""
 
     def __init__(self, local_dir: Path, step: int) -> None:
-        self.local_dir = local_dir
-        self.step = step
-        self.tmp = local_dir / f".tmp-{layout.step_dir_name(step)}-test-{os.urandom(2).hex()}"
-        self.tmp.mkdir(parents=True)
-        self.files: dict[str, bytes] = {}
+        super().__init__(local_dir, step)
         self._open: dict[str, BinaryIO] = {}
 
     def partial(self, name: str) -> Path:
@@ -64,24 +55,6 @@ class GrowingWriter:
         f.close()
         os.rename(self.partial(name), self.tmp / name)
 
-    def finish(self, files: dict[str, bytes] | None = None) -> Path:
-        """Manifest (of ``files``, default: what was written) last, then the rename."""
-        doc = {
-            "format": layout.MANIFEST_FORMAT,
-            "run_id": RUN,
-            "step": self.step,
-            "created_at": layout.utc_now_iso(),
-            "reason": "interrupt",
-            "files": [
-                {"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
-                for n, d in (files if files is not None else self.files).items()
-            ],
-        }
-        (self.tmp / layout.MANIFEST_NAME).write_text(json.dumps(doc))
-        final = self.local_dir / layout.step_dir_name(self.step)
-        os.rename(self.tmp, final)
-        return final
-
 
 def uploaded_parts(s3_client: Any, bucket: str, key: str) -> list[int]:
     """Sizes of the parts of the open multipart upload of ``key`` ([] when none)."""
@@ -98,19 +71,24 @@ def body(s3_client: Any, bucket: str, key: str) -> bytes:
     return data
 
 
-@pytest.fixture
-def setup(s3_server: LocalS3, bucket: str, tmp_path: Path) -> Any:
-    store = make_store(s3_server, bucket)
-    sync = CheckpointSync(store, tmp_path / "ckpt", ThroughputEstimate(), rescan_interval=60)
-    yield store, sync, tmp_path / "ckpt"
-    sync.stager.close()
-    store.close()
+def two_parts_sent(
+    staging: Any, s3_client: Any, bucket: str, step: int
+) -> tuple[GrowingWriter, str]:
+    """``model.pt`` of step ``step``, two parts written and still growing, followed until
+    both parts are uploaded: its writer and its key."""
+    store, sync, local = staging
+    key = store.file_key(step, "model.pt")
+    w = GrowingWriter(local, step)
+    w.append("model.pt", os.urandom(2 * PART))
+    sync.stager.scan()
+    until(lambda: uploaded_parts(s3_client, bucket, key) == [PART, PART])
+    return w, key
 
 
 def test_a_growing_file_is_uploaded_as_it_grows_and_completed_on_rename(
-    setup: Any, s3_client: Any, bucket: str
+    staging: Any, s3_client: Any, bucket: str
 ) -> None:
-    store, sync, local = setup
+    store, sync, local = staging
     key = store.file_key(4, "model.pt")
     w = GrowingWriter(local, 4)
     w.append("model.pt", os.urandom(PART // 2))
@@ -144,13 +122,10 @@ def test_a_growing_file_is_uploaded_as_it_grows_and_completed_on_rename(
     assert open_uploads(s3_client, bucket) == []
 
 
-def test_a_file_abandoned_by_its_writer_is_aborted(setup: Any, s3_client: Any, bucket: str) -> None:
-    store, sync, local = setup
-    key = store.file_key(5, "model.pt")
-    w = GrowingWriter(local, 5)
-    w.append("model.pt", os.urandom(2 * PART))
-    sync.stager.scan()
-    until(lambda: uploaded_parts(s3_client, bucket, key) == [PART, PART])
+def test_a_file_abandoned_by_its_writer_is_aborted(
+    staging: Any, s3_client: Any, bucket: str
+) -> None:
+    w, key = two_parts_sent(staging, s3_client, bucket, 5)
     with capture_logs() as logs:
         # The writer failed and cleaned up its temporary directory (CheckpointWriter does).
         w._open.pop("model.pt").close()
@@ -161,9 +136,9 @@ def test_a_file_abandoned_by_its_writer_is_aborted(setup: Any, s3_client: Any, b
 
 
 def test_a_writer_killed_mid_file_is_abandoned_by_the_flush(
-    setup: Any, s3_client: Any, bucket: str
+    staging: Any, s3_client: Any, bucket: str
 ) -> None:
-    store, sync, local = setup
+    store, sync, local = staging
     w = GrowingWriter(local, 6)
     w.append("model.pt", os.urandom(3 * PART))  # and then the writer is gone
     sync.stager.scan()
@@ -177,14 +152,10 @@ def test_a_writer_killed_mid_file_is_abandoned_by_the_flush(
 
 
 def test_bytes_rewritten_after_they_were_sent_are_caught_and_sent_again(
-    setup: Any, s3_client: Any, bucket: str
+    staging: Any, s3_client: Any, bucket: str
 ) -> None:
-    store, sync, local = setup
-    key = store.file_key(7, "model.pt")
-    w = GrowingWriter(local, 7)
-    w.append("model.pt", os.urandom(2 * PART))
-    sync.stager.scan()
-    until(lambda: uploaded_parts(s3_client, bucket, key) == [PART, PART])
+    _store, sync, _local = staging
+    w, key = two_parts_sent(staging, s3_client, bucket, 7)
     # A writer breaking append-only: it patches the first bytes, already sent, in place.
     f = w._open["model.pt"]
     f.seek(0)
@@ -203,9 +174,9 @@ def test_bytes_rewritten_after_they_were_sent_are_caught_and_sent_again(
 
 
 def test_a_file_changed_after_its_rename_is_sent_again(
-    setup: Any, s3_client: Any, bucket: str
+    staging: Any, s3_client: Any, bucket: str
 ) -> None:
-    store, sync, local = setup
+    store, sync, local = staging
     w = GrowingWriter(local, 8)
     w.append("model.pt", os.urandom(PART + 10))
     sync.stager.scan()
@@ -229,11 +200,10 @@ def test_a_part_corrupted_on_the_wire_is_caught_before_the_commit(
 ) -> None:
     # moto keeps whatever arrives: the corruption is caught by the ETag our MD5s predict.
     with FaultProxy(s3_server.endpoint_url) as proxy:
-        store: CheckpointStore = make_store(LocalS3(proxy.url, None), bucket)
-        sync = CheckpointSync(store, tmp_path / "ckpt", ThroughputEstimate(), rescan_interval=60)
-        try:
+        local = tmp_path / "ckpt"
+        with store_and_sync(LocalS3(proxy.url, None), bucket, local) as (store, sync):
             proxy.corrupt(phase="request", method="PUT", path=r"partNumber=2", count=1)
-            w = GrowingWriter(tmp_path / "ckpt", 9)
+            w = GrowingWriter(local, 9)
             w.append("model.pt", os.urandom(PART))
             sync.stager.scan()
             w.append("model.pt", os.urandom(PART + 5))
@@ -244,9 +214,6 @@ def test_a_part_corrupted_on_the_wire_is_caught_before_the_commit(
             assert events(logs, "uploaded_bytes_differ")[0]["path"] == "model.pt"
             key = store.file_key(9, "model.pt")
             assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
-        finally:
-            sync.stager.close()
-            store.close()
 
 
 def test_a_complete_that_outlasts_the_read_timeout_is_found_done(
@@ -259,8 +226,7 @@ def test_a_complete_that_outlasts_the_read_timeout_is_found_done(
         client = make_s3_client(proxy.url, "us-east-1", 8, read_timeout=1.0, max_attempts=1)
         config = make_transfer_config(part_size=PART, max_concurrency=4)
         store = CheckpointStore(client, RemoteLocation(bucket, "runs"), RUN, config)
-        sync = CheckpointSync(store, tmp_path / "ckpt", ThroughputEstimate(), rescan_interval=60)
-        try:
+        with syncing(store, tmp_path / "ckpt") as sync:
             proxy.stall(2.0, method="POST", path=r"uploadId=", count=1)
             w = GrowingWriter(tmp_path / "ckpt", 10)
             w.append("model.pt", os.urandom(2 * PART + 99))
@@ -275,6 +241,3 @@ def test_a_complete_that_outlasts_the_read_timeout_is_found_done(
             assert committed["bytes_sent"] == 0
             key = store.file_key(10, "model.pt")
             assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
-        finally:
-            sync.stager.close()
-            store.close()
