@@ -40,16 +40,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-NODE_MODULES = REPO / "tests" / "npm" / "node_modules"
-INSTALL_HINT = "`make install` installs it (npm ci --prefix tests/npm)"
+from daemon.standins.npm import INSTALL_HINT, NODE_MODULES, find_node, stop_server
 
 # Run by node: register the tests' fake access key (s3rver knows only its own "S3RVER"),
 # start the server on the port given (0: any free one) and print that port.
@@ -86,22 +83,12 @@ class S3rver:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_server(self.proc)
 
 
 def _node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        raise S3rverUnavailable(f"node is not installed; s3rver needs it. {INSTALL_HINT}")
-    if not (NODE_MODULES / "s3rver" / "package.json").is_file():
-        raise S3rverUnavailable(f"s3rver is not installed in {NODE_MODULES}; {INSTALL_HINT}")
-    return node
+    needed = NODE_MODULES / "s3rver" / "package.json"
+    return find_node("s3rver", needed, INSTALL_HINT, S3rverUnavailable)
 
 
 def _wait_until_answering(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:

@@ -5,6 +5,8 @@
   GCE metadata server and Azure Scheduled Events modes.
 * :mod:`~daemon.standins.gcs`: gcp-storage-emulator on loopback (GCS), preconditions added.
 * :mod:`~daemon.standins.azurite`: Azurite's Blob service on loopback (Azure Blob Storage).
+* :mod:`~daemon.standins.npm`: what the launchers of npm-installed servers share
+  (Azurite here, s3rver in ``tests/s3rver.py``): finding node and the package, stopping.
 * :mod:`~daemon.standins.faultproxy`: a fault-injecting HTTP proxy for S3.
 * :mod:`~daemon.standins.demo`: ``spot-supervisor demo`` (the one command that may
   import stand-ins; the CLI imports it only inside that command), and the helpers the

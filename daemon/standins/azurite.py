@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -36,11 +35,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent.parent
-NODE_MODULES = REPO / "tests" / "npm" / "node_modules"
+from daemon.standins.npm import INSTALL_HINT as NPM_INSTALL_HINT
+from daemon.standins.npm import NODE_MODULES, find_node, stop_server
+
 INSTALL_HINT = (
-    "`make install` installs it (npm ci --prefix tests/npm); elsewhere"
-    " `npm install azurite@3.35.0` and set SPOT_AZURITE_MAIN to its dist/src/blob/main.js"
+    f"{NPM_INSTALL_HINT}; elsewhere `npm install azurite@3.35.0`"
+    " and set SPOT_AZURITE_MAIN to its dist/src/blob/main.js"
 )
 MAIN_ENV = "SPOT_AZURITE_MAIN"
 MAIN = NODE_MODULES / "azurite" / "dist" / "src" / "blob" / "main.js"
@@ -83,23 +83,12 @@ class Azurite:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_server(self.proc)
 
 
 def _node() -> tuple[str, Path]:
-    node = shutil.which("node")
-    if node is None:
-        raise AzuriteUnavailable(f"node is not installed; Azurite needs it. {INSTALL_HINT}")
     main = Path(os.environ.get(MAIN_ENV) or MAIN)
-    if not main.is_file():
-        raise AzuriteUnavailable(f"azurite is not installed ({main} is missing); {INSTALL_HINT}")
-    return node, main
+    return find_node("Azurite", main, INSTALL_HINT, AzuriteUnavailable), main
 
 
 def start_azurite() -> Azurite:
