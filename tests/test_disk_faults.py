@@ -80,6 +80,15 @@ def remount_read_only(path: Path) -> None:
     pytest.skip(f"{path} is still writable after a read-only remount")
 
 
+def read_only_local_dir(mount_tmpfs: Mount) -> Path:
+    """An empty local dir on a tmpfs remounted read-only (skips when that cannot be)."""
+    nvme = mount_tmpfs("nvme", "8m")
+    local = nvme / "checkpoints"
+    local.mkdir()
+    remount_read_only(nvme)
+    return local
+
+
 def config(
     tmp_path: Path,
     s3_server: LocalS3,
@@ -112,6 +121,18 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         timeout=timeout,
         env=ENV,
     )
+
+
+def run_to_exit(cfg: Path, timeout: float) -> tuple[SupervisorProcess, int]:
+    """A supervisor run with ``cfg`` until it exits (killed if it outlives ``timeout``):
+    the process, for its lines and events, and its exit status."""
+    sup = SupervisorProcess(cfg, ENV).start()
+    try:
+        code = sup.wait_exit(timeout)
+    finally:
+        if sup.proc is not None and sup.proc.poll() is None:
+            sup.proc.kill()
+    return sup, code
 
 
 def remote_manifests(s3_client: Any, bucket: str) -> dict[int, dict[str, Any]]:
@@ -173,12 +194,7 @@ def test_full_local_dir_fails_the_save_cleanly_and_keeps_the_previous_checkpoint
     local = nvme / "checkpoints"
     cmd = trainer_command(steps=40, save_every=4, step_seconds=0.05, state_mb=1)
     cfg = config(tmp_path, s3_server, bucket, emulator, local, cmd, max_restarts=1)
-    sup = SupervisorProcess(cfg, ENV).start()
-    try:
-        code = sup.wait_exit(180)
-    finally:
-        if sup.proc is not None and sup.proc.poll() is None:
-            sup.proc.kill()
+    sup, code = run_to_exit(cfg, 180)
     out = "\n".join(sup.lines)
     # The trainer says which save failed, in one line, leaves nothing of it, exits non-zero.
     # (The error line names the full disk: the test below.)
@@ -232,10 +248,7 @@ def test_read_only_local_dir_is_reported_clearly(
     emulator: MetadataEmulator,
     mount_tmpfs: Mount,
 ) -> None:
-    nvme = mount_tmpfs("nvme", "8m")
-    local = nvme / "checkpoints"
-    local.mkdir()
-    remount_read_only(nvme)
+    local = read_only_local_dir(mount_tmpfs)
     cmd = trainer_command(steps=20, save_every=4, step_seconds=0.0, state_mb=0)
     cfg = config(tmp_path, s3_server, bucket, emulator, local, cmd, max_restarts=0)
 
@@ -245,12 +258,7 @@ def test_read_only_local_dir_is_reported_clearly(
     assert f"{local} is not writable: Read-only file system" in r.stdout + r.stderr
 
     # The daemon: the trainer cannot save; it says so, and the supervisor gives up.
-    sup = SupervisorProcess(cfg, ENV).start()
-    try:
-        code = sup.wait_exit(120)
-    finally:
-        if sup.proc is not None and sup.proc.poll() is None:
-            sup.proc.kill()
+    sup, code = run_to_exit(cfg, 120)
     out = "\n".join(sup.lines)
     errors = [ln for ln in sup.lines if ln.startswith("error:")]
     assert errors and "Read-only file system" in errors[0], out[-3000:]
@@ -271,10 +279,7 @@ def test_restore_into_a_read_only_local_dir_fails_with_a_clear_message(
     r = cli("sync", "--config", str(cfg_src))
     assert r.returncode == 0, r.stdout + r.stderr
 
-    nvme = mount_tmpfs("nvme", "8m")
-    local = nvme / "checkpoints"
-    local.mkdir()
-    remount_read_only(nvme)
+    local = read_only_local_dir(mount_tmpfs)
     cfg = config(tmp_path, s3_server, bucket, emulator, local, ["true"])
     for command in ("restore", "run"):
         r = cli(command, "--config", str(cfg))
