@@ -24,6 +24,7 @@ import pytest
 import tomllib
 from botocore.stub import Stubber
 from moto import mock_aws
+from moto_vpc import make_vpc
 
 from daemon import cli, config
 from daemon.fleet import catalog, prices
@@ -231,21 +232,14 @@ def moto_region() -> Iterator[dict[str, Any]]:
     to start."""
     with mock_aws():
         ec2 = boto3.client("ec2", region_name=REGION)
-        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-        subnets = [
-            ec2.create_subnet(
-                VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{REGION}{z}"
-            )["Subnet"]["SubnetId"]
-            for i, z in enumerate("ab")
-        ]
-        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        vpc = make_vpc(ec2, REGION, "ab")
         good = ec2.create_launch_template(
-            LaunchTemplateName="good", LaunchTemplateData={"ImageId": ami}
+            LaunchTemplateName="good", LaunchTemplateData={"ImageId": vpc["ami"]}
         )["LaunchTemplate"]["LaunchTemplateId"]
         gone = ec2.create_launch_template(
             LaunchTemplateName="gone", LaunchTemplateData={"ImageId": "ami-0123456789abcdef0"}
         )["LaunchTemplate"]["LaunchTemplateId"]
-        yield {"ec2": ec2, "subnets": subnets, "good": good, "gone": gone}
+        yield {"ec2": ec2, "subnets": vpc["subnets"], "good": good, "gone": gone}
 
 
 def stubbed_group(

@@ -30,6 +30,7 @@ import pytest
 import tomllib
 from cfnlint.decode import decode_str
 from moto import mock_aws
+from moto_vpc import make_vpc
 
 from daemon import config
 from daemon.fleet import userdata
@@ -69,15 +70,7 @@ def aws() -> Iterator[dict[str, Any]]:
     (moto's EC2 takes seconds to start); each test deploys a stack of its own."""
     with mock_aws():
         ec2 = boto3.client("ec2", region_name=REGION)
-        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-        subnets = [
-            ec2.create_subnet(
-                VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{REGION}{z}"
-            )["Subnet"]["SubnetId"]
-            for i, z in enumerate("abc")
-        ]
-        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-        yield {"ec2": ec2, "vpc": vpc, "subnets": subnets, "ami": ami}
+        yield {"ec2": ec2, **make_vpc(ec2, REGION, "abc")}
 
 
 def deploy(aws: dict[str, Any], launch: Launch, **extra: str) -> dict[str, Any]:
