@@ -20,12 +20,6 @@ from daemon.standins.emulator import MetadataEmulator
 
 
 @pytest.fixture
-def emulator() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator() as em:
-        yield em
-
-
-@pytest.fixture
 def client(emulator: MetadataEmulator) -> Iterator[ImdsClient]:
     with ImdsClient(emulator.url, connect_timeout=0.5, read_timeout=0.3) as c:
         yield c

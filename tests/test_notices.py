@@ -54,12 +54,6 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-def emulator() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator() as em:
-        yield em
-
-
-@pytest.fixture
 def client(emulator: MetadataEmulator) -> Iterator[ImdsClient]:
     with ImdsClient(emulator.url, read_timeout=0.2) as c:
         yield c
