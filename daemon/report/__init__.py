@@ -14,7 +14,10 @@ the ledger and the run's committed checkpoints and writes three files:
 
 The pieces:
 
-* :mod:`~daemon.report.figures`: pure: ledger and checkpoints in, the figures out;
+* :mod:`~daemon.report.figures`: pure: ledger and checkpoints in, the figures out
+  (``compute``); from :mod:`~daemon.report.views` (the ledger boot by boot),
+  :mod:`~daemon.report.costs` (prices and costs) and :mod:`~daemon.report.lanes` (the
+  timeline's lanes and markers);
 * :mod:`~daemon.report.timeline`: the picture (matplotlib, imported only there, only
   when drawing: the supervisor never loads it);
 * :mod:`~daemon.report.html`: the page;

@@ -133,7 +133,8 @@ def open_store(
 
 def build_report(store: CheckpointStore, pricing: figs.Pricing) -> dict[str, Any] | None:
     """The figures of the store's run (None: it has no ledger). Store errors propagate."""
-    from daemon.ledger import parse_time, read_ledger
+    from daemon.ledger_format import parse_time
+    from daemon.ledger_reader import read_ledger
     from daemon.report import figures as figs
 
     boots = read_ledger(store)
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"spot-supervisor report: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from daemon.ledger import ledger_prefix
+    from daemon.ledger_format import ledger_prefix
     from daemon.storage.s3client import StoreError
 
     try:

@@ -99,211 +99,37 @@ Top-level keys:
 from __future__ import annotations
 
 import datetime as dt
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-from daemon.ledger import INTERRUPTING_KINDS, Boot, format_time, parse_time
+from daemon.ledger_reader import Boot
+from daemon.report.costs import (
+    OnDemandLookup,
+    Pricing,
+    _cost,
+    _instance_row,
+    catalog_on_demand,
+    region_of,
+)
+from daemon.report.lanes import _timeline
+from daemon.report.views import (
+    _NO,
+    Committed,
+    Interval,
+    _BootView,
+    _created_times,
+    _int,
+    _iso,
+    _length,
+    _num,
+    _rate,
+    _seconds,
+    _union,
+    _views,
+)
 
 FORMAT = "spot-report/1"
 SEED_BUDGET_PERCENT = (10.0, 15.0)  # the seed article: "Budget for about 10-15% extra wall-clock"
-
-Interval = tuple[dt.datetime, dt.datetime]
-OnDemandLookup = Callable[[str | None, str], float | None]
-
-
-@dataclass(frozen=True)
-class Committed:
-    """A committed checkpoint as storage lists it (the report's second source)."""
-
-    step: int
-    reason: str
-    created_at: dt.datetime | None
-    bytes: int = 0
-
-
-@dataclass(frozen=True)
-class Pricing:
-    """Prices per hour by instance type: ``spot`` (``--price``) wins over the ledger's;
-    ``on_demand`` (``--on-demand``) over ``on_demand_lookup(region, type)``."""
-
-    spot: Mapping[str, float] = field(default_factory=dict)
-    on_demand: Mapping[str, float] = field(default_factory=dict)
-    on_demand_lookup: OnDemandLookup | None = None
-
-
-def catalog_on_demand(region: str | None, instance_type: str) -> float | None:
-    """The dated list price of :mod:`daemon.fleet.catalog` (US regions; an unknown
-    region is taken as us-east-1, whose prices the table shares with the other two)."""
-    from daemon.fleet import catalog
-
-    return catalog.on_demand_usd(region or catalog.ON_DEMAND_REGIONS[0], instance_type)
-
-
-_REGION_RE = re.compile(r"^([a-z]{2}(?:-gov)?-[a-z]+-[0-9]+)")
-
-
-def region_of(zone: str | None) -> str | None:
-    """``us-east-1`` for ``us-east-1a`` (and for a Local Zone such as ``us-east-1-bos-1a``)."""
-    m = _REGION_RE.match(zone or "")
-    return m.group(1) if m else None
-
-
-# -- per boot ---------------------------------------------------------------------------
-
-
-@dataclass
-class _BootView:
-    boot: Boot
-    lane: str
-    uptime: float | None
-    train_start: dt.datetime | None = None
-    made: list[tuple[int, dt.datetime]] = field(default_factory=list)  # (step, created)
-    notice: tuple[dt.datetime, str, str] | None = None  # (t, kind, action) interrupting
-    standby_notice: bool = False
-    vanished: bool = False  # trained, no exit, and a later boot came
-
-    @property
-    def info(self) -> Mapping[str, Any]:
-        return self.boot.info
-
-    @property
-    def productive_end(self) -> dt.datetime | None:
-        return max((c for _, c in self.made), default=None)
-
-    @property
-    def productive(self) -> Interval | None:
-        end = self.productive_end
-        if self.train_start is None or end is None or end <= self.train_start:
-            return None
-        return (self.train_start, end)
-
-    @property
-    def stopped_at(self) -> dt.datetime | None:
-        """When an interruption ended its training (None: it was not interrupted)."""
-        if self.notice is not None:
-            return self.notice[0]
-        if self.vanished:
-            return self.boot.end
-        return None
-
-
-def _seconds(a: dt.datetime, b: dt.datetime) -> float:
-    return (b - a).total_seconds()
-
-
-def _union(intervals: Iterable[Interval]) -> list[Interval]:
-    out: list[Interval] = []
-    for s, e in sorted(intervals):
-        if e <= s:
-            continue
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
-
-
-def _length(intervals: Iterable[Interval]) -> float:
-    return sum(_seconds(s, e) for s, e in _union(intervals))
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    return format_time(t) if t is not None else None
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _created_times(boots: Sequence[Boot], committed: Sequence[Committed]) -> dict[int, dt.datetime]:
-    """When each committed step's checkpoint was made: the ledger's ``created_at``, else
-    the manifest's in storage, else the first commit event's time."""
-    created: dict[int, dt.datetime] = {}
-    fallback: dict[int, dt.datetime] = {}
-    for b in boots:
-        for ev in b.all("commit"):
-            step = _int(ev.get("step"))
-            if step is None:
-                continue
-            at = parse_time(ev.get("created_at"))
-            if at is not None:
-                created.setdefault(step, at)
-            if step not in fallback or ev.t < fallback[step]:
-                fallback[step] = ev.t
-    for c in committed:
-        if c.created_at is not None:
-            created.setdefault(c.step, c.created_at)
-    for step, t in fallback.items():
-        created.setdefault(step, t)
-    return created
-
-
-def _train_start(b: Boot, first_progress: dt.datetime | None) -> dt.datetime | None:
-    ev = b.first("train_start")
-    if ev is not None:
-        return ev.t
-    if first_progress is None:
-        return None  # never trained (standby throughout, or gone before a checkpoint)
-    # An older ledger without train_start: the trainer starts right after the last
-    # restore (or the slot taken) before its first progress.
-    before = [
-        e.t for e in b.events if e.name in ("restore", "slot_taken") and e.t <= first_progress
-    ]
-    return max(before) if before else b.start
-
-
-def _uptime(b: Boot) -> float | None:
-    """Seconds the instance ran before this boot: from its launch time (the identity
-    document's ``pendingTime``) where the ledger has it, else the host's uptime."""
-    launched = parse_time(b.info.get("launched_at"))
-    if launched is not None:
-        return max((b.start - launched).total_seconds(), 0.0)
-    return _num(b.info.get("host_uptime_s"))
-
-
-def _views(boots: Sequence[Boot], created: Mapping[int, dt.datetime]) -> list[_BootView]:
-    views: list[_BootView] = []
-    for i, b in enumerate(boots):
-        info = b.info
-        lane = str(info.get("instance_id") or f"boot {b.boot_id}")
-        v = _BootView(b, lane, _uptime(b))
-        progress = [e.t for e in b.events if e.name in ("first_step", "commit")]
-        v.train_start = _train_start(b, min(progress) if progress else None)
-        if v.train_start is not None:
-            # Checkpoints made while this boot trained (committed by it, or by a later boot
-            # of the same machine that found the local one): its work that survived.
-            v.made = sorted(
-                (step, at) for step, at in created.items() if v.train_start <= at <= b.end
-            )
-        for ev in b.all("notice"):
-            kind = str(ev.get("kind") or "")
-            if kind not in INTERRUPTING_KINDS:
-                continue
-            if v.train_start is not None and v.train_start <= ev.t:
-                v.notice = (ev.t, kind, str(ev.get("action") or ""))
-            else:
-                v.standby_notice = True
-            break
-        later = any(o.start > b.start for o in boots[i + 1 :])
-        v.vanished = v.notice is None and not b.exited and later and v.train_start is not None
-        views.append(v)
-    return views
-
-
-def _rate(made: Sequence[tuple[int, dt.datetime]]) -> tuple[float, float] | None:
-    """(steps, seconds) between the first and last checkpoint made, if both are > 0."""
-    if len(made) < 2:
-        return None
-    steps = made[-1][0] - made[0][0]
-    secs = _seconds(made[0][1], made[-1][1])
-    return (steps, secs) if steps > 0 and secs > 0 else None
-
 
 # -- the figures ------------------------------------------------------------------------
 
@@ -474,14 +300,6 @@ def compute(
     }
 
 
-class _NoEvent:
-    def get(self, key: str, default: Any = None) -> Any:
-        return default
-
-
-_NO = _NoEvent()
-
-
 def _boot_row(v: _BootView) -> dict[str, Any]:
     b = v.boot
     restore = b.last("restore")
@@ -521,183 +339,14 @@ def _boot_row(v: _BootView) -> dict[str, Any]:
     }
 
 
-def _instance_row(
-    lane: str,
-    vs: Sequence[_BootView],
-    intervals: Sequence[Interval],
-    pricing: Pricing,
-    lookup: OnDemandLookup,
-) -> dict[str, Any]:
-    def first(key: str) -> Any:
-        return next((v.info.get(key) for v in vs if v.info.get(key) is not None), None)
-
-    itype = first("instance_type")
-    lifecycle = first("lifecycle")
-    zone = first("availability_zone")
-    on_demand, od_source = None, None
-    if itype is not None:
-        if itype in pricing.on_demand:
-            on_demand, od_source = pricing.on_demand[itype], "--on-demand"
-        else:
-            on_demand = lookup(region_of(zone), itype)
-            od_source = "list price" if on_demand is not None else None
-    if lifecycle == "on-demand":
-        paid, paid_source = on_demand, od_source
-    elif itype is not None and itype in pricing.spot:
-        paid, paid_source = pricing.spot[itype], "--price"
-    else:
-        paid = _num(first("price_usd_per_hour"))
-        paid_source = "ledger" if paid is not None else None
-    seconds = _length(intervals)
-    return {
-        "instance_id": first("instance_id"),
-        "lane": lane,
-        "instance_type": itype,
-        "availability_zone": zone,
-        "lifecycle": lifecycle,
-        "boots": len(vs),
-        "start": _iso(intervals[0][0]),
-        "end": _iso(intervals[-1][1]),
-        "seconds": round(seconds, 3),
-        "price_usd_per_hour": paid,
-        "price_source": paid_source,
-        "on_demand_usd_per_hour": on_demand,
-        "on_demand_source": od_source,
-        "usd": round(seconds / 3600 * paid, 6) if paid is not None else None,
-        "on_demand_usd": round(seconds / 3600 * on_demand, 6) if on_demand is not None else None,
-    }
-
-
-def _cost(
-    rows: Sequence[Mapping[str, Any]],
-    views: Sequence[_BootView],
-    pricing: Pricing,
-    lookup: OnDemandLookup,
-    notes: list[str],
-) -> dict[str, Any]:
-    unpriced = [r["lane"] for r in rows if r["usd"] is None or r["on_demand_usd"] is None]
-    spot = sum(r["usd"] for r in rows if r["usd"] is not None)
-    on_demand = sum(r["on_demand_usd"] for r in rows if r["on_demand_usd"] is not None)
-    training_od = 0.0
-    for v in views:
-        p = v.productive
-        itype = v.info.get("instance_type")
-        if p is None or itype is None:
-            continue
-        price = pricing.on_demand.get(itype)
-        if price is None:
-            price = lookup(region_of(v.info.get("availability_zone")), itype)
-        if price is not None:
-            training_od += _seconds(*p) / 3600 * price
-    if unpriced:
-        notes.append(
-            "No price for " + ", ".join(unpriced) + ": give --price TYPE=USD (spot) or "
-            "--on-demand TYPE=USD; the costs shown leave those hours out."
-        )
-    priced_both = [r for r in rows if r["usd"] is not None and r["on_demand_usd"] is not None]
-    spot_both = sum(r["usd"] for r in priced_both)
-    od_both = sum(r["on_demand_usd"] for r in priced_both)
-    return {
-        "spot_usd": round(spot, 4) if any(r["usd"] is not None for r in rows) else None,
-        "on_demand_usd": (
-            round(on_demand, 4) if any(r["on_demand_usd"] is not None for r in rows) else None
-        ),
-        # Over the instances priced both ways, so the two sums compare like with like.
-        "saving": round(1 - spot_both / od_both, 6) if od_both > 0 else None,
-        "on_demand_training_usd": round(training_od, 4),
-        "unpriced": unpriced,
-    }
-
-
-def _timeline(
-    views: Sequence[_BootView],
-    lane_intervals: Mapping[str, Sequence[Interval]],
-    created: Mapping[int, dt.datetime],
-    started: dt.datetime,
-    ended: dt.datetime,
-    interruptions: Sequence[Mapping[str, Any]],
-) -> dict[str, Any]:
-    order = list(lane_intervals)
-    lanes: list[dict[str, Any]] = []
-    for lane in order:
-        vs = [v for v in views if v.lane == lane]
-        info = next((v.info for v in vs if v.info.get("instance_type")), vs[0].info)
-        lost: list[list[str | None]] = []
-        nothing_lost = {i["boot_id"] for i in interruptions if i.get("lost_seconds") == 0}
-        for v in vs:
-            stop = v.stopped_at
-            saved = v.productive_end or v.train_start
-            if v.boot.boot_id in nothing_lost:
-                continue  # saved at the stop (an interrupt checkpoint): no hatch
-            if stop is not None and saved is not None and saved < stop:
-                lost.append([_iso(saved), _iso(stop)])
-        standby: list[list[str | None]] = []
-        for v in vs:
-            waiting = v.boot.first("standby")
-            if waiting is not None:
-                taken = next((e.t for e in v.boot.all("slot_taken") if e.t >= waiting.t), None)
-                standby.append([_iso(waiting.t), _iso(taken or v.boot.end)])
-        lanes.append(
-            {
-                "lane": lane,
-                "instance_type": info.get("instance_type"),
-                "lifecycle": info.get("lifecycle"),
-                "intervals": [[_iso(s), _iso(e)] for s, e in lane_intervals[lane]],
-                "supervisor": [[_iso(v.boot.start), _iso(v.boot.end)] for v in vs],
-                "training": [[_iso(p[0]), _iso(p[1])] for v in vs if (p := v.productive)],
-                "lost": lost,
-                "standby": standby,
-            }
-        )
-    markers: list[dict[str, Any]] = []
-    for v in views:
-        idx = order.index(v.lane)
-        for ev in v.boot.events:
-            kind = None
-            label = ""
-            if ev.name == "notice":
-                kind = ev.get("kind")
-                kind = (
-                    "notice"
-                    if kind in INTERRUPTING_KINDS
-                    else kind
-                    if kind == "rebalance"
-                    else "stop"
-                )
-                label = str(ev.get("action") or ev.get("kind") or "")
-            elif ev.name == "commit":
-                kind, label = "commit", f"step {ev.get('step')} ({ev.get('reason')})"
-            elif ev.name == "restore":
-                kind, label = "restore", f"restored step {ev.get('step')}"
-            elif ev.name == "first_step":
-                kind, label = "first_step", f"first new step {ev.get('step')}"
-            if kind is not None:
-                markers.append({"lane": idx, "t": _iso(ev.t), "kind": kind, "label": label})
-        if v.vanished:
-            markers.append(
-                {"lane": idx, "t": _iso(v.boot.end), "kind": "gone", "label": "gone, no notice"}
-            )
-    # The committed step over time: each step from its first commit event, else from
-    # its creation (a checkpoint storage lists that no ledger line records).
-    commit_times: dict[int, dt.datetime] = {}
-    for v in views:
-        for ev in v.boot.all("commit"):
-            step = _int(ev.get("step"))
-            if step is not None and (step not in commit_times or ev.t < commit_times[step]):
-                commit_times[step] = ev.t
-    for step, at in created.items():
-        commit_times.setdefault(step, at)
-    steps: list[list[Any]] = []
-    best = -1
-    for at, step in sorted((t, s) for s, t in commit_times.items()):
-        if step > best:
-            best = step
-            steps.append([_iso(at), step])
-    return {
-        "start": _iso(started),
-        "end": _iso(ended),
-        "lanes": lanes,
-        "markers": markers,
-        "committed_steps": steps,
-        "interruptions": [i["at"] for i in interruptions],
-    }
+__all__ = [
+    "FORMAT",
+    "SEED_BUDGET_PERCENT",
+    "Committed",
+    "Interval",
+    "OnDemandLookup",
+    "Pricing",
+    "catalog_on_demand",
+    "compute",
+    "region_of",
+]

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.ledger import parse_time
+from daemon.ledger_format import parse_time
 
 _MARKERS: dict[str, dict[str, Any]] = {
     # kind -> how it is drawn, and where in the lane (offset from its centre; lanes grow down)
