@@ -16,6 +16,17 @@ from test_store import events, make_checkpoint, make_store, same_tree
 
 from daemon.layout import list_step_dirs, load_complete, step_dir_name
 from daemon.standins import LocalS3
+from daemon.storage.store import CheckpointStore
+
+
+def commit_steps_10_and_20(store: CheckpointStore, src: Path) -> tuple[Path, Path]:
+    """Big checkpoints (ranged GETs on the way down) of steps 10 and 20, made under
+    ``src`` and committed: their directories."""
+    src10, m10 = make_checkpoint(src, 10, big=True)
+    src20, m20 = make_checkpoint(src, 20, big=True)
+    store.upload_checkpoint(src10, m10)
+    store.upload_checkpoint(src20, m20)
+    return src10, src20
 
 
 def leftovers(local_dir: Path) -> list[str]:
@@ -57,10 +68,7 @@ def test_corrupt_remote_is_skipped_for_the_older_one(
     s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path, victim: str
 ) -> None:
     store = make_store(s3_server, bucket)
-    src10, m10 = make_checkpoint(tmp_path / "src", 10, big=True)
-    src20, m20 = make_checkpoint(tmp_path / "src", 20, big=True)
-    store.upload_checkpoint(src10, m10)
-    store.upload_checkpoint(src20, m20)
+    src10, src20 = commit_steps_10_and_20(store, tmp_path / "src")
     # Same size, other bytes: the listing still looks right, only the sha256 can tell.
     key = store.file_key(20, victim)
     size = (src20 / victim).stat().st_size

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
+from test_restore import commit_steps_10_and_20
 from test_store import PART, events, make_checkpoint, make_store, same_tree
 
 from daemon.layout import MANIFEST_NAME, list_step_dirs
@@ -360,10 +361,7 @@ def test_body_corrupted_on_download_falls_back_to_the_older_checkpoint(
 ) -> None:
     """Bytes flipped on the way down from step 20: skipped with a warning, step 10 restored."""
     store = make_store(s3_server, bucket)
-    src10, m10 = make_checkpoint(tmp_path / "src", 10, big=True)
-    src20, m20 = make_checkpoint(tmp_path / "src", 20, big=True)
-    store.upload_checkpoint(src10, m10)
-    store.upload_checkpoint(src20, m20)
+    src10, _src20 = commit_steps_10_and_20(store, tmp_path / "src")
     offset = 3 * MiB if victim == "state.bin" else 1000  # not in the first range: any one
     rule = proxy.corrupt("response", after_bytes=offset, method="GET", path=STEP20 + victim)
 
