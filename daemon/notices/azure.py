@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +36,6 @@ import structlog
 
 from daemon.notices.aws import parse_event_time
 from daemon.notices.base import Clock, Notice, deadline_or_now, notice_id, utc_now
-from daemon.notices.imds import AVAILABILITY_ZONE_PATH as AVAILABILITY_ZONE_PATH_AWS
-from daemon.notices.imds import INSTANCE_ID_PATH as INSTANCE_ID_PATH_AWS
-from daemon.notices.imds import INSTANCE_LIFE_CYCLE_PATH as INSTANCE_LIFE_CYCLE_PATH_AWS
-from daemon.notices.imds import INSTANCE_TYPE_PATH as INSTANCE_TYPE_PATH_AWS
-from daemon.notices.imds import REGION_PATH as REGION_PATH_AWS
 from daemon.notices.metadata_http import MappedMetadata, MetadataHttp
 from daemon.notices.poller import MetadataThread
 from daemon.notices.wire import MetadataUnavailable
@@ -307,17 +301,8 @@ def _compute(item: str) -> str:
     return f"/metadata/instance/compute/{item}?api-version=2021-02-01&format=text"
 
 
-# The EC2 paths callers ask (daemon.nodes, daemon.ledger), answered from IMDS compute items.
-_FROM_AWS: dict[str, tuple[str, Callable[[str], str]]] = {
-    INSTANCE_ID_PATH_AWS: (VM_ID_PATH, str),
-    INSTANCE_TYPE_PATH_AWS: (_compute("vmSize"), str),
-    AVAILABILITY_ZONE_PATH_AWS: (_compute("zone"), str),
-    REGION_PATH_AWS: (_compute("location"), str),
-    INSTANCE_LIFE_CYCLE_PATH_AWS: (
-        _compute("priority"),
-        lambda p: "spot" if p.lower() in ("spot", "low") else "on-demand",
-    ),
-}
+def _priority_lifecycle(priority: str) -> str:
+    return "spot" if priority.lower() in ("spot", "low") else "on-demand"
 
 
 class AzureIdentity(MappedMetadata):
@@ -326,7 +311,16 @@ class AzureIdentity(MappedMetadata):
     region and whether it is spot (for the run ledger). Any other path: None."""
 
     def __init__(self, base_url: str = DEFAULT_URL) -> None:
-        super().__init__(base_url, METADATA_HEADER, _FROM_AWS)
+        # The EC2 items callers ask (daemon.nodes, daemon.ledger), from IMDS compute items.
+        super().__init__(
+            base_url,
+            METADATA_HEADER,
+            instance_id=(VM_ID_PATH, str),
+            instance_type=(_compute("vmSize"), str),
+            availability_zone=(_compute("zone"), str),
+            region=(_compute("location"), str),
+            lifecycle=(_compute("priority"), _priority_lifecycle),
+        )
 
 
 __all__ = [

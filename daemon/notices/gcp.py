@@ -33,11 +33,6 @@ from urllib.parse import quote
 import structlog
 
 from daemon.notices.base import Clock, Notice, format_utc, notice_id, utc_now
-from daemon.notices.imds import AVAILABILITY_ZONE_PATH as AVAILABILITY_ZONE_PATH_AWS
-from daemon.notices.imds import INSTANCE_ID_PATH as INSTANCE_ID_PATH_AWS
-from daemon.notices.imds import INSTANCE_LIFE_CYCLE_PATH as INSTANCE_LIFE_CYCLE_PATH_AWS
-from daemon.notices.imds import INSTANCE_TYPE_PATH as INSTANCE_TYPE_PATH_AWS
-from daemon.notices.imds import REGION_PATH as REGION_PATH_AWS
 from daemon.notices.metadata_http import MappedMetadata, MetadataDropped, MetadataHttp
 from daemon.notices.poller import MetadataThread
 from daemon.notices.wire import MetadataUnavailable
@@ -284,24 +279,12 @@ def _last_segment(text: str) -> str:
     return text.rsplit("/", 1)[-1]
 
 
+def _region_of_zone(text: str) -> str:
+    return _last_segment(text).rsplit("-", 1)[0]
+
+
 def _lifecycle(text: str) -> str:
     return "spot" if text.upper() in ("SPOT", "TRUE") else "on-demand"
-
-
-# The EC2 paths callers ask (daemon.nodes, daemon.ledger), answered from GCE's items.
-_FROM_AWS: dict[str, tuple[str, Callable[[str], str]]] = {
-    INSTANCE_ID_PATH_AWS: (INSTANCE_ID_PATH, str),
-    INSTANCE_TYPE_PATH_AWS: ("/computeMetadata/v1/instance/machine-type", _last_segment),
-    AVAILABILITY_ZONE_PATH_AWS: ("/computeMetadata/v1/instance/zone", _last_segment),
-    REGION_PATH_AWS: (
-        "/computeMetadata/v1/instance/zone",
-        lambda z: _last_segment(z).rsplit("-", 1)[0],
-    ),
-    INSTANCE_LIFE_CYCLE_PATH_AWS: (
-        "/computeMetadata/v1/instance/scheduling/provisioning-model",
-        _lifecycle,
-    ),
-}
 
 
 class GcpIdentity(MappedMetadata):
@@ -311,7 +294,16 @@ class GcpIdentity(MappedMetadata):
     spot (for the run ledger). Any other path: None."""
 
     def __init__(self, base_url: str = DEFAULT_URL) -> None:
-        super().__init__(base_url, FLAVOR_HEADER, _FROM_AWS)
+        # The EC2 items callers ask (daemon.nodes, daemon.ledger), from GCE's items.
+        super().__init__(
+            base_url,
+            FLAVOR_HEADER,
+            instance_id=(INSTANCE_ID_PATH, str),
+            instance_type=("/computeMetadata/v1/instance/machine-type", _last_segment),
+            availability_zone=("/computeMetadata/v1/instance/zone", _last_segment),
+            region=("/computeMetadata/v1/instance/zone", _region_of_zone),
+            lifecycle=("/computeMetadata/v1/instance/scheduling/provisioning-model", _lifecycle),
+        )
 
 
 __all__ = [

@@ -21,6 +21,13 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from daemon.notices.imds import (
+    AVAILABILITY_ZONE_PATH,
+    INSTANCE_ID_PATH,
+    INSTANCE_LIFE_CYCLE_PATH,
+    INSTANCE_TYPE_PATH,
+    REGION_PATH,
+)
 from daemon.notices.wire import (
     AnswerTooLarge,
     MetadataUnavailable,
@@ -158,6 +165,10 @@ class MetadataHttp:
 __all__ = ["Answer", "MetadataDropped", "MetadataHttp"]
 
 
+Item = tuple[str, Callable[[str], str]]
+"""Another cloud's own path for an item, and what turns its answer into EC2's form."""
+
+
 class MappedMetadata:
     """Another cloud's metadata service, asked by EC2 metadata paths (the ones the run
     ledger and :func:`daemon.nodes.instance_identity` read), each mapped to that cloud's
@@ -167,11 +178,22 @@ class MappedMetadata:
         self,
         base_url: str,
         headers: Mapping[str, str],
-        mapping: Mapping[str, tuple[str, Callable[[str], str]]],
+        *,
+        instance_id: Item,
+        instance_type: Item,
+        availability_zone: Item,
+        region: Item,
+        lifecycle: Item,
     ) -> None:
         self._base_url = base_url
         self._headers = dict(headers)
-        self._mapping = mapping
+        self._mapping: dict[str, Item] = {
+            INSTANCE_ID_PATH: instance_id,
+            INSTANCE_TYPE_PATH: instance_type,
+            AVAILABILITY_ZONE_PATH: availability_zone,
+            REGION_PATH: region,
+            INSTANCE_LIFE_CYCLE_PATH: lifecycle,
+        }
 
     def get_text(self, path: str) -> str | None:
         """The item for an EC2 metadata path; None when the service has none (404, empty)."""
