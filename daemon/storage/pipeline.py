@@ -10,8 +10,8 @@ there is visible to restore, which trusts only manifests, and only the commit wr
 the manifest: it follows the writer's rename of the directory to ``step-N/``, and
 :meth:`Stager.take` first checks that every file the manifest lists was staged from
 that very directory, is still the same file (inode, size, mtime) and has the size the
-manifest gives. A file that was not (staged too late, failed, or different) is sent
-again by the commit.
+manifest gives (:mod:`daemon.storage.staged` holds those checks). A file that was not
+(staged too late, failed, or different) is sent again by the commit.
 
 A tail upload hashes what it sends with sha256 in the same pass, so the commit checks it
 against the manifest before it counts (a mismatch, or a file changed after its rename, is
@@ -41,7 +41,6 @@ import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ import structlog
 from daemon import layout
 from daemon.layout import HASH_CHUNK
 from daemon.storage.s3client import EtagDigest, StoreError, UploadCancelled
+from daemon.storage.staged import Staged, TmpDir, check_staged, file_ident, settle
 from daemon.storage.store import CheckpointStore, RemoteCheckpoint, StagedFile, copy_etag
 from daemon.storage.tail import PartSlots, TailUpload
 
@@ -57,36 +57,6 @@ log = structlog.get_logger(__name__)
 
 # A writer's own temporary directory, not a restore's nor one set aside as invalid.
 _SKIP_MARKERS = ("-restore-", "-invalid")
-
-
-def _ident(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-@dataclass
-class _Staged:
-    """One file being staged: its upload (or copy), and what its stored bytes must be."""
-
-    rel: str
-    key: str
-    ident: tuple[int, int, int]
-    # Our sha256 of the file ("" when not hashed: the upload's digest checks it instead);
-    # for a copy candidate it also copies the file or submits its upload.
-    job: Future[str]
-    transfer: Any = None  # the transfer future, once submitted
-    copied: bool = False
-    digest: EtagDigest | None = None  # fed by the upload's own reads
-    etag: str | None = None  # the stored object's ETag must be this (copies, hashed files)
-    tail: TailUpload | None = None  # sent while it was written (see daemon.storage.tail)
-
-
-@dataclass
-class _TmpDir:
-    path: Path
-    step: int
-    ino: int
-    files: dict[str, _Staged] = field(default_factory=dict)
-    refused: set[str] = field(default_factory=set)  # symlinks and the like, warned once
 
 
 class Stager:
@@ -113,7 +83,7 @@ class Stager:
         self._dir = local_dir
         self._rescan_interval = rescan_interval
         self._lock = threading.Lock()
-        self._dirs: dict[int, _TmpDir] = {}  # by step: one writer's directory per step
+        self._dirs: dict[int, TmpDir] = {}  # by step: one writer's directory per step
         self._refused_steps: set[int] = set()  # committed already: never staged
         self._hash_pool = ThreadPoolExecutor(max_workers=hash_workers, thread_name_prefix="stage")
         self._hint = threading.Event()
@@ -186,7 +156,7 @@ class Stager:
                 new += self._scan_dir(tmp)
         return new
 
-    def _dir_for(self, step: int, path: Path, ino: int) -> _TmpDir | None:
+    def _dir_for(self, step: int, path: Path, ino: int) -> TmpDir | None:
         with self._lock:
             cur = self._dirs.get(step)
             if cur is not None and cur.ino == ino:
@@ -209,13 +179,13 @@ class Stager:
             self._refused_steps.add(step)
             log.warning("staging_refused_committed_step", step=step, path=str(path))
             return None
-        tmp = _TmpDir(path, step, ino)
+        tmp = TmpDir(path, step, ino)
         with self._lock:
             self._dirs[step] = tmp
         log.info("staging_dir_found", step=step, path=str(path))
         return tmp
 
-    def _scan_dir(self, tmp: _TmpDir) -> int:
+    def _scan_dir(self, tmp: TmpDir) -> int:
         new = 0
         for root, _dirs, files in os.walk(tmp.path):
             for name in files:
@@ -242,11 +212,11 @@ class Stager:
                 if not stat.S_ISREG(st.st_mode):
                     self._refuse(tmp, rel, full, st)
                     continue
-                self._stage(tmp, rel, full, _ident(st))
+                self._stage(tmp, rel, full, file_ident(st))
                 new += 1
         return new
 
-    def _follow(self, tmp: _TmpDir, partial: Path) -> None:
+    def _follow(self, tmp: TmpDir, partial: Path) -> None:
         """Start a tail upload of ``partial`` unless one follows it already."""
         rel = partial.relative_to(tmp.path).as_posix()[: -len(layout.PARTIAL_SUFFIX)]
         if rel == layout.MANIFEST_NAME or rel in tmp.refused:
@@ -283,7 +253,7 @@ class Stager:
         done: Future[str] = Future()
         done.set_result("")
         with self._lock:
-            tmp.files[rel] = _Staged(rel, key, (tail.ino, -1, -1), done, tail=tail)
+            tmp.files[rel] = Staged(rel, key, (tail.ino, -1, -1), done, tail=tail)
         tail.start()
         log.info("file_followed", step=tmp.step, path=rel)
 
@@ -295,7 +265,7 @@ class Stager:
                 )
             return self._part_pool
 
-    def _refuse(self, tmp: _TmpDir, rel: str, path: Path, st: os.stat_result) -> None:
+    def _refuse(self, tmp: TmpDir, rel: str, path: Path, st: os.stat_result) -> None:
         # Never staged: a symlink could point anywhere (/etc, another run). os.walk does not
         # descend into symlinked directories, so only the file itself needs this check. The
         # commit refuses a checkpoint whose manifest lists such a file (layout.open_listed).
@@ -303,10 +273,10 @@ class Stager:
         kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
         log.warning("staging_refused", step=tmp.step, path=str(path), reason=kind)
 
-    def _stage(self, tmp: _TmpDir, rel: str, path: Path, ident: tuple[int, int, int]) -> None:
+    def _stage(self, tmp: TmpDir, rel: str, path: Path, ident: tuple[int, int, int]) -> None:
         key = self._store.file_key(tmp.step, rel)
         copy_src = self._copy_candidate(rel, ident[1])
-        staged = _Staged(rel, key, ident, Future())
+        staged = Staged(rel, key, ident, Future())
         if copy_src is None:
             # Send at once. The upload's reads feed the MD5 of the ETag check; when the
             # part boundaries are unknown, hash alongside instead (sha256).
@@ -352,7 +322,7 @@ class Stager:
                     digest.update(chunk)
         return h.hexdigest()
 
-    def _hash_then_copy(self, staged: _Staged, path: str, src: Any) -> str:
+    def _hash_then_copy(self, staged: Staged, path: str, src: Any) -> str:
         size = staged.ident[1]
         etag_digest = self._store.etag_digest(size)
         sha = self._hash(path, etag_digest)
@@ -405,7 +375,7 @@ class Stager:
                     del self._dirs[step]
 
     def _take(
-        self, tmp: _TmpDir, ckpt_dir: Path, manifest: layout.Manifest
+        self, tmp: TmpDir, ckpt_dir: Path, manifest: layout.Manifest
     ) -> dict[str, StagedFile]:
         step = tmp.step
         try:
@@ -416,7 +386,7 @@ class Stager:
         listed = {e.path: e for e in manifest.files}
         for rel, staged in list(tmp.files.items()):
             entry = listed.get(rel)
-            checked = self._check(staged, entry, ckpt_dir, same_dir)
+            checked = check_staged(self._store, staged, entry, ckpt_dir, same_dir)
             if isinstance(checked, StagedFile):
                 usable[rel] = checked
             elif entry is not None:
@@ -433,104 +403,7 @@ class Stager:
         )
         return usable
 
-    def _check(
-        self, staged: _Staged, entry: layout.FileEntry | None, ckpt_dir: Path, same_dir: bool
-    ) -> StagedFile | str:
-        """What the commit needs of a staged file, or why it cannot be part of it."""
-        if staged.tail is not None:
-            return self._check_tail(staged.tail, staged.rel, entry, ckpt_dir, same_dir)
-        try:
-            digest = staged.job.result()
-        except UploadCancelled:
-            raise
-        except (StoreError, OSError) as exc:
-            self._settle(staged)
-            return f"staging failed: {exc}"
-        if staged.transfer is not None:
-            try:
-                self._store.wait_upload(staged.transfer, staged.key)
-            except UploadCancelled:
-                raise
-            except (StoreError, OSError) as exc:
-                return f"upload failed: {exc}"
-        elif not staged.copied:
-            return "not uploaded"
-        if entry is None:
-            return "not in the manifest"
-        if not same_dir:
-            return "staged from another directory"
-        try:
-            now = _ident((ckpt_dir / staged.rel).lstat())  # a symlink now is another file
-        except FileNotFoundError:
-            return "file gone"
-        if now != staged.ident:
-            return "file changed since it was staged"
-        if entry.size != staged.ident[1]:
-            return "size differs from the manifest"
-        if digest and digest != entry.sha256:
-            return "sha256 differs from the manifest"
-        etag = staged.etag
-        if staged.digest is not None:
-            etag = staged.digest.etag()
-            if etag is None:
-                return "the upload did not read every byte once in order (ETag unknown)"
-        return StagedFile(entry.size, etag, sha256_checked=bool(digest))
-
-    def _check_tail(
-        self,
-        tail: TailUpload,
-        rel: str,
-        entry: layout.FileEntry | None,
-        ckpt_dir: Path,
-        same_dir: bool,
-    ) -> StagedFile | str:
-        """A tail upload usable for the commit: the file under its final name in
-        ``ckpt_dir`` is the one followed, unchanged since its upload completed, and every
-        byte sent hashes to the manifest's sha256."""
-        why: str | None = None
-        final = ckpt_dir / rel
-        if entry is None:
-            why = "not in the manifest"
-        elif not same_dir:
-            why = "staged from another directory"
-        else:
-            try:
-                if final.lstat().st_ino != tail.ino:
-                    why = "file changed since it was staged"  # another file under its name
-            except FileNotFoundError:
-                why = "file gone"
-        if why is not None:
-            tail.abandon(why)
-            return why
-        tail.finish_at(final)
-        try:
-            # Bounded by the cancel switch, which stops the tail at the drain deadline.
-            res = tail.result()
-        except UploadCancelled:
-            raise
-        except StoreError as exc:
-            return f"tail upload failed: {exc}"
-        assert entry is not None
-        try:
-            now = _ident(final.lstat())
-        except FileNotFoundError:
-            return "file gone"
-        if now != res.ident:
-            return "file changed since it was staged"
-        if entry.size != res.size:
-            return "size differs from the manifest"
-        if res.sha256 != entry.sha256:
-            return "sha256 differs from the manifest"
-        return StagedFile(entry.size, res.etag, sha256_checked=True)
-
-    def _settle(self, staged: _Staged) -> None:
-        if staged.transfer is not None:
-            if not staged.transfer.done():
-                staged.transfer.cancel()
-            with contextlib.suppress(StoreError, OSError):
-                self._store.wait_upload(staged.transfer, staged.key)
-
-    def _drop(self, tmp: _TmpDir, why: str) -> None:
+    def _drop(self, tmp: TmpDir, why: str) -> None:
         with self._lock:
             if self._dirs.get(tmp.step) is tmp:
                 del self._dirs[tmp.step]
@@ -543,7 +416,7 @@ class Stager:
         for staged in tmp.files.values():
             with contextlib.suppress(StoreError, OSError):
                 staged.job.result()
-            self._settle(staged)
+            settle(self._store, staged)
         log.info("staging_dropped", step=tmp.step, files=len(tmp.files), why=why)
 
     def abandon(self, why: str) -> list[int]:
