@@ -23,6 +23,12 @@ trainer exit 0, other reason, no progress   CRASH: a command that never writes `
                                             ends in ``max_restarts``, not in a loop
 trainer exit 0, no checkpoint at all        CONFIG_ERROR: exit 2, the contract is not met
 trainer alive, no checkpoint in time        CRASH (after killing its tree)
+a crash, at most ``max_restarts`` in the    BACKOFF: 1, 2, 4 ... s (at most
+``restart_window``                          :data:`MAX_BACKOFF_S`), then start again
+a crash, more than that                     GIVE_UP: commit what is complete, exit 1
+backoff over (several nodes: rejoined)      START the training command again
+backoff over, the rejoin failed             CRASH: not aligned with the global commit
+                                            (storage down), not safe to start
 standby: run complete elsewhere             EXIT_DONE (exit 0)
 standby: a slot taken                       TAKE_SLOT: restore what is new, train
 standby: neither                            WAIT
@@ -39,6 +45,8 @@ import enum
 
 FINAL_REASON = "final"
 SIGNAL_SOURCE = "signal"
+MAX_BACKOFF_S = 60.0
+"""The longest wait before a crashed trainer is started again."""
 
 
 class Step(str, enum.Enum):
@@ -56,6 +64,9 @@ class Step(str, enum.Enum):
     TAKE_SLOT = "take_slot"
     WAIT = "wait"
     KEEP_TRAINING = "keep_training"
+    BACKOFF = "backoff"
+    GIVE_UP = "give_up"
+    START = "start"
 
 
 def on_notice(kind: str, action: str, *, standby: bool = False) -> Step:
@@ -96,6 +107,23 @@ def on_trainer_exit(*, success: bool, newest_reason: str | None, progressed: boo
 def on_hang() -> Step:
     """A trainer alive but without a new checkpoint within ``daemon.progress_timeout``."""
     return Step.CRASH
+
+
+def on_crash(*, failures: int, max_restarts: int) -> Step:
+    """The trainer crashed (or hung); ``failures``: crashes within ``daemon.restart_window``,
+    this one included."""
+    return Step.GIVE_UP if failures > max_restarts else Step.BACKOFF
+
+
+def backoff_s(failures: int) -> float:
+    """Seconds to wait before the next start after ``failures`` crashes in the window:
+    doubling from 1 s, at most :data:`MAX_BACKOFF_S`."""
+    return min(MAX_BACKOFF_S, 2.0 ** (failures - 1))
+
+
+def on_backoff_over(*, rejoin_failed: bool) -> Step:
+    """The backoff is over, and (several nodes) the rejoin with the global commit ended."""
+    return Step.CRASH if rejoin_failed else Step.START
 
 
 def on_standby_poll(*, complete: bool, took_slot: bool) -> Step:

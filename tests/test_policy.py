@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 
 from daemon.policy import (
+    MAX_BACKOFF_S,
     Step,
+    backoff_s,
     exit_code_after_drain,
+    on_backoff_over,
+    on_crash,
     on_hang,
     on_lease_lost,
     on_notice,
@@ -58,6 +62,32 @@ def test_our_own_stop(standby: bool, step: Step) -> None:
 )
 def test_trainer_exits(success: bool, reason: str | None, progressed: bool, step: Step) -> None:
     assert on_trainer_exit(success=success, newest_reason=reason, progressed=progressed) is step
+
+
+@pytest.mark.parametrize(
+    ("failures", "max_restarts", "step"),
+    [
+        (1, 5, Step.BACKOFF),
+        (5, 5, Step.BACKOFF),  # max_restarts restarts are allowed in the window
+        (6, 5, Step.GIVE_UP),
+        (1, 0, Step.GIVE_UP),  # max_restarts 0: the first crash ends the run
+    ],
+)
+def test_crashes(failures: int, max_restarts: int, step: Step) -> None:
+    assert on_crash(failures=failures, max_restarts=max_restarts) is step
+
+
+@pytest.mark.parametrize(
+    ("failures", "seconds"),
+    [(1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, MAX_BACKOFF_S), (40, MAX_BACKOFF_S)],
+)
+def test_backoff_doubles_up_to_its_cap(failures: int, seconds: float) -> None:
+    assert backoff_s(failures) == seconds
+
+
+@pytest.mark.parametrize(("rejoin_failed", "step"), [(False, Step.START), (True, Step.CRASH)])
+def test_backoff_over(rejoin_failed: bool, step: Step) -> None:
+    assert on_backoff_over(rejoin_failed=rejoin_failed) is step
 
 
 @pytest.mark.parametrize(
