@@ -12,28 +12,46 @@ The notice file's ``deadline`` is the drain deadline, when the trainer's tree is
 (CONTRACT §3), not the instance's time (``instance_deadline``): the trainer's "is there
 time left to save?" check must use the clock it is held to. A failure to write it is
 logged and never stops the SIGTERM.
+
+:class:`Drainer` does it for the supervisor: :meth:`~Drainer.begin` when the loop sees a
+notice or a stop that means drain, :meth:`~Drainer.finish` when the trainer is gone.
+Whether to drain at all is :mod:`daemon.policy`'s; whether an emergency upload can
+finish in time is :mod:`daemon.budget`'s.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from daemon import layout
+from daemon.budget import emergency_decision, log_emergency_decision
+from daemon.child import TrainerProcess
 from daemon.deadline import DrainPlan, ThroughputEstimate, plan_drain, wall_to_monotonic
+from daemon.ending import Ending
+from daemon.ledger import RunLedger
 from daemon.loop import MainLoop
 from daemon.notices import format_utc
-from daemon.state import write_json_atomic
+from daemon.notices.sources import NoticeSources
+from daemon.policy import exit_code_after_drain
+from daemon.progress import newest_local_bytes
+from daemon.sdnotify import Notifier
+from daemon.state import Phase, StateMachine, write_json_atomic
 from daemon.storage.sync import CheckpointSync, FlushHandle
+
+if TYPE_CHECKING:
+    from daemon.config import Config
 
 log = structlog.get_logger(__name__)
 
-_TICK = 0.05
+TICK_S = 0.05
+"""How closely a drain watches its clock and the trainer's exit."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +74,7 @@ def plan_for(
     throughput: ThroughputEstimate,
 ) -> Drain:
     """Work back from the notice's time to the drain and cancel deadlines."""
-    plan = plan_drain(
-        wall_to_monotonic(deadline_wall), safety_margin, reserve_bytes, throughput
-    )
+    plan = plan_drain(wall_to_monotonic(deadline_wall), safety_margin, reserve_bytes, throughput)
     return Drain(action, source, deadline_wall, plan)
 
 
@@ -116,7 +132,7 @@ def emergency_commit(
             # The flush did not return even after the cancel: the machine goes anyway.
             log.error("emergency_flush_stuck", seconds_since_cancel=round(now - cancelled_at, 3))
             break
-        flush.done.wait(_TICK)
+        flush.done.wait(TICK_S)
     committed = flush.committed if flush.done.is_set() else sync.stats.newest_committed_step
     left = plan.notice_deadline - time.monotonic()
     local = layout.list_step_dirs(local_dir)
@@ -136,3 +152,110 @@ def emergency_commit(
     else:
         log.warning("emergency_not_committed", **fields)
     return committed, fields, flush
+
+
+class Drainer:
+    """Carries a notice (or our own stop) into the trainer and through the emergency
+    commit, for one supervisor; made once a slot is held (a drain ends by releasing it)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        sources: NoticeSources,
+        throughput: ThroughputEstimate,
+        ending: Ending,
+        ledger: RunLedger,
+        *,
+        sync: CheckpointSync,
+        state: StateMachine,
+        notifier: Notifier,
+        loop: MainLoop,
+        several_nodes: bool,
+    ) -> None:
+        self._cfg, self._sources, self._throughput = cfg, sources, throughput
+        self._ending, self._ledger = ending, ledger
+        self._sync, self._state, self._notifier, self._loop = sync, state, notifier, loop
+        self._several_nodes = several_nodes
+        self._skipped: FlushHandle | None = None
+
+    def begin(
+        self,
+        action: str,
+        source: str,
+        deadline_wall: dt.datetime,
+        child: TrainerProcess | None,
+    ) -> Drain:
+        """In order: plan the drain, write the notice file, SIGTERM the trainer, stage the
+        emergency checkpoint's files as they land (threads only: no S3 I/O here)."""
+        cfg, throughput = self._cfg, self._throughput
+        drain = plan_for(
+            action,
+            source,
+            deadline_wall,
+            safety_margin=cfg.daemon.safety_margin,
+            reserve_bytes=newest_local_bytes(cfg.checkpoints.local_dir),
+            throughput=throughput,
+        )
+        write_notice_file(cfg.notice_file, drain)
+        signalled = child.send(signal.SIGTERM) if child else False
+        decision = emergency_decision(
+            cfg.imds.provider,
+            self._sources.notice_s,
+            drain.plan.reserve_bytes,
+            throughput.bytes_per_second,
+            throughput.measured,
+            drain.plan.cancel_in(),
+        )
+        log_emergency_decision(decision)
+        if decision.commit:
+            self._sync.begin_emergency()
+        else:
+            # Start no upload that cannot finish: the sync completes the commit it is
+            # sending (a periodic one may still make it) and takes nothing new.
+            sync = self._sync
+
+            def finish_in_flight() -> int | None:
+                sync.stop()
+                return sync.stats.newest_committed_step
+
+            self._skipped = FlushHandle(finish_in_flight, name="sync-stop")
+        self._state.update(drain_deadline=deadline_wall.isoformat())
+        self._notifier.extend_timeout(max(drain.plan.notice_deadline - time.monotonic(), 0) + 30)
+        self._state.transition(
+            Phase.DRAINING,
+            f"{action} from {source}",
+            deadline=deadline_wall.isoformat(),
+            child_signalled=signalled,
+            **drain.plan.as_fields(),
+        )
+        return drain
+
+    def finish(self, drain: Drain, child: TrainerProcess | None) -> int:
+        """The emergency commit, then the slot, then an orderly exit: the exit code."""
+        if child is not None:
+            child.kill_leftovers()
+        self._state.update(child_pid=None)
+        self._state.transition(Phase.UPLOADING, "emergency commit", **drain.plan.as_fields())
+        committed, fields, flush = emergency_commit(
+            drain,
+            self._sync,
+            self._loop,
+            self._cfg.checkpoints.local_dir,
+            several_nodes=self._several_nodes,
+            skipped=self._skipped,
+        )
+        self._ending.track_flush(flush)
+        # Azure: approve the Preempt/Terminate event now, never before the commit.
+        newest_in_storage = committed is not None and committed == fields.get("newest_local_step")
+        self._loop.off_loop(
+            lambda: self._sources.after_emergency_commit(newest_in_storage), "event-approval"
+        )
+        # The slot is free for a standby (or a replacement) only now, after the commit.
+        self._ending.release_slot(committed)
+        self._ledger.stop(
+            reason=drain.action,
+            committed_step=committed,
+            local_step=fields.get("newest_local_step"),
+        )
+        self._ending.done("shut down in order", **fields)
+        return exit_code_after_drain(drain.source, self._cfg.daemon.exit_code_after_notice)
