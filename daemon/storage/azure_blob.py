@@ -1,4 +1,4 @@
-"""Azure Blob Storage behind :class:`~daemon.storage.backend.BlobBackend` (``az://``).
+"""Azure Blob Storage behind :class:`~daemon.storage.blob.BlobBackend` (``az://``).
 
 ``az://container/prefix`` names a container; the storage account comes from
 ``AZURE_STORAGE_CONNECTION_STRING`` (account and key, or an emulator's endpoint), else
@@ -29,23 +29,21 @@ from typing import IO, Any
 
 import structlog
 
-from daemon.storage.backend import BlobLocation, BlobObject, Got, chunked, hex_md5
-from daemon.storage.records import _too_large
-from daemon.storage.s3client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
+from daemon.storage.blob import BlobObject, Got, chunked, get_pinned, hex_md5
+from daemon.storage.errors import (
     IntegrityError,
     StoreError,
-    UploadCancelled,
-    is_cancellation,
+    already_described,
 )
+from daemon.storage.locations import BlobLocation
+from daemon.storage.records import _too_large
+from daemon.storage.s3client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
 
 log = structlog.get_logger(__name__)
 
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 ACCOUNT_URL_ENV = "AZURE_STORAGE_ACCOUNT_URL"
 ACCOUNT_ENV = "AZURE_STORAGE_ACCOUNT"
-_GET_ATTEMPTS = 3
 # A copy within one account is usually done when Copy Blob answers; a pending one is
 # polled this long before it counts as failed (and the file is uploaded instead).
 COPY_WAIT_S = 60.0
@@ -147,10 +145,9 @@ class AzureBackend:
         from azure.core import exceptions as aexc
 
         what = self.location.url(key) if key is not None else f"container {self.location.bucket!r}"
-        if isinstance(exc, StoreError):
-            return exc
-        if is_cancellation(exc) or isinstance(exc, UploadCancelled):
-            return UploadCancelled(f"{action} {what}: upload cancelled")
+        known = already_described(exc, action, what)
+        if known is not None:
+            return known
         status = getattr(exc, "status_code", None)
         if isinstance(exc, aexc.ClientAuthenticationError) and status in (None, 401):
             return StoreError(
@@ -235,28 +232,20 @@ class AzureBackend:
             raise err from exc
 
     def get(self, key: str, *, max_bytes: int) -> Got | None:
-        bc = self._client(key)
-        for attempt in range(_GET_ATTEMPTS):
-            try:
-                props = bc.get_blob_properties()
-                if int(props.size or 0) > max_bytes:
-                    raise IntegrityError(_too_large(self.location.url(key), props.size, max_bytes))
-                data = bc.download_blob(
-                    etag=props.etag, match_condition=self._match.IfNotModified, max_concurrency=1
-                ).readall()
-            except Exception as exc:
-                err = self._error(exc, "read", key)
-                if err.code == "PreconditionFailed" and attempt < _GET_ATTEMPTS - 1:
-                    continue  # replaced between the two requests: read the new one
-                if err.code == "NoSuchKey":
-                    return None
-                raise err from exc
-            if len(data) > max_bytes:
-                raise IntegrityError(_too_large(self.location.url(key), None, max_bytes))
+        bc, url = self._client(key), self.location.url(key)
+
+        def read() -> Got | None:
+            props = bc.get_blob_properties()
+            if int(props.size or 0) > max_bytes:
+                raise IntegrityError(_too_large(url, props.size, max_bytes))
+            data = bc.download_blob(
+                etag=props.etag, match_condition=self._match.IfNotModified, max_concurrency=1
+            ).readall()
             return Got(bytes(data), dict(props.metadata or {}), str(props.etag))
-        raise StoreError(
-            f"read {self.location.url(key)}: replaced while it was read, 3 times",
-            "PreconditionFailed",
+
+        # A blob replaced since its properties were read fails the If-Match.
+        return get_pinned(
+            url, max_bytes, read, lambda e: self._error(e, "read", key), "PreconditionFailed"
         )
 
     def _conditions(self, if_version: str | None, if_absent: bool) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""A local checkpoint into storage: files first (server-side copies where unchanged), manifest last.
-"""
+"""A local checkpoint into storage: files first (server-side copies where unchanged),
+manifest last."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
@@ -25,33 +25,18 @@ from daemon.layout import (
     open_listed,
     parse_manifest,
 )
+from daemon.storage.errors import IntegrityError, StoreError, UploadCancelled, describe_error
+from daemon.storage.etags import EtagDigest, is_md5_etag, normalize_etag
 from daemon.storage.global_commit import (
     incarnation_of,
     is_node_part,
     part_key,
     try_global_commit,
 )
-from daemon.storage.s3client import (
-    BY_ETAG,
-    BY_READ_BACK,
-    BY_SERVER_CHECKSUM,
-    EtagDigest,
-    IntegrityError,
-    RemoteObject,
-    StoreError,
-    UploadCancelled,
-    describe_error,
-    is_md5_etag,
-    normalize_etag,
-)
-
-if TYPE_CHECKING:
-    pass
+from daemon.storage.integrity import BY_ETAG, BY_READ_BACK, BY_SERVER_CHECKSUM
+from daemon.storage.locations import RemoteObject
 from daemon.storage.records import (
     _MAX_COPY_BYTES,
-    _PENDING,
-    _SHA256_VERIFIED,
-    VERIFIED_META,
     RemoteCheckpoint,
     StagedFile,
     UploadResult,
@@ -275,7 +260,7 @@ class CommitLayer(RetentionLayer):
         local bytes: its ETag is the one ``expected`` gives (the MD5 of the local bytes,
         or for multipart the MD5 of the parts' MD5s and ``-N``), or, where the ETag is
         not that (SSE-KMS, DSSE-KMS, SSE-C; a server with its own ETags), the object is
-        verified as :class:`~daemon.storage.s3client.EndpointIntegrity` decides: AWS's checksum
+        verified as :class:`~daemon.storage.integrity.EndpointIntegrity` decides: AWS's checksum
         check, or read back and hashed against the manifest's sha256. A file holding
         other bytes is sent again once with ``resend`` (which returns its new expected
         ETag), then :class:`IntegrityError`. Files without an expected ETag are not
@@ -322,13 +307,7 @@ class CommitLayer(RetentionLayer):
         if self.node_id is not None and is_node_part(manifest):
             # One node's share: its part manifest, never the step's commit.
             manifest_key = part_key(self, step, incarnation_of(manifest), self.node_id)
-        self._switch.check(f"commit {self.location.url(manifest_key)}")
-        self._put_bytes(
-            manifest_key,
-            manifest_raw,
-            content_type="application/json",
-            metadata={VERIFIED_META: _SHA256_VERIFIED if verified else _PENDING},
-        )
+        self.put_manifest(manifest_key, manifest_raw, verified=verified)
         return RemoteCheckpoint(step, manifest, manifest_key, manifest_raw, check.objects, verified)
 
     def _manifest_bytes(self, ckpt_dir: Path, manifest: Manifest) -> bytes:

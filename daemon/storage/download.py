@@ -42,13 +42,8 @@ from daemon.layout import (
     fsync_dir,
     step_dir_name,
 )
-from daemon.storage.s3client import (
-    IntegrityError,
-    RemoteLocation,
-    RemoteObject,
-    StoreError,
-    describe_error,
-)
+from daemon.storage.errors import IntegrityError, StoreError, describe_error
+from daemon.storage.locations import RemoteLocation, RemoteObject
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -1,4 +1,4 @@
-"""Google Cloud Storage behind :class:`~daemon.storage.backend.BlobBackend` (``gs://``).
+"""Google Cloud Storage behind :class:`~daemon.storage.blob.BlobBackend` (``gs://``).
 
 Credentials are the environment's (Application Default Credentials: the instance's
 service account on GCE, ``GOOGLE_APPLICATION_CREDENTIALS`` elsewhere);
@@ -27,22 +27,20 @@ from typing import IO, Any
 
 import structlog
 
-from daemon.storage.backend import BlobLocation, BlobObject, Got, hex_md5
-from daemon.storage.records import _too_large
-from daemon.storage.s3client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
+from daemon.storage.blob import BlobObject, Got, get_pinned, hex_md5
+from daemon.storage.errors import (
     IntegrityError,
     StoreError,
-    UploadCancelled,
-    is_cancellation,
+    already_described,
 )
+from daemon.storage.locations import BlobLocation
+from daemon.storage.records import _too_large
+from daemon.storage.s3client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
 
 log = structlog.get_logger(__name__)
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _TIMEOUT = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT)
-_GET_ATTEMPTS = 3
 
 
 def _md5_hex(b64: str | None) -> str:
@@ -120,10 +118,9 @@ class GcsBackend:
         from google.api_core import exceptions as gexc
 
         what = self.location.url(key) if key is not None else f"bucket {self.location.bucket!r}"
-        if isinstance(exc, StoreError):
-            return exc
-        if is_cancellation(exc) or isinstance(exc, UploadCancelled):
-            return UploadCancelled(f"{action} {what}: upload cancelled")
+        known = already_described(exc, action, what)
+        if known is not None:
+            return known
         name = type(exc).__name__
         if name == "DataCorruption":
             return IntegrityError(f"{action} {what}: GCS holds other bytes than were sent ({exc})")
@@ -203,28 +200,22 @@ class GcsBackend:
         return None if blob is None else self._object(blob)
 
     def get(self, key: str, *, max_bytes: int) -> Got | None:
-        for attempt in range(_GET_ATTEMPTS):
-            try:
-                blob = self._bucket.get_blob(key, timeout=_TIMEOUT, retry=self._retry)
-                if blob is None:
-                    return None
-                if int(blob.size or 0) > max_bytes:
-                    raise IntegrityError(_too_large(self.location.url(key), blob.size, max_bytes))
-                pinned = self._bucket.blob(key, generation=blob.generation)
-                data = pinned.download_as_bytes(
-                    raw_download=True, checksum=None, timeout=_TIMEOUT, retry=self._retry
-                )
-            except Exception as exc:
-                err = self._error(exc, "read", key)
-                if err.code == "NoSuchKey" and attempt < _GET_ATTEMPTS - 1:
-                    continue  # replaced between the two requests: read the new one
-                if err.code == "NoSuchKey":
-                    return None
-                raise err from exc
-            if len(data) > max_bytes:
-                raise IntegrityError(_too_large(self.location.url(key), None, max_bytes))
+        url = self.location.url(key)
+
+        def read() -> Got | None:
+            blob = self._bucket.get_blob(key, timeout=_TIMEOUT, retry=self._retry)
+            if blob is None:
+                return None
+            if int(blob.size or 0) > max_bytes:
+                raise IntegrityError(_too_large(url, blob.size, max_bytes))
+            pinned = self._bucket.blob(key, generation=blob.generation)
+            data = pinned.download_as_bytes(
+                raw_download=True, checksum=None, timeout=_TIMEOUT, retry=self._retry
+            )
             return Got(data, dict(blob.metadata or {}), str(blob.generation))
-        return None  # pragma: no cover - the loop returns or raises
+
+        # The generation read is pinned: replaced meanwhile, it is gone (NoSuchKey).
+        return get_pinned(url, max_bytes, read, lambda e: self._error(e, "read", key), "NoSuchKey")
 
     def put(
         self,

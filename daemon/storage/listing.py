@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -16,17 +16,12 @@ from daemon.layout import (
     parse_step_dir,
     utc_now_iso,
 )
+from daemon.storage.errors import IntegrityError
 from daemon.storage.global_commit import (
     PARTS_DIR,
     complete_sets,
 )
-from daemon.storage.s3client import (
-    IntegrityError,
-    RemoteObject,
-)
-
-if TYPE_CHECKING:
-    pass
+from daemon.storage.locations import RemoteObject
 from daemon.storage.records import (
     _SHA256_VERIFIED,
     MAX_COMPLETE_BYTES,

@@ -13,20 +13,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from daemon.layout import (
     step_dir_name,
 )
-from daemon.storage.s3client import (
-    DEFAULT_CHECKSUM_ALGORITHM,
-    CancelSwitch,
-    IntegrityError,
-    RemoteLocation,
-    RemoteObject,
-    RenameTolerantOSUtils,
-    describe_error,
-    make_transfer_config,
-    normalize_etag,
-)
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+from daemon.storage.cancel import CancelSwitch
+from daemon.storage.errors import IntegrityError, describe_error
+from daemon.storage.etags import normalize_etag
+from daemon.storage.locations import RemoteLocation, RemoteObject
 from daemon.storage.records import (
     _RUN_ID_RE,
     _SHA256_VERIFIED,
@@ -36,6 +26,15 @@ from daemon.storage.records import (
     T,
     _too_large,
 )
+from daemon.storage.s3client import (
+    DEFAULT_CHECKSUM_ALGORITHM,
+    RenameTolerantOSUtils,
+    make_transfer_config,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import PutObjectOutputTypeDef
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +100,23 @@ class ObjectStore:
             return fn()
         except (ClientError, BotoCoreError) as exc:
             raise describe_error(exc, action=action, location=self.location, key=key) from exc
+
+    def _put_object(
+        self, key: str, body: bytes, content_type: str, **extra: Any
+    ) -> PutObjectOutputTypeDef:
+        """One PutObject of ``body`` (``extra``: metadata, conditions, checksum); its
+        response fields."""
+        return self._call(
+            "write",
+            key,
+            lambda: self.client.put_object(
+                Bucket=self.location.bucket,
+                Key=key,
+                Body=body,
+                ContentType=content_type,
+                **extra,
+            ),
+        )
 
     def _list(self, prefix: str) -> list[RemoteObject]:
         def run() -> list[RemoteObject]:
@@ -174,7 +190,6 @@ class ObjectStore:
         """Every object under ``prefix`` (one paginated listing)."""
         return self._list(prefix)
 
-
     def read_small(self, key: str, max_bytes: int = 64 * 1024) -> tuple[bytes, str] | None:
         """A small object's bytes and ETag; None when it does not exist."""
 
@@ -202,17 +217,7 @@ class ObjectStore:
             extra["IfMatch"] = f'"{if_match}"'
         if if_none_match:
             extra["IfNoneMatch"] = "*"
-        resp = self._call(
-            "write",
-            key,
-            lambda: self.client.put_object(
-                Bucket=self.location.bucket,
-                Key=key,
-                Body=body,
-                ContentType="application/json",
-                **extra,
-            ),
-        )
+        resp = self._put_object(key, body, "application/json", **extra)
         return normalize_etag(str(resp.get("ETag", "")))
 
     def _delete_key(self, key: str) -> None:

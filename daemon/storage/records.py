@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import structlog
 
@@ -17,12 +17,7 @@ from daemon.layout import (
 from daemon.storage.global_commit import (
     CompleteSet,
 )
-from daemon.storage.s3client import (
-    RemoteObject,
-)
-
-if TYPE_CHECKING:
-    pass
+from daemon.storage.locations import RemoteObject
 
 log = structlog.get_logger(__name__)
 
@@ -41,8 +36,6 @@ CHECKPOINTS_DIR = "checkpoints"
 
 
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-
 
 
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes

@@ -5,8 +5,8 @@ daemon.storage.download).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
@@ -16,21 +16,15 @@ from daemon.layout import (
     list_step_dirs,
     load_complete,
 )
-from daemon.storage.download import download_checkpoint
+from daemon.storage.commit import (
+    CommitLayer,
+)
+from daemon.storage.download import _Part, download_checkpoint
+from daemon.storage.errors import IntegrityError, StoreError
 from daemon.storage.global_commit import (
     CompleteSet,
     commit_set,
     is_node_part,
-)
-from daemon.storage.s3client import (
-    IntegrityError,
-    StoreError,
-)
-
-if TYPE_CHECKING:
-    pass
-from daemon.storage.commit import (
-    CommitLayer,
 )
 from daemon.storage.records import (
     RemoteCheckpoint,
@@ -131,9 +125,7 @@ class RestoreLayer(CommitLayer):
         return None
 
     def _download(self, remote: RemoteCheckpoint, local_dir: Path) -> Path:
-        """Fetch and verify one remote checkpoint into ``local_dir`` (the S3 way; a store
-        on another service overrides this with its own reads, see
-        :mod:`daemon.storage.backend`)."""
+        """Fetch and verify one remote checkpoint into ``local_dir``."""
         return download_checkpoint(
             self.client,
             self.location,
@@ -143,7 +135,13 @@ class RestoreLayer(CommitLayer):
             local_dir,
             part_size=self.transfer_config.multipart_chunksize,
             max_concurrency=self.transfer_config.max_request_concurrency,
+            fetch=self._part_fetcher(),
         )
+
+    def _part_fetcher(self) -> Callable[[_Part], str | None] | None:
+        """How one part of a download is read: None, S3 GETs through the client (a store on
+        another service reads through its own, see :mod:`daemon.storage.backend`)."""
+        return None
 
     def _finish_set(self, found: CompleteSet) -> None:
         """Commit a set of parts whose bytes just verified on download."""

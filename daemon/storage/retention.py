@@ -7,7 +7,7 @@ import functools
 import os
 import time
 from collections.abc import Collection, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from botocore.exceptions import ClientError
@@ -15,16 +15,11 @@ from botocore.exceptions import ClientError
 from daemon.layout import (
     MANIFEST_NAME,
 )
-from daemon.storage.s3client import (
-    RemoteObject,
-    StoreError,
-)
-
-if TYPE_CHECKING:
-    pass
+from daemon.storage.errors import StoreError
 from daemon.storage.listing import (
     ListingLayer,
 )
+from daemon.storage.locations import RemoteObject
 from daemon.storage.records import (
     _DELETE_BATCH,
     LEFTOVER_AGE_S,
@@ -47,8 +42,8 @@ def _untouched(objects: Iterable[RemoteObject], age: float = LEFTOVER_AGE_S) -> 
 
 
 class RetentionLayer(ListingLayer):
-    """What is deleted and what is aborted, and what never is (another node's or instance's work).
-    """
+    """What is deleted and what is aborted, and what never is (another node's or
+    instance's work)."""
 
     def abort_incomplete_uploads(
         self,
@@ -68,6 +63,21 @@ class RetentionLayer(ListingLayer):
         far beyond any drain.
         """
         prefix = prefix if prefix is not None else self.location.key(self.run_id) + "/"
+        aborted, why = self._abort_unfinished(prefix, keys, older_than)
+        log.info(
+            "multipart_uploads_aborted",
+            prefix=prefix,
+            aborted=aborted,
+            **({"why": why} if why else {}),
+            **({"older_than_s": older_than} if older_than is not None else {}),
+        )
+        return aborted
+
+    def _abort_unfinished(
+        self, prefix: str, keys: Collection[str] | None, older_than: float | None
+    ) -> tuple[int, str | None]:
+        """Abort the unfinished uploads under ``prefix`` that may be aborted (see
+        :meth:`abort_incomplete_uploads`); how many, and why none could be (None here)."""
         bucket = self.location.bucket
         cutoff = None if older_than is None else time.time() - older_than
 
@@ -91,29 +101,23 @@ class RetentionLayer(ListingLayer):
                         aborted += 1
             return aborted
 
-        aborted = self._call("abort", prefix, run)
-        log.info(
-            "multipart_uploads_aborted",
-            prefix=prefix,
-            aborted=aborted,
-            **({"older_than_s": older_than} if older_than is not None else {}),
-        )
-        return aborted
+        return self._call("abort", prefix, run), None
 
     def delete_checkpoint(self, step: int) -> None:
         """Delete one remote checkpoint: the manifest first (uncommit), then its files."""
-        manifest_key = self.file_key(step, MANIFEST_NAME)
-        self._call(
-            "delete",
-            manifest_key,
-            lambda: self.client.delete_object(Bucket=self.location.bucket, Key=manifest_key),
-        )
+        self._delete_key(self.file_key(step, MANIFEST_NAME))
         keys = [o.key for o in self._list(self.step_prefix(step))]
+        if keys:
+            self._delete_objects(self.step_prefix(step), keys)
+        log.info("checkpoint_deleted", step=step, objects=len(keys))
+
+    def _delete_objects(self, prefix: str, keys: list[str]) -> None:
+        """Delete ``keys`` (under ``prefix``), in batches of DeleteObjects."""
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = keys[i : i + _DELETE_BATCH]
             resp = self._call(
                 "delete",
-                self.step_prefix(step),
+                prefix,
                 functools.partial(
                     self.client.delete_objects,
                     Bucket=self.location.bucket,
@@ -128,7 +132,6 @@ class RetentionLayer(ListingLayer):
                     f"{first.get('Code', 'error')}: {first.get('Message', '')}".rstrip(": "),
                     first.get("Code"),
                 )
-        log.info("checkpoint_deleted", step=step, objects=len(keys))
 
     def apply_retention(self, keep: int) -> list[int]:
         """Keep the newest ``keep`` committed checkpoints; delete older ones. The deleted steps.
@@ -175,7 +178,5 @@ class RetentionLayer(ListingLayer):
         """Preflight: put and delete a small probe object under the run's prefix."""
         key = self.location.key(self.run_id, f".spot-supervisor-probe-{os.urandom(4).hex()}")
         self._put_bytes(key, b"probe\n", content_type="text/plain")
-        self._call(
-            "delete", key, lambda: self.client.delete_object(Bucket=self.location.bucket, Key=key)
-        )
+        self._delete_key(key)
         log.info("store_writable", bucket=self.location.bucket, key=key)

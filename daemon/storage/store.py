@@ -12,7 +12,7 @@ downloads. We never trust the server to have checked anything: moto and some
 S3-compatible servers do not verify checksums. So before the manifest is written, every
 object is checked to hold the local bytes (see :meth:`CheckpointStore.commit_manifest`):
 by its ETag where that is the MD5 of the bytes, otherwise (SSE-KMS, or a server whose
-ETags follow another convention) the way :class:`~daemon.storage.s3client.EndpointIntegrity`
+ETags follow another convention) the way :class:`~daemon.storage.integrity.EndpointIntegrity`
 decides for the endpoint. Bytes corrupted on the way up are sent again, or nothing is
 committed.
 
@@ -53,8 +53,8 @@ from daemon.storage.retention import started_before
 class CheckpointStore(RestoreLayer):
     """One run's checkpoints under ``<location>/<run_id>/`` in one bucket.
 
-Every storage failure comes out as :class:`StoreError` (a one-line message naming
-the bucket and key), integrity failures as its subclass :class:`IntegrityError`."""
+    Every storage failure comes out as :class:`StoreError` (a one-line message naming
+    the bucket and key), integrity failures as its subclass :class:`IntegrityError`."""
 
 
 __all__ = [

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.exceptions import CancelledError
 
-from daemon.storage.s3client import (
-    EtagDigest,
-    UploadCancelled,
-    describe_error,
-    endpoint_integrity,
-    make_transfer_manager,
-    multipart_part_size,
-)
-
-if TYPE_CHECKING:
-    pass
+from daemon.storage.errors import UploadCancelled, describe_error
+from daemon.storage.etags import EtagDigest, multipart_part_size
+from daemon.storage.integrity import endpoint_integrity
 from daemon.storage.objects import ObjectStore
+from daemon.storage.s3client import make_transfer_manager
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +65,7 @@ class TransferLayer(ObjectStore):
 
         ``in_order``: the digest will be fed the bytes in order (one reading pass), so on
         an endpoint known to give multipart objects their whole MD5 as ETag (see
-        :class:`~daemon.storage.s3client.EndpointIntegrity`) it predicts that one. Fed by
+        :class:`~daemon.storage.integrity.EndpointIntegrity`) it predicts that one. Fed by
         offset from concurrent part reads, it always predicts AWS's convention.
         """
         part = multipart_part_size(self.transfer_config, size)
@@ -107,11 +100,17 @@ class TransferLayer(ObjectStore):
         """Submit one file to the transfer manager; its future, cancelled with the switch.
 
         ``digest`` (classic transfer manager only) is fed with the bytes as they are read
-        to be sent: its :meth:`~daemon.storage.s3client.EtagDigest.etag` is then the ETag the
+        to be sent: its :meth:`~daemon.storage.etags.EtagDigest.etag` is then the ETag the
         object must have, at no extra read. ``staged``: a file of a checkpoint still
         being written, always sent by the classic manager (see :meth:`_uses_crt`).
         """
         self._switch.check(f"upload {self.location.url(key)}")
+        return self._submit(path, key, sha256, digest, staged)
+
+    def _submit(
+        self, path: Path, key: str, sha256: str | None, digest: EtagDigest | None, staged: bool
+    ) -> Any:
+        """Hand one file to the transfer manager (see :meth:`start_upload`); its future."""
         crt = self._uses_crt(staged)
         watch = digest is not None and not crt
         if watch and digest is not None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -12,20 +12,17 @@ from daemon.layout import (
     HASH_CHUNK,
     Manifest,
 )
-from daemon.storage.s3client import (
+from daemon.storage.errors import IntegrityError
+from daemon.storage.etags import normalize_etag
+from daemon.storage.integrity import (
     BY_ETAG,
     BY_READ_BACK,
     BY_SERVER_CHECKSUM,
     EndpointIntegrity,
-    IntegrityError,
-    RemoteObject,
     encryption_hiding_md5,
     endpoint_integrity,
-    normalize_etag,
 )
-
-if TYPE_CHECKING:
-    pass
+from daemon.storage.locations import RemoteObject
 from daemon.storage.records import (
     _PENDING,
     _SHA256_VERIFIED,
@@ -129,25 +126,34 @@ class VerifyLayer(TransferLayer):
         return self._read_back(key)[0]
 
     def _read_back(self, key: str, *, md5: bool = False) -> tuple[str, str | None]:
-        """The sha256 (and with ``md5``, the MD5) of the object's bytes as served."""
+        """The sha256 (and with ``md5``, the MD5) of the object's bytes as served; stopped
+        by the cancel switch, since no manifest may follow it then."""
         what = f"verify {self.location.url(key)}"
+        h = hashlib.sha256()
+        m = hashlib.md5(usedforsecurity=False) if md5 else None
 
-        def run() -> tuple[str, str | None]:
-            resp = self.client.get_object(Bucket=self.location.bucket, Key=key)
-            h = hashlib.sha256()
-            m = hashlib.md5(usedforsecurity=False) if md5 else None
-            body = resp["Body"]
+        def sink(chunk: bytes) -> None:
+            self._switch.check(what)
+            h.update(chunk)
+            if m is not None:
+                m.update(chunk)
+
+        self._read_whole(key, sink)
+        return h.hexdigest(), m.hexdigest() if m is not None else None
+
+    def _read_whole(self, key: str, sink: Callable[[bytes], None]) -> None:
+        """Feed ``sink`` the object's bytes as the server returns them, in order (one
+        streamed GET)."""
+
+        def run() -> None:
+            body = self.client.get_object(Bucket=self.location.bucket, Key=key)["Body"]
             try:
                 for chunk in body.iter_chunks(HASH_CHUNK):
-                    self._switch.check(what)
-                    h.update(chunk)
-                    if m is not None:
-                        m.update(chunk)
+                    sink(chunk)
             finally:
                 body.close()
-            return h.hexdigest(), m.hexdigest() if m is not None else None
 
-        return self._call("verify", key, run)
+        self._call("verify", key, run)
 
     def mark_verified(self, remote: RemoteCheckpoint) -> RemoteCheckpoint:
         """Record that every file of a ``pending`` commit now checked out against the
@@ -180,31 +186,32 @@ class VerifyLayer(TransferLayer):
         metadata: Mapping[str, str] | None = None,
         if_none_match: bool = False,
     ) -> None:
+        """Write a small object of ours (a manifest, a marker, a probe) with its sha256 in
+        its metadata, and see that the server holds these bytes (:meth:`_write_checked`).
+        ``if_none_match``: only if no object is there yet."""
+        sha = hashlib.sha256(body).hexdigest()
+        meta = {"sha256": sha, **(metadata or {})}
+        self._write_checked(key, body, content_type, meta, if_none_match)
+
+    def _write_checked(
+        self, key: str, body: bytes, content_type: str, metadata: dict[str, str], create: bool
+    ) -> None:
+        """Write ``body`` in one request (``create``: only if no object is there yet) and
+        see that the server holds it; ``metadata`` carries its sha256."""
         extra: dict[str, Any] = {}
         if self._checksum_algorithm:
             extra["ChecksumAlgorithm"] = self._checksum_algorithm
-        if if_none_match:
+        if create:
             # Create only: a 412 (StoreError "PreconditionFailed") if someone was first.
             extra["IfNoneMatch"] = "*"
-        sha = hashlib.sha256(body).hexdigest()
+        sha = metadata["sha256"]
         md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
         # A server that does not verify the additional checksum (moto, some S3-compatible
         # stores) keeps whatever arrived: check that it holds our bytes as the files are
         # checked (_verify_stored), and send again once. This is the commit itself for a
         # manifest.
         for attempt in (1, 2):
-            resp = self._call(
-                "write",
-                key,
-                lambda: self.client.put_object(
-                    Bucket=self.location.bucket,
-                    Key=key,
-                    Body=body,
-                    ContentType=content_type,
-                    Metadata={"sha256": sha, **(metadata or {})},
-                    **extra,
-                ),
-            )
+            resp = self._put_object(key, body, content_type, Metadata=metadata, **extra)
             if self._verify_stored(key, resp, md5, sha) is not None:
                 return
             # What we wrote arrived corrupt: replacing our own object is no conflict.
