@@ -9,19 +9,18 @@ bandwidth is short: when sending it would take longer than the trainer takes to 
 the next checkpoint, and always in the final flush, where the deadline is near.
 
 After each verified commit, remote retention keeps the newest ``keep_remote``
-committed checkpoints (see :meth:`daemon.storage.store.CheckpointStore.apply_retention`). During
-a drain, :meth:`CheckpointSync.begin_emergency` also starts the :class:`Stager`, which
+committed checkpoints (see :meth:`daemon.storage.store.CheckpointStore.apply_retention`).
+During a drain, :meth:`CheckpointSync.begin_emergency` also starts the :class:`Stager`, which
 uploads the files of the checkpoint being written before the writer has finished it.
 Such a commit is checked against the server (ETags) but not yet against the manifest's
-sha256: it is ``pending``, and a verifier thread hashes its staged files afterwards;
-only then is it marked verified and may retention delete older checkpoints for it.
-Server-side copies come only from verified commits.
+sha256: it is ``pending``, and a verifier thread hashes its staged files afterwards
+(:mod:`daemon.storage.pending`); only then is it marked verified and may retention
+delete older checkpoints for it. Server-side copies come only from verified commits.
+Watching ``local_dir`` (watchdog) is :mod:`daemon.storage.fswatch`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -30,15 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
-from daemon.layout import HASH_CHUNK
+from daemon.storage.errors import StoreError, UploadCancelled
+from daemon.storage.fswatch import start_watch, stop_watch
 from daemon.storage.global_commit import try_global_commit
+from daemon.storage.pending import PendingVerifier
 from daemon.storage.pipeline import Stager
-from daemon.storage.s3client import StoreError, UploadCancelled
 from daemon.storage.store import CheckpointStore, RemoteCheckpoint
 
 log = structlog.get_logger(__name__)
@@ -56,34 +54,6 @@ class SyncStats:
     upload_seconds: float = 0.0
     last_upload_mbps: float | None = None
     failures: int = 0
-
-
-class _Wake(FileSystemEventHandler):
-    """Turns file-system events into hints (no I/O here).
-
-    A checkpoint appearing under its final name wakes the sync; a file appearing inside
-    a ``.tmp-step-*`` directory wakes the stager: a ``.partial`` one to be followed as it
-    is written, one under its final name to be completed or sent.
-    """
-
-    def __init__(self, wake: Callable[[], None], stage: Callable[[], None]) -> None:
-        self._wake = wake
-        self._stage = stage
-
-    def _maybe(self, path: str | bytes) -> None:
-        p = Path(path if isinstance(path, str) else path.decode())
-        if layout.parse_step_dir(p.name) is not None:
-            self._wake()
-        elif any(layout.parse_tmp_dir(part) is not None for part in p.parts[-8:-1]):
-            self._stage()
-
-    def on_moved(self, event: FileSystemEvent) -> None:
-        # The writer renames .tmp-step-N-* to step-N (the completion), and each
-        # <name>.partial to <name> (that file is final).
-        self._maybe(event.dest_path)
-
-    def on_created(self, event: FileSystemEvent) -> None:
-        self._maybe(event.src_path)
 
 
 class FlushHandle:
@@ -145,10 +115,7 @@ class CheckpointSync:
         self.stager = Stager(store, local_dir, rescan_interval=stage_rescan_interval)
         self._observer: Any = None
         self._thread: threading.Thread | None = None
-        # Pending commits whose staged files still need our sha256: (remote, dir, paths).
-        self._to_verify: queue.Queue[tuple[RemoteCheckpoint, Path, tuple[str, ...]]] = queue.Queue()
-        self._verifier: threading.Thread | None = None
-        self._verifier_lock = threading.Lock()
+        self._verifier = PendingVerifier(store, withdraw=self._withdraw, verified=self._verified)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -162,15 +129,7 @@ class CheckpointSync:
     def start(self) -> None:
         """Watch ``local_dir`` and run the worker; the first pass is a full rescan."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        try:
-            observer = Observer()
-            # Recursive: the stager needs the files finished inside .tmp-step-* dirs.
-            observer.schedule(_Wake(self.wake, self.stager.hint), str(self._dir), recursive=True)
-            observer.start()
-            self._observer = observer
-        except OSError as exc:
-            # Out of inotify watches, say: periodic rescans still find every checkpoint.
-            log.warning("sync_watch_unavailable", path=str(self._dir), error=str(exc))
+        self._observer = start_watch(self._dir, self.wake, self.stager.hint)
         self._thread = threading.Thread(target=self._run, name="checkpoint-sync", daemon=True)
         self._thread.start()
         self.wake()
@@ -197,8 +156,7 @@ class CheckpointSync:
         self._stopping.set()
         self._hint.set()
         if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
+            stop_watch(self._observer)
             self._observer = None
         if self._thread is not None:
             self._thread.join()
@@ -356,7 +314,7 @@ class CheckpointSync:
             return
         self._mark_committed(step, result.remote, result.seconds)
         if result.remote is not None and not result.remote.verified:
-            self._verify_later(result.remote, path, result.unverified)
+            self._verifier.put(result.remote, path, result.unverified)
             return
         self._apply_retention()
 
@@ -424,86 +382,23 @@ class CheckpointSync:
 
     # --- verifying pending (emergency) commits ---------------------------------------
 
-    def _verify_later(self, remote: RemoteCheckpoint, path: Path, files: tuple[str, ...]) -> None:
-        log.info("checkpoint_verification_queued", step=remote.step, files=len(files))
-        self._to_verify.put((remote, path, files))
-        with self._verifier_lock:
-            if self._verifier is None or not self._verifier.is_alive():
-                # A daemon thread: a supervisor that exits does not wait for the hashing
-                # (the commit then simply stays pending, and retention keeps older ones).
-                self._verifier = threading.Thread(
-                    target=self._verify_loop, name="checkpoint-verify", daemon=True
-                )
-                self._verifier.start()
-
     def wait_verified(self, timeout: float | None = None) -> bool:
         """Wait until every queued pending commit has been hashed; whether all were."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._to_verify.unfinished_tasks:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        return self._verifier.wait(timeout)
 
-    def _verify_loop(self) -> None:
-        while True:
-            try:
-                remote, path, files = self._to_verify.get(timeout=1.0)
-            except queue.Empty:
-                return
-            try:
-                self._verify(remote, path, files)
-            except Exception as exc:  # never kill the thread; the commit stays pending
-                log.warning("checkpoint_verification_failed", step=remote.step, error=str(exc))
-            finally:
-                self._to_verify.task_done()
-
-    def _verify(self, remote: RemoteCheckpoint, path: Path, files: tuple[str, ...]) -> None:
-        t0 = time.monotonic()
-        entries = {e.path: e for e in remote.manifest.files}
-        for rel in files:
-            entry = entries[rel]
-            h = hashlib.sha256()
-            try:
-                with open(path / rel, "rb") as f:
-                    while chunk := f.read(HASH_CHUNK):
-                        h.update(chunk)
-            except FileNotFoundError:
-                # Pruned locally (keep-K): cannot tell; restore still checks every sha256.
-                log.warning(
-                    "checkpoint_verification_skipped",
-                    step=remote.step,
-                    path=rel,
-                    reason="local file gone; the commit stays pending",
-                )
-                return
-            if h.hexdigest() != entry.sha256:
-                # The bytes sent (the server's ETag matched them) are not the manifest's:
-                # this commit would fail every restore. Withdraw it, manifest first.
-                log.error(
-                    "checkpoint_verification_failed",
-                    step=remote.step,
-                    path=rel,
-                    reason="sha256 of the committed file differs from the manifest;"
-                    " commit withdrawn",
-                )
-                with self._pass_lock:
-                    self._store.delete_checkpoint(remote.step)
-                    self._committed.discard(remote.step)
-                    self._remote.pop(remote.step, None)
-                    self._set(newest_committed_step=max(self._committed, default=None))
-                return
-        verified = self._store.mark_verified(remote)
-        log.info(
-            "checkpoint_sha256_verified",
-            step=remote.step,
-            files=len(files),
-            bytes=sum(entries[r].size for r in files),
-            seconds=round(time.monotonic() - t0, 3),
-        )
+    def _withdraw(self, remote: RemoteCheckpoint) -> None:
+        """A pending commit whose bytes are not its manifest's: delete it, manifest first."""
         with self._pass_lock:
-            if remote.step in self._remote:
-                self._remote[remote.step] = verified
+            self._store.delete_checkpoint(remote.step)
+            self._committed.discard(remote.step)
+            self._remote.pop(remote.step, None)
+            self._set(newest_committed_step=max(self._committed, default=None))
+
+    def _verified(self, verified: RemoteCheckpoint) -> None:
+        """A pending commit now checked against its manifest's sha256."""
+        with self._pass_lock:
+            if verified.step in self._remote:
+                self._remote[verified.step] = verified
             self._apply_retention()
 
     def _apply_retention(self) -> None:
