@@ -1,12 +1,13 @@
 """Several instances of one run, on this machine: a notice on one node of two (issue 12)
 and the standby's handoff (issue 13).
 
-Every instance is what ``tests/test_multinode.py`` and ``tests/test_standby.py`` boot: a
-real ``spot-supervisor run`` with its own metadata emulator (its own instance id), local
-dir and runtime dir, all sharing one bucket on moto behind the AWS-like shaping of
-:mod:`bench.servers`. The notice is the emulator's ``instance-action`` (120 s ahead, as on
-AWS), timed from the moment it is published; each supervisor polls every 0.2 s. Runs are
-stopped (SIGKILL, trainer included) as soon as what is measured has happened. Two rows:
+Every instance is what ``tests/test_multinode.py`` and ``tests/test_standby.py`` boot
+(:mod:`daemon.standins.instances`): a real ``spot-supervisor run`` with its own metadata
+emulator (its own instance id), local dir and runtime dir, all sharing one bucket on moto
+behind the AWS-like shaping of :mod:`bench.servers`. The notice is the emulator's
+``instance-action`` (120 s ahead, as on AWS), timed from the moment it is published;
+each supervisor polls every 0.2 s. Runs are stopped (SIGKILL, trainer included) as soon
+as what is measured has happened. Two rows:
 
 * multinode: notice -> the interrupt step committed, two nodes of ``torchrun --nnodes=2
   --nproc-per-node=1`` (one c10d store started here, off the "fleet") against the same
@@ -30,9 +31,7 @@ one repeat, one-node-of-two noticed on rank 0's node only, and row 1 stops at th
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import os
 import statistics
 import sys
 import time
@@ -41,14 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import psutil
 
 from bench.common import Context, Row
-from bench.servers import REPO, Server, server
-from daemon.child import TRAINER_TOKEN_ENV
-from daemon.standins import FAKE_AWS_ENV
-from daemon.standins.demo import Event, SupervisorProcess, write_config
+from bench.servers import Server, server
+from daemon.standins.demo import Event, SupervisorProcess
 from daemon.standins.emulator import MetadataEmulator
+from daemon.standins.instances import Instances
 
 POLL_INTERVAL_S = 0.2
 NOTICE_LEAD_S = 120.0
@@ -61,74 +58,15 @@ HANDOFF_SLACK_S = 5.0  # issue 13: handoff <= restore + 5 s
 TIMEOUT_S = 180.0
 
 
-# -- simulated instances (a trimmed copy of tests/instances.py) ------------------------
-
-
-class Instances:
-    """Supervisors of one run; each boot is a new instance (instance id ``i-<name>``)."""
-
-    def __init__(self, root: Path, endpoint_url: str, bucket: str, run_id: str) -> None:
-        self.root, self.endpoint_url, self.bucket, self.run_id = root, endpoint_url, bucket, run_id
-        self.emulators: list[MetadataEmulator] = []
-        self.procs: list[SupervisorProcess] = []
-
-    def boot(
-        self, name: str, command: list[str], nodes: int = 1
-    ) -> tuple[SupervisorProcess, MetadataEmulator]:
-        emulator = MetadataEmulator(instance_id=f"i-{name:0>17}").start()
-        self.emulators.append(emulator)
-        cfg = write_config(
-            self.root / f"{name}.toml",
-            run_id=self.run_id,
-            command=command,
-            local_dir=self.root / name / "ckpt",
-            remote=f"s3://{self.bucket}/runs",
-            endpoint_url=self.endpoint_url,
-            imds_url=emulator.url,
-            runtime_dir=self.root / name / "run",
-            poll_interval=POLL_INTERVAL_S,
-            extra={
-                "run": {"nodes": nodes, "env": {"OMP_NUM_THREADS": "1"}},
-                "daemon": {"stop_budget": 60},
-            },
-        )
-        env = {**os.environ, **FAKE_AWS_ENV, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-        proc = SupervisorProcess(cfg, env).start()
-        self.procs.append(proc)
-        return proc, emulator
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.proc is not None and p.proc.poll() is None:
-                _kill_instance(p)
-        for e in self.emulators:
-            e.stop()
-
-
-def _process_env(p: psutil.Process) -> dict[str, str]:
-    try:
-        return p.environ()
-    except psutil.Error:
-        return {}
-
-
-def _kill_instance(sup: SupervisorProcess) -> None:
-    """SIGKILL a whole instance: the supervisor and everything under it."""
-    assert sup.proc is not None
-    root = psutil.Process(sup.proc.pid)
-    victims = [root, *root.children(recursive=True)]
-    tokens = {_process_env(p).get(TRAINER_TOKEN_ENV) for p in victims} - {None}
-    if tokens:  # the trainer's tree lives in its own session: find all of it
-        victims += [
-            q for q in psutil.process_iter() if _process_env(q).get(TRAINER_TOKEN_ENV) in tokens
-        ]
-    for p in victims:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    sup.proc.wait(timeout=30)
-
-
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _boot(
+    fleet: Instances, name: str, command: list[str], nodes: int = 1
+) -> tuple[SupervisorProcess, MetadataEmulator]:
+    """Boot one instance of ``fleet`` running ``command``, one of ``nodes`` of the run."""
+    run = {"nodes": nodes, "env": {"OMP_NUM_THREADS": "1"}}
+    return fleet.boot(name, command=command, run=run)
 
 
 def _trainer_flags(state_mb: int) -> list[str]:
@@ -239,10 +177,12 @@ def _notice_to_commit(
     node's ``emergency_committed``, logged once its trainer has exited."""
     run_id = f"fleet-{nodes}n-{uuid.uuid4().hex[:8]}"
     (root / run_id).mkdir(parents=True)
-    fleet = Instances(root / run_id, srv.endpoint_url, bucket, run_id)
+    fleet = Instances(
+        root / run_id, srv.endpoint_url, bucket, run_id, poll_interval=POLL_INTERVAL_S
+    )
     command = _torchrun(store_port, nodes, state_mb, run_id)
     try:
-        booted = [fleet.boot(f"n{i}", command, nodes) for i in range(nodes)]
+        booted = [_boot(fleet, f"n{i}", command, nodes) for i in range(nodes)]
         sups = [s for s, _ in booted]
         first = _training(sups, WARM_STEPS)
         noticed, emulator = booted[first if rank0 else (first + 1) % nodes]
@@ -350,14 +290,16 @@ def _handoff(srv: Server, bucket: str, root: Path, state_mb: int) -> dict[str, A
     into standby and restores it, then the holder's notice and the handoff."""
     run_id = f"fleet-standby-{uuid.uuid4().hex[:8]}"
     (root / run_id).mkdir(parents=True)
-    fleet = Instances(root / run_id, srv.endpoint_url, bucket, run_id)
+    fleet = Instances(
+        root / run_id, srv.endpoint_url, bucket, run_id, poll_interval=POLL_INTERVAL_S
+    )
     command = [sys.executable, *_trainer_flags(state_mb)]
     try:
-        holder, emulator = fleet.boot("holder", command)
+        holder, emulator = _boot(fleet, "holder", command)
         _training([holder], WARM_STEPS)
         emulator.set_rebalance()
         _event(holder, "checkpoint_committed", "the holder's early commit")
-        standby, _ = fleet.boot("standby", command)
+        standby, _ = _boot(fleet, "standby", command)
         _event(standby, "phase_changed", "standby", phase="standby")
         _event(standby, "restore_completed", "the standby's restore while waiting")
         t0 = _notice(emulator)

@@ -90,29 +90,25 @@ def run(ctx: Context) -> list[Row]:
     finally:
         s3.stop()
     size = f"{window:g} s idle, 1 Hz polling"
+    # (name, unit, baseline's name, target, limit) of RSS, then CPU, as measure() returns.
+    rows = (
+        ("daemon RSS", "MB", "seed poller process", "<= 60 MB", 60.0),
+        ("daemon CPU", "% core", "seed poller process (5 s)", "<= 0.5 %", 0.5),
+    )
     return [
         Row(
             group="footprint",
-            name="daemon RSS",
-            unit="MB",
-            ours=ours[0],
-            baseline=seed[0],
-            baseline_name="seed poller process",
+            name=name,
+            unit=unit,
+            ours=mine,
+            baseline=theirs,
+            baseline_name=baseline_name,
             size=size,
             repeats=1,
-            target="<= 60 MB",
-            met=ours[0] <= 60,
-        ),
-        Row(
-            group="footprint",
-            name="daemon CPU",
-            unit="% core",
-            ours=ours[1],
-            baseline=seed[1],
-            baseline_name="seed poller process (5 s)",
-            size=size,
-            repeats=1,
-            target="<= 0.5 %",
-            met=ours[1] <= 0.5,
-        ),
+            target=target,
+            met=mine <= limit,
+        )
+        for (name, unit, baseline_name, target, limit), mine, theirs in zip(
+            rows, ours, seed, strict=True
+        )
     ]
