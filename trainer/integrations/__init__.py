@@ -9,6 +9,8 @@
   trainer.example_accelerate``);
 * :mod:`trainer.integrations.data`: a sampler and a data loader whose order depends on
   (seed, epoch) only and that resume mid-epoch (torch only).
+* :mod:`trainer.integrations.common`: what the callbacks share (the manager they drive,
+  finding the newest checkpoint), no framework.
 
 Importing this package imports no framework: each module imports its own when it is
 imported (they come with the ``integrations`` extra), and the supervisor imports none.

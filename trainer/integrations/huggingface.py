@@ -27,21 +27,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from daemon.layout import Manifest, step_dir_name
-from trainer.checkpoint import (
-    CHECKPOINT_DIR_ENV,
-    Boundary,
-    CheckpointError,
-    CheckpointManager,
-    newest_verified,
-)
+from daemon.layout import step_dir_name
+from trainer.checkpoint import Boundary, CheckpointError
+from trainer.integrations.common import ManagedCallback, ManagerOptions, newest_checkpoint
+
+if TYPE_CHECKING:  # annotations only (typing.Unpack is Python 3.11's)
+    from typing_extensions import Unpack
 
 log = logging.getLogger("trainer.integrations.huggingface")
 
@@ -56,10 +53,7 @@ def latest_checkpoint(directory: str | os.PathLike[str] | None = None) -> str | 
     manifest validates and every file matches its sha256; None when there is none.
     Corrupt or incomplete ones are skipped with a warning.
     """
-    where = directory if directory is not None else os.environ.get(CHECKPOINT_DIR_ENV)
-    if not where:
-        raise CheckpointError(f"no checkpoint directory: pass one or set ${CHECKPOINT_DIR_ENV}")
-    found = newest_verified(where)
+    found = newest_checkpoint(directory)
     return str(found[0]) if found is not None else None
 
 
@@ -69,7 +63,7 @@ def _output_dir(args: TrainingArguments) -> Path:
     return Path(args.output_dir)
 
 
-class SpotTrainerCallback(TrainerCallback):
+class SpotTrainerCallback(ManagedCallback, TrainerCallback):
     """Carries SIGTERM / SIGUSR1 into verified checkpoints of a ``transformers.Trainer``.
 
     Create it early (it installs the signal handlers, main thread only) and pass it in
@@ -85,29 +79,12 @@ class SpotTrainerCallback(TrainerCallback):
         run_id: str | None = None,
         *,
         keep: int | None = FROM_ARGS,
-        on_save: Callable[[Manifest], None] | None = None,
-        notice_file: str | os.PathLike[str] | None = None,
-        deadline_margin: float = 5.0,
+        **options: Unpack[ManagerOptions],
     ) -> None:
-        self.manager = CheckpointManager(
-            directory,
-            run_id,
-            keep=None if keep is FROM_ARGS else keep,
-            on_save=on_save,
-            async_save=False,  # the Trainer writes its own files, in the loop
-            notice_file=notice_file,
-            deadline_margin=deadline_margin,
-        )
+        super().__init__(directory, run_id, keep=None if keep is FROM_ARGS else keep, **options)
         self._keep = keep
         self._pending: Boundary | None = None
         self._began: float | None = None
-        self.stopped = False
-        """SIGTERM ended training (its state saved, unless the deadline left no time)."""
-
-    @property
-    def directory(self) -> Path:
-        """Where the step directories are (``$SPOT_CHECKPOINT_DIR`` by default)."""
-        return self.manager.directory
 
     # -- checks --------------------------------------------------------------------
 

@@ -33,21 +33,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 
-from daemon.layout import Manifest, step_dir_name
-from trainer.checkpoint import (
-    CHECKPOINT_DIR_ENV,
-    CheckpointError,
-    CheckpointManager,
-    newest_verified,
-)
+from daemon.layout import step_dir_name
+from trainer.checkpoint import CheckpointError
+from trainer.integrations.common import ManagedCallback, ManagerOptions, newest_checkpoint
 from trainer.integrations.data import ResumableDataLoader, ResumableSampler
 from trainer.rng import capture_rng, restore_rng
+
+if TYPE_CHECKING:  # annotations only (typing.Unpack is Python 3.11's)
+    from typing_extensions import Unpack
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -70,10 +68,7 @@ def latest_checkpoint(directory: str | os.PathLike[str] | None = None) -> str | 
     ``$SPOT_CHECKPOINT_DIR``) whose manifest validates and every file matches its
     sha256; None when there is none (corrupt ones are skipped with a warning).
     """
-    where = directory if directory is not None else os.environ.get(CHECKPOINT_DIR_ENV)
-    if not where:
-        raise CheckpointError(f"no checkpoint directory: pass one or set ${CHECKPOINT_DIR_ENV}")
-    found = newest_verified(where)
+    found = newest_checkpoint(directory)
     if found is None:
         return None
     path, manifest = found
@@ -86,7 +81,7 @@ def _no_signal_handlers() -> None:
     """Stands in for ``_SignalConnector.register_signal_handlers``: SIGTERM is ours."""
 
 
-class SpotLightningCallback(pl.Callback):
+class SpotLightningCallback(ManagedCallback, pl.Callback):
     """Carries SIGTERM / SIGUSR1 into verified checkpoints of a Lightning ``Trainer``.
 
     Create it early (it installs the signal handlers, main thread only). ``save_every``
@@ -102,29 +97,11 @@ class SpotLightningCallback(pl.Callback):
         *,
         save_every: int | None = None,
         keep: int | None = 3,
-        on_save: Callable[[Manifest], None] | None = None,
-        notice_file: str | os.PathLike[str] | None = None,
-        deadline_margin: float = 5.0,
+        **options: Unpack[ManagerOptions],
     ) -> None:
-        self.manager = CheckpointManager(
-            directory,
-            run_id,
-            keep=keep,
-            save_every=save_every,
-            on_save=on_save,
-            async_save=False,
-            notice_file=notice_file,
-            deadline_margin=deadline_margin,
-        )
-        self.stopped = False
-        """SIGTERM ended training (its state saved, unless the deadline left no time)."""
+        super().__init__(directory, run_id, keep=keep, save_every=save_every, **options)
         self._boundary = -1
         self._rng_to_restore: dict[str, Any] | None = None
-
-    @property
-    def directory(self) -> Path:
-        """Where the step directories are (``$SPOT_CHECKPOINT_DIR`` by default)."""
-        return self.manager.directory
 
     # -- signals -------------------------------------------------------------------
 
