@@ -38,26 +38,24 @@ from types import TracebackType
 from typing import Any
 
 from daemon.layout import Manifest
-from trainer import schedule
+from trainer import schedule, state
 from trainer.errors import CheckpointError
 from trainer.loading import newest_verified
 from trainer.localdir import STAGING_PREFIX
 from trainer.schedule import SAVE_TIME_FACTOR, Boundary
 from trainer.signals import SignalFlags
-from trainer.state import (
-    CHECKPOINT_DIR_ENV,
-    DEFAULT_RUN_ID,
-    DEFAULT_SHARD_BYTES,
-    FILE_SUFFIX,
-    LOGGER,
-    PROGRESS_KEY,
-    RNG_KEY,
-    RUN_ID_ENV,
-    Checkpoint,
-    Resume,
-    Stateful,
-    check_plain,
-)
+
+# trainer.state's names, importable from here as before the split (explicit re-exports).
+from trainer.state import CHECKPOINT_DIR_ENV as CHECKPOINT_DIR_ENV
+from trainer.state import DEFAULT_RUN_ID as DEFAULT_RUN_ID
+from trainer.state import DEFAULT_SHARD_BYTES as DEFAULT_SHARD_BYTES
+from trainer.state import FILE_SUFFIX as FILE_SUFFIX
+from trainer.state import PROGRESS_KEY as PROGRESS_KEY
+from trainer.state import RNG_KEY as RNG_KEY
+from trainer.state import RUN_ID_ENV as RUN_ID_ENV
+from trainer.state import Checkpoint as Checkpoint
+from trainer.state import Resume as Resume
+from trainer.state import Stateful as Stateful
 from trainer.store import CheckpointStore
 
 __all__ = [
@@ -80,7 +78,7 @@ __all__ = [
     "newest_verified",
 ]
 
-log = logging.getLogger(LOGGER)
+log = logging.getLogger(state.LOGGER)
 
 
 class CheckpointManager(CheckpointStore):
@@ -228,7 +226,7 @@ class CheckpointManager(CheckpointStore):
         stop, reason = boundary.stop, boundary.reason
         if boundary.save and reason is not None:
             if self.save_dir is not None:
-                check_plain(progress, "progress")
+                state.check_plain(progress, "progress")
                 self.save_directory(step, reason, fill=self.save_dir, progress=progress)
             elif stop or final or not self.async_save:
                 self.save(step, self.snapshot(step, **progress), reason)
