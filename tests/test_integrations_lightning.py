@@ -30,7 +30,7 @@ from daemon.layout import Manifest, list_step_dirs, load_complete
 from daemon.standins import LocalS3
 from daemon.standins.emulator import MetadataEmulator
 from trainer.example import make_data, params_sha256
-from trainer.example_lightning import Regression, make_loader
+from trainer.example_lightning import Regression, make_loader, make_trainer
 from trainer.integrations.lightning import (
     CHECKPOINT_NAME,
     SpotLightningCallback,
@@ -101,17 +101,7 @@ def _fit(
     resume = latest_checkpoint(ckpt) if cb is not None else None
     pl.seed_everything(0, verbose=False)
     module = Regression(steps, 3e-3, 0, 0)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[probe, cb] if cb is not None else [probe],
-    )
+    trainer = make_trainer(steps, [probe, cb] if cb is not None else [probe])
     try:
         trainer.fit(module, train_dataloaders=make_loader(0, plain), ckpt_path=resume)
     finally:

@@ -34,19 +34,8 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from daemon.layout import read_manifest
-from trainer.example import (
-    Ballast,
-    flags,
-    log_to_stderr,
-    out,
-    params_sha256,
-    parse_framework_args,
-    print_end,
-    print_resumed,
-    print_saved,
-    run,
-)
+from trainer.example import Ballast, flags, out, parse_framework_args, print_end, print_saved
+from trainer.example_frameworks import begin, script_main
 from trainer.integrations.huggingface import SpotTrainerCallback, latest_checkpoint
 
 VOCAB = 64
@@ -140,15 +129,8 @@ def train(args: argparse.Namespace) -> int:
     spot = SpotTrainerCallback(args.checkpoint_dir, on_save=print_saved)
     resume = latest_checkpoint(args.checkpoint_dir)
     model = make_model(args.seed, args.state_mb)
-    if resume is not None:
-        manifest = read_manifest(Path(resume))
-        print_resumed(manifest.step, manifest.reason, args.steps)
-        if manifest.step == args.steps:  # finished already: nothing left to train
-            done = GPT2LMHeadModel.from_pretrained(resume)
-            out(f"final_params_sha256={params_sha256(done)}")
-            return 0
-    else:
-        out("start step=0")
+    if begin(Path(resume) if resume else None, args.steps, GPT2LMHeadModel.from_pretrained):
+        return 0  # finished already: nothing left to train
     targs = TrainingArguments(
         output_dir=args.output_dir or str(Path(args.checkpoint_dir) / ".hf-output"),
         max_steps=args.steps,
@@ -183,9 +165,8 @@ def train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; non-zero with one ``error:`` line on stderr on failure."""
-    log_to_stderr()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model from a config needs no hub
-    return run(train, parse_args(argv))
+    return script_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -27,23 +27,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from daemon.layout import read_manifest
 from trainer.example import (
     BATCH,
     Ballast,
     flags,
-    log_to_stderr,
     make_data,
     make_model,
     out,
-    params_sha256,
     parse_framework_args,
     print_end,
-    print_resumed,
     print_saved,
-    run,
 )
+from trainer.example_frameworks import begin, script_main
 from trainer.integrations.lightning import (
+    CHECKPOINT_NAME,
     ResumableDataLoader,
     ResumableSampler,
     SpotLightningCallback,
@@ -83,12 +80,7 @@ class Progress(pl.Callback):
         self.step_seconds = step_seconds
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *a: Any
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         out(f"step={trainer.global_step} loss={float(loss):.6f}")
@@ -104,6 +96,23 @@ def make_loader(seed: int, plain: bool) -> DataLoader[Any]:
         return DataLoader(dataset, batch_size=BATCH, shuffle=True)
     sampler = ResumableSampler(dataset, seed=seed)
     return ResumableDataLoader(dataset, batch_size=BATCH, sampler=sampler, seed=seed)
+
+
+def make_trainer(steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """Lightning's ``Trainer`` as this script runs it: ``steps`` optimizer steps on one
+    CPU, nothing of its own on stdout (no logger, progress bar or summary) and no
+    checkpointing of its own (``callbacks`` save)."""
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -123,27 +132,15 @@ def train(args: argparse.Namespace) -> int:
     resume = latest_checkpoint(args.checkpoint_dir)
     pl.seed_everything(args.seed, verbose=False)
     module = Regression(args.steps, args.lr, args.state_mb, args.seed)
-    if resume is not None:
-        manifest = read_manifest(Path(resume).parent)
-        print_resumed(manifest.step, manifest.reason, args.steps)
-        if manifest.step == args.steps:  # finished already: nothing left to train
-            ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-            module.load_state_dict(ckpt["state_dict"])
-            out(f"final_params_sha256={params_sha256(module)}")
-            return 0
-    else:
-        out("start step=0")
-    trainer = pl.Trainer(
-        max_steps=args.steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[Progress(args.step_seconds), spot],
-    )
+
+    def load_final(step_dir: Path) -> nn.Module:
+        ckpt = torch.load(step_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+        module.load_state_dict(ckpt["state_dict"])
+        return module
+
+    if begin(Path(resume).parent if resume else None, args.steps, load_final):
+        return 0  # finished already: nothing left to train
+    trainer = make_trainer(args.steps, [Progress(args.step_seconds), spot])
     trainer.fit(
         module, train_dataloaders=make_loader(args.seed, args.plain_loader), ckpt_path=resume
     )
@@ -154,10 +151,9 @@ def train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; non-zero with one ``error:`` line on stderr on failure."""
-    log_to_stderr()
     # Lightning suggests more loader workers; on a toy dataset one process is right.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    return run(train, parse_args(argv))
+    return script_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":
