@@ -9,13 +9,23 @@ Where things live (docs/architecture.md has the picture):
   event means: pure), :mod:`~daemon.loop` (wake-ups, watchdog, work off the loop),
   :mod:`~daemon.state` (phases and state.json), :mod:`~daemon.deadline` (the drain clock),
   :mod:`~daemon.maintenance`, :mod:`~daemon.standby`;
-* the trainer: :mod:`~daemon.child` (the process tree), :mod:`~daemon.runas` (its user);
+* what the loop acts through: :mod:`~daemon.boot` (from the ledger's first line to the
+  started sync; the stores: :mod:`~daemon.stores`), :mod:`~daemon.drain` (notice file,
+  SIGTERM, emergency commit), :mod:`~daemon.exits` (the trainer's exit or hang, the
+  restarts), :mod:`~daemon.progress` (the newest local checkpoint), :mod:`~daemon.ending`
+  (the run's last steps), :mod:`~daemon.budget` (the 30-second clouds' notice budget);
+* the trainer: :mod:`~daemon.launch` (its start), :mod:`~daemon.child` (the process
+  tree), :mod:`~daemon.runas` (its user);
 * several nodes: :mod:`~daemon.nodes` (alignment with the global commit),
   :mod:`~daemon.rendezvous` (torchrun ids);
 * :mod:`daemon.notices` (where notices come from), :mod:`daemon.storage` (the bucket),
   :mod:`daemon.fleet` (launching instances; never on the ``run`` path),
-  :mod:`daemon.report` and :mod:`~daemon.ledger` (what a run cost);
-* operators: :mod:`~daemon.cli`, :mod:`~daemon.config`, :mod:`~daemon.preflight`,
+  :mod:`daemon.report` and :mod:`~daemon.ledger` (what a run cost; ``ledger_format``,
+  ``ledger_writer``, ``ledger_reader``, ``ledger_instance``);
+* the checkpoint on disk, shared with the trainer: :mod:`~daemon.layout` (the contract's
+  import path; ``layout_manifest``, ``layout_writer``, ``layout_verify``);
+* operators: :mod:`~daemon.cli`, :mod:`~daemon.config` (``config_values``,
+  ``config_schema``), :mod:`~daemon.preflight`,
   :mod:`~daemon.status`, :mod:`~daemon.metrics`, :mod:`~daemon.log`,
   :mod:`~daemon.journal`, :mod:`~daemon.sdnotify`.
 

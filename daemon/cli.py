@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     from daemon import log
-    from daemon.supervisor import build_store
+    from daemon.stores import build_store
 
     log.configure()
     store = build_store(cfg)
@@ -171,7 +171,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from daemon import log
     from daemon.deadline import ThroughputEstimate
     from daemon.storage.sync import CheckpointSync
-    from daemon.supervisor import build_store
+    from daemon.stores import build_store
 
     log.configure()
     sync = CheckpointSync(

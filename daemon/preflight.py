@@ -132,7 +132,7 @@ def _check_azure_metadata(cfg: Config) -> str:
 
 def check_bucket(cfg: Config) -> str:
     from daemon.storage.s3client import StoreError
-    from daemon.supervisor import build_store
+    from daemon.stores import build_store
 
     try:
         store = build_store(cfg)
@@ -152,7 +152,7 @@ def check_notice_budget(cfg: Config) -> str:
     from daemon.notices.base import PROVIDER_NOTICE_S
     from daemon.state import read_state
     from daemon.storage.s3client import StoreError
-    from daemon.supervisor import build_store
+    from daemon.stores import build_store
 
     nbytes, cadence, where = 0, None, "none yet"
     try:

@@ -1,7 +1,7 @@
 """S3 faults, each a named test of what the store does: retry, back off, fall back, or stop.
 
 Every test runs real store operations (``upload_checkpoint``, ``restore_newest``) over
-HTTP through the fault-injecting proxy (daemon/standins/faultproxy.py) to moto, with checkpoints
+HTTP through the fault-injecting proxy (daemon/standins/faultproxy/) to moto, with checkpoints
 of realistic shape: several files, a nested one, an empty one, and a 12 MiB file that
 goes up in three 5 MiB parts and comes down in three ranged GETs. The proxy's counters
 and request records show what the client did (how many attempts, which requests failed);

@@ -11,8 +11,11 @@
 * :mod:`~daemon.standins.demo`: ``spot-supervisor demo`` (the one command that may
   import stand-ins; the CLI imports it only inside that command), and the helpers the
   tests use to run real supervisor processes.
+* :mod:`~daemon.standins.instances`: several simulated instances of one run on this
+  machine (a supervisor, metadata emulator, local and runtime dir each; one bucket), for
+  the multi-node and standby tests and ``python -m bench fleet``.
 
-``tests/test_layout_house.py`` imports the daemon with this package made unimportable.
+``tests/test_boundaries.py`` imports the daemon with this package made unimportable.
 """
 
 from daemon.standins.s3 import (

@@ -1,7 +1,11 @@
 """Object storage: everything the supervisor reads and writes in the run's bucket.
 
-* :mod:`~daemon.storage.s3client`: the S3 client, transfer settings, errors, integrity
-  rules (which ETags are MD5s), the cancel switch.
+* :mod:`~daemon.storage.s3client`: the S3 client and transfer settings;
+  :mod:`~daemon.storage.locations` (``s3://``, ``gs://``, ``az://`` remotes),
+  :mod:`~daemon.storage.errors` (StoreError and how a failure is described),
+  :mod:`~daemon.storage.etags` (ETag maths, the MD5 fed by an upload's reads),
+  :mod:`~daemon.storage.integrity` (which ETags are MD5s, per endpoint),
+  :mod:`~daemon.storage.cancel` (the cancel switch at the drain deadline).
 * :mod:`~daemon.storage.store`: :class:`~daemon.storage.store.CheckpointStore`, the one
   object the rest of the daemon talks to, composed of one layer per job:
   :mod:`~daemon.storage.objects` (keys, requests, small objects),
@@ -13,10 +17,14 @@
 * :mod:`~daemon.storage.backend`: the same store on GCS (``gs://``,
   :mod:`~daemon.storage.gcs`) and Azure Blob Storage (``az://``,
   :mod:`~daemon.storage.azure_blob`): the S3-speaking methods overridden through one
-  ``BlobBackend``.
+  ``BlobBackend`` (:mod:`~daemon.storage.blob`; file ends: :mod:`~daemon.storage.blob_io`).
 * :mod:`~daemon.storage.download`: fetching and verifying one checkpoint's files.
 * :mod:`~daemon.storage.sync`: the background thread that commits each new local
-  checkpoint; :mod:`~daemon.storage.pipeline`: the emergency stager.
+  checkpoint (its file watch: :mod:`~daemon.storage.fswatch`; emergency commits
+  verified after the fact: :mod:`~daemon.storage.pending`);
+  :mod:`~daemon.storage.pipeline`: the emergency stager, which follows each file as it is
+  written (:mod:`~daemon.storage.tail`) and whose work the commit checks
+  (:mod:`~daemon.storage.staged`).
 * :mod:`~daemon.storage.global_commit`: several nodes' parts, one commit.
 * :mod:`~daemon.storage.lease`: the run's slots (who may train).
 
