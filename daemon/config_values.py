@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from daemon.storage.locations import AZURE_CONTAINER_RE, BUCKET_RE, GCS_BUCKET_RE
+
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 PROVIDERS = ("aws", "gcp", "azure")
 
@@ -96,14 +98,8 @@ def _checksum_algorithm(key: str, v: Any) -> str:
     return name
 
 
-# The same rules as daemon.storage.s3client.parse_remote (s3://) and
-# daemon.storage.backend.parse_blob_remote (gs://, az://), which cannot be imported here
-# (boto3, the cloud SDKs); tests/test_config.py checks that they agree on every case it lists.
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$")
-# GCS: 3-63 characters (222 with dots) of a-z 0-9 - _ ., starting and ending alphanumeric.
-_GCS_BUCKET_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{1,220})[a-z0-9]$")
-# Azure: 3-63 of a-z 0-9 -, starting with a letter or digit, no "--", not ending in "-".
-_AZURE_CONTAINER_RE = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+# The bucket and container name rules of the storage layer itself (daemon.storage.locations
+# imports only the standard library, so loading a config still pulls in no SDK).
 REMOTE_SCHEMES = ("s3", "gs", "az")
 
 
@@ -116,13 +112,13 @@ def _remote(key: str, v: Any) -> str:
             " az://container[/prefix]"
         )
     scheme, bucket, prefix = m[1], m[2], m[3] or ""
-    if scheme == "s3" and not _BUCKET_RE.match(bucket):
+    if scheme == "s3" and not BUCKET_RE.match(bucket):
         raise ConfigError(
             f"{key}: {bucket!r} is not a valid bucket name (3 to 255 of A-Z a-z 0-9 . _ -,"
             " starting with a letter or digit)"
         )
     if scheme == "gs" and (
-        not _GCS_BUCKET_RE.match(bucket)
+        not GCS_BUCKET_RE.match(bucket)
         or (len(bucket) > 63 and "." not in bucket)
         or any(len(part) > 63 for part in bucket.split("."))
     ):
@@ -130,7 +126,7 @@ def _remote(key: str, v: Any) -> str:
             f"{key}: {bucket!r} is not a valid GCS bucket name (3 to 63 of a-z 0-9 - _ .,"
             " up to 222 with dots, starting and ending with a letter or digit)"
         )
-    if scheme == "az" and not _AZURE_CONTAINER_RE.match(bucket):
+    if scheme == "az" and not AZURE_CONTAINER_RE.match(bucket):
         raise ConfigError(
             f"{key}: {bucket!r} is not a valid Azure container name (3 to 63 of a-z 0-9 -,"
             " starting and ending with a letter or digit, no '--')"

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 # Lenient on purpose: legacy buckets may hold upper case and underscores, and
 # S3-compatible servers are laxer than AWS; S3 itself has the last word.
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$")
+BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,254}$")
 
 BLOB_SCHEMES = ("gs", "az")
-# The same rules as daemon.config._remote (tests/test_config.py checks they agree).
-_GCS_BUCKET_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{1,220})[a-z0-9]$")
-_AZURE_CONTAINER_RE = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+# Checked by daemon.config_values._remote at load time too, from here (one copy).
+# GCS: 3-63 characters (222 with dots) of a-z 0-9 - _ ., starting and ending alphanumeric.
+GCS_BUCKET_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{1,220})[a-z0-9]$")
+# Azure: 3-63 of a-z 0-9 -, starting with a letter or digit, no "--", not ending in "-".
+AZURE_CONTAINER_RE = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def parse_remote(value: str) -> RemoteLocation:
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise ValueError(f"remote {value!r} names no bucket (expected s3://bucket/prefix)")
-    if not _BUCKET_RE.match(bucket):
+    if not BUCKET_RE.match(bucket):
         raise ValueError(f"remote {value!r}: {bucket!r} is not a valid bucket name")
     return RemoteLocation(bucket, _checked_prefix(value, prefix, "an S3 key prefix"))
 
@@ -91,12 +93,12 @@ def parse_blob_remote(value: str) -> BlobLocation:
         raise ValueError(f"remote {value!r} is not gs://bucket[/prefix] or az://container[/prefix]")
     scheme, bucket, prefix = m[1], m[2], m[3] or ""
     if scheme == "gs" and (
-        not _GCS_BUCKET_RE.match(bucket)
+        not GCS_BUCKET_RE.match(bucket)
         or (len(bucket) > 63 and "." not in bucket)
         or any(len(part) > 63 for part in bucket.split("."))
     ):
         raise ValueError(f"remote {value!r}: {bucket!r} is not a valid GCS bucket name")
-    if scheme == "az" and not _AZURE_CONTAINER_RE.match(bucket):
+    if scheme == "az" and not AZURE_CONTAINER_RE.match(bucket):
         raise ValueError(f"remote {value!r}: {bucket!r} is not a valid Azure container name")
     return BlobLocation(bucket, _checked_prefix(value, prefix, "a key prefix"), scheme)
 
