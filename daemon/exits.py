@@ -182,7 +182,7 @@ class TrainerExits:
                 hint="the training command exited 0 without writing a checkpoint "
                 "into $SPOT_CHECKPOINT_DIR",
             )
-            self._state.transition(Phase.FAILED, "no checkpoint to commit")
+            self._ending.failed("no checkpoint to commit")  # STOPPING=1, as every failure
             return 2
         newest_local = newest[0]
         if committed != newest_local:
