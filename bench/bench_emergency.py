@@ -45,9 +45,9 @@ import boto3
 import psutil
 from structlog.testing import capture_logs
 
-from bench.bench_transfer import empty_bucket, learn_endpoint, make_store
+from bench.bench_transfer import each_server, empty_bucket, make_store
 from bench.common import Context, Row, capture_info
-from bench.servers import REPO, SERVERS, Server, available, server
+from bench.servers import REPO, Server
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
 from daemon.storage.sync import CheckpointSync, SyncStats
@@ -315,13 +315,7 @@ def run(ctx: Context) -> list[Row]:
     """Each state size on each server, the three ways interleaved in every repeat."""
     sizes = (64,) if ctx.quick else (384, 2048)
     rows: list[Row] = []
-    for name in SERVERS:
-        why = available(name)
-        if why is not None:
-            print(f"   {name} skipped: {why}", flush=True)
-            continue
-        with server(name, Path(ctx.workdir)) as srv:
-            learn_endpoint(srv, Path(ctx.workdir))
-            for mb in sizes:
-                rows.append(_one_size(ctx, srv, mb, ctx.repeats(3 if mb < 1024 else 2, 1)))
+    for srv in each_server(ctx):
+        for mb in sizes:
+            rows.append(_one_size(ctx, srv, mb, ctx.repeats(3 if mb < 1024 else 2, 1)))
     return rows

@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -315,6 +315,16 @@ def run(ctx: Context) -> list[Row]:
     large = [16 * MiB] * 4 if ctx.quick else [256 * MiB] * 4
     small = [64 * 1024] * (100 if ctx.quick else 900)
     rows: list[Row] = []
+    for srv in each_server(ctx):
+        rows += _measure_shape(ctx, srv, "large files", large, repeats)
+        rows += _measure_shape(ctx, srv, "64 KB files", small, repeats)
+    return rows
+
+
+def each_server(ctx: Context) -> Iterator[Server]:
+    """Each server of :data:`bench.servers.SERVERS` that can run here, started behind the
+    shaping proxy and its endpoint learnt (:func:`learn_endpoint`); the others are
+    skipped with a line saying why."""
     for name in SERVERS:
         why = available(name)
         if why is not None:
@@ -322,6 +332,4 @@ def run(ctx: Context) -> list[Row]:
             continue
         with server(name, Path(ctx.workdir)) as srv:
             learn_endpoint(srv, Path(ctx.workdir))
-            rows += _measure_shape(ctx, srv, "large files", large, repeats)
-            rows += _measure_shape(ctx, srv, "64 KB files", small, repeats)
-    return rows
+            yield srv

@@ -24,14 +24,19 @@ DEFAULT = Path(__file__).resolve().parent.parent / "docs" / "bench-results.json"
 def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows of every doc, a later doc's groups replacing an earlier doc's."""
     rows: list[dict[str, Any]] = []
-    runs = []
-    for doc in docs:
+    origin: dict[str, int] = {}  # group -> the doc its rows come from
+    for i, doc in enumerate(docs):
         groups = {r["group"] for r in doc["rows"]}
         rows = [r for r in rows if r["group"] not in groups] + doc["rows"]
-        runs.append({"when": doc["meta"]["when"], "groups": sorted(groups)})
+        origin.update(dict.fromkeys(groups, i))
     meta = dict(docs[-1]["meta"])
     if len(docs) > 1:
-        meta["runs"] = runs
+        # Each run named with the groups it still supplies (a later run replaced the rest).
+        meta["runs"] = [
+            {"when": doc["meta"]["when"], "groups": sorted(g for g, o in origin.items() if o == i)}
+            for i, doc in enumerate(docs)
+            if i in origin.values()
+        ]
     return {"meta": meta, "rows": rows}
 
 
