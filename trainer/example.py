@@ -228,6 +228,17 @@ def run(train: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
         return 1
 
 
+def script_main(
+    train: Callable[[argparse.Namespace], int],
+    parse_args: Callable[[list[str] | None], argparse.Namespace],
+    argv: list[str] | None,
+) -> int:
+    """A reference script's entry point: log lines on stderr, ``train(parse_args(argv))``;
+    a failure is one ``error:`` line on stderr and exit status 1."""
+    log_to_stderr()
+    return run(train, parse_args(argv))
+
+
 # -- the reference trainer ---------------------------------------------------------------
 
 
@@ -332,8 +343,7 @@ def train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; non-zero with one clear ``error:`` line on stderr on failure."""
-    log_to_stderr()
-    return run(train, parse_args(argv))
+    return script_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ from trainer.checkpoint import CheckpointManager
 from trainer.example import (
     BATCH,
     flags,
-    log_to_stderr,
     make_data,
     make_model,
     out,
@@ -58,7 +57,7 @@ from trainer.example import (
     print_end,
     print_resumed,
     print_saved,
-    run,
+    script_main,
 )
 
 
@@ -133,8 +132,7 @@ def train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; non-zero with one ``error:`` line on stderr on failure."""
-    log_to_stderr()
-    return run(train, parse_args(argv))
+    return script_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,23 @@
 ``python -m trainer.example_hf`` and ``python -m trainer.example_lightning`` resume from
 the newest verified checkpoint their callback's ``latest_checkpoint`` finds; the first
 line each prints for it (``start step=0``, or ``resumed``, and the final hash at once
-when that checkpoint is the last step), and their entry point, are here. What must not
-live here: anything of a framework (this module imports none), or the flags and event
-lines every reference script prints (:mod:`trainer.example`).
+when that checkpoint is the last step) is here; their entry point is
+:func:`trainer.example.script_main`, as every reference script's. What must not live
+here: anything of a framework (this module imports none), or the flags and event lines
+every reference script prints (:mod:`trainer.example`).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
 from daemon.layout import read_manifest
-from trainer.example import log_to_stderr, out, params_sha256, print_resumed, run
+from trainer.example import out, params_sha256, print_resumed, script_main
+
+__all__ = ["begin", "script_main"]
 
 
 def begin(step_dir: Path | None, steps: int, load_final: Callable[[Path], nn.Module]) -> bool:
@@ -35,14 +37,3 @@ def begin(step_dir: Path | None, steps: int, load_final: Callable[[Path], nn.Mod
         return False
     out(f"final_params_sha256={params_sha256(load_final(step_dir))}")
     return True
-
-
-def script_main(
-    train: Callable[[argparse.Namespace], int],
-    parse_args: Callable[[list[str] | None], argparse.Namespace],
-    argv: list[str] | None,
-) -> int:
-    """A framework script's entry point: log lines on stderr, ``train(parse_args(argv))``;
-    a failure is one ``error:`` line on stderr and exit status 1."""
-    log_to_stderr()
-    return run(train, parse_args(argv))
