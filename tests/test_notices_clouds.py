@@ -106,7 +106,10 @@ def test_gcp_preemption_is_an_interruption_30s_after_it_was_seen(gce: MetadataEm
 
 
 def test_gcp_dropped_hanging_gets_are_retried_at_once(gce: MetadataEmulator) -> None:
-    source = GcpPreemptionSource(gce.url, retry_pause=5.0)  # a pause would fail the test
+    # A pause would fail the test. Hanging GETs of 1 s: the one the thread may have sent
+    # before the fault below is added ends by its timeout, not by the test's, and the
+    # faults then apply to the next two either way.
+    source = GcpPreemptionSource(gce.url, retry_pause=5.0, hang_s=1)
     try:
         source.poll()
         assert source.watch.wait_for(lambda v: v == "FALSE", WAIT)

@@ -200,9 +200,16 @@ class GcpPreemptionSource:
     name = "gcp-preempted"
 
     def __init__(
-        self, base_url: str = DEFAULT_URL, *, retry_pause: float = 1.0, clock: Clock = utc_now
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        retry_pause: float = 1.0,
+        hang_s: int = HANG_S,
+        clock: Clock = utc_now,
     ) -> None:
-        self.watch = HangingWatch(base_url, PREEMPTED_PATH, valid=_is_bool, retry_pause=retry_pause)
+        self.watch = HangingWatch(
+            base_url, PREEMPTED_PATH, valid=_is_bool, retry_pause=retry_pause, hang_s=hang_s
+        )
         self._clock = clock
         self._detected: dt.datetime | None = None
 
