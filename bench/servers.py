@@ -36,6 +36,7 @@ from types import ModuleType
 from bench.placement import Placement, describe, pin, pin_self, split
 from daemon.standins import FAKE_AWS_ENV, use_fake_aws_credentials
 from daemon.standins.faultproxy import Shaping
+from daemon.standins.npm import stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 # $SPOT_BENCH_SERVERS (comma-separated) narrows them, e.g. to moto for the test suite.
@@ -73,16 +74,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _load_s3rver() -> ModuleType:
@@ -132,7 +123,7 @@ def _moto() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
                 time.sleep(0.1)
         yield url, proc
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @contextlib.contextmanager
@@ -173,7 +164,7 @@ def _proxy(upstream: str, shaping: Shaping) -> Iterator[tuple[str, subprocess.Po
             raise RuntimeError(f"the shaping proxy did not start ({line!r})")
         yield line, proc
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @contextlib.contextmanager
