@@ -323,7 +323,18 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _without_rich() -> None:
+    """structlog renders exceptions with ``rich`` whenever it can import it, and other
+    packages of the same environment (transformers, accelerate) install it: 4 MB of
+    modules (rich, pygments, attrs) in a daemon whose logs are JSON for journald. Hidden
+    from this process, only when it is the daemon's own (structlog not yet imported), so
+    an importer of :func:`main` (a test) keeps its ``rich``."""
+    if "structlog" not in sys.modules:
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _without_rich()
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -198,3 +198,26 @@ def test_status_reads_the_state_file(tmp_path: Path, s3_server: LocalS3, bucket:
     assert doc["phase"] == "training" and doc["child_pid"] == 4242 and doc["running"] is True
     for key in ("newest_local_step", "newest_committed_step", "last_upload_mbps", "last_notice"):
         assert key in doc
+
+
+def test_the_daemon_process_runs_without_rich_and_logs_errors_plainly() -> None:
+    """structlog would import ``rich`` (4 MB) wherever some other package installed it;
+    the daemon's own process hides it, and an exception is still logged in full."""
+    probe = (
+        "import sys, daemon.cli as c; c._without_rich(); import structlog, daemon.log as l;"
+        "l.configure('info', sys.stdout);"
+        "log = structlog.get_logger('probe')\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n    log.exception('boom')\n"
+        "print('rich loaded:', sys.modules.get('rich') is not None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "rich loaded: False" in out
+    assert "ZeroDivisionError" in out
+    # A process that imported structlog before (a test, an embedding tool) keeps its rich.
+    from daemon.cli import _without_rich
+
+    before = sys.modules.get("rich", "absent")
+    _without_rich()
+    assert sys.modules.get("rich", "absent") == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -198,22 +199,28 @@ def test_reupload_of_committed_step_is_a_noop(
 
 
 @pytest.mark.parametrize("damage", ["rewritten", "deleted"])
+@pytest.mark.parametrize("victim", ["optimizer.pt", "state.bin"])  # one request; parts
 def test_local_file_not_matching_manifest_commits_nothing(
-    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path, damage: str
+    s3_server: LocalS3, bucket: str, s3_client: Any, tmp_path: Path, damage: str, victim: str
 ) -> None:
     store = make_store(s3_server, bucket)
     ckpt, manifest = make_checkpoint(tmp_path, 7, big=True)
-    victim = ckpt / "optimizer.pt"
+    path = ckpt / victim
+    name = re.escape(victim)
     if damage == "rewritten":  # same size, other bytes: only a hash can tell
-        victim.write_bytes(os.urandom(victim.stat().st_size))
-        with pytest.raises(IntegrityError, match=r"optimizer\.pt.*manifest not written"):
+        path.write_bytes(os.urandom(path.stat().st_size))
+        with pytest.raises(IntegrityError, match=rf"{name}.*manifest not written"):
             store.upload_checkpoint(ckpt, manifest)
     else:  # e.g. pruned by the trainer mid-upload: the sync takes this as "gone"
-        victim.unlink()
-        with pytest.raises(FileNotFoundError, match=r"manifest not written.*optimizer\.pt"):
+        path.unlink()
+        with pytest.raises(FileNotFoundError, match=rf"manifest not written.*{name}"):
             store.upload_checkpoint(ckpt, manifest)
     assert not any(k.endswith(MANIFEST_NAME) for k in keys_under(s3_client, bucket))
     assert store.list_committed() == []
+    # Checked before a byte of it is sent: the file's object never came to be, and no
+    # multipart upload is left open.
+    assert store.file_key(7, victim) not in keys_under(s3_client, bucket)
+    assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
 @pytest.mark.parametrize("damage", ["missing", "wrong_size"])
