@@ -83,9 +83,15 @@ DEFAULT_CHECKSUM_ALGORITHM = "CRC32"
 CHECKSUM_ALGORITHMS = ("SHA256", "CRC32", "CRC32C", "none")
 # Those botocore computes only with awscrt installed.
 _CRT_ONLY_CHECKSUMS = frozenset({"CRC32C"})
-# A short connect timeout: during a drain every second counts, and a dead endpoint should
-# fail fast into a retry rather than hang. Reads get longer, for parts under load.
-DEFAULT_CONNECT_TIMEOUT = 3.0
+# The connect timeout is not only the TCP connect's: urllib3 (under botocore, requests
+# and Azure's SDK alike) keeps it on the socket while the whole request is sent, so it
+# is also the longest a part's body may stall on a full send window. At 3 s (this
+# project's earlier value) a server or path under load that stopped reading a connection
+# for 3 s failed the part, which was then sent again from its first byte: 17 to 39 of the
+# 128 parts of a 2 GiB upload through the shaped moto, none at 10 s. 10 s still fails a
+# dead endpoint into a retry well inside a drain (botocore's own default is 60 s). Reads
+# (the wait for an answer) get longer, for parts under load.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 20.0
 
 T = TypeVar("T")
