@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError, ReadTimeoutError
 from structlog.testing import capture_logs
 from test_restore import commit_steps_10_and_20
 from test_store import PART, events, make_checkpoint, make_store, same_tree
@@ -32,6 +33,7 @@ from daemon.storage.s3client import (
     make_transfer_config,
 )
 from daemon.storage.store import CheckpointStore
+from daemon.storage.transfers import _completing
 
 RUN = "run-1"
 MiB = 1024 * 1024
@@ -270,6 +272,51 @@ def test_stall_longer_than_read_timeout_is_retried(
     assert [r.attempt for r in rs] == [1, 2]
     assert rs[0].seconds >= 1.0  # the first attempt was abandoned only at the timeout
     assert committed_steps(s3_server, bucket) == [10]
+
+
+def test_a_complete_that_outlasts_the_read_timeout_is_found_done(
+    proxy: FaultProxy, bucket: str, s3_server: LocalS3, tmp_path: Path
+) -> None:
+    """CompleteMultipartUpload of a large object can take longer than the client waits
+    (a loaded server took over 20 s for 256 MiB): the server did complete it, and a retry
+    finds the upload gone. The object settles it; the commit's ETag check still verifies
+    its bytes."""
+    src, manifest = make_checkpoint(tmp_path / "src", 10, big=True)
+    rule = proxy.stall(2.0, method="POST", path=r"state\.bin\?uploadId=", count=1)
+    # One attempt: the timeout itself is what the upload sees (moto answers a retried
+    # complete with success; AWS with NoSuchUpload, see test_which_failures_may_be_a_slow_complete).
+    store = proxied_store(proxy, bucket, max_attempts=1, read_timeout=1)
+    with capture_logs() as logs:
+        result = store.upload_checkpoint(src, manifest)
+    assert rule.applied == 1 and result.step == 10
+    (done,) = events(logs, "upload_completed_on_retry")
+    assert done["key"].endswith("state.bin")
+    assert events(logs, "checkpoint_etags_checked")[0]["checked"] == len(manifest.files)
+    assert committed_steps(s3_server, bucket) == [10]
+
+
+def test_which_failures_may_be_a_slow_complete() -> None:
+    url = "https://b.s3.amazonaws.com/k?uploadId=abc"
+    taken = ClientError({"Error": {"Code": "NoSuchUpload"}}, "CompleteMultipartUpload")
+    assert _completing(taken)
+    assert _completing(ReadTimeoutError(endpoint_url=url))
+    assert not _completing(ClientError({"Error": {"Code": "500"}}, "UploadPart"))
+    assert not _completing(ReadTimeoutError(endpoint_url=url + "&partNumber=2"))
+    assert not _completing(ReadTimeoutError(endpoint_url="https://b.s3.amazonaws.com/k"))
+
+
+def test_a_failed_part_is_not_taken_for_a_slow_complete(
+    proxy: FaultProxy, bucket: str, s3_server: LocalS3, tmp_path: Path
+) -> None:
+    """Only the completing request's failure waits for the object: a part that fails for
+    good fails the upload at once."""
+    src, manifest = make_checkpoint(tmp_path / "src", 10, big=True)
+    proxy.stall(2.0, method="PUT", path=r"state\.bin\?.*partNumber=2", count=1)
+    store = proxied_store(proxy, bucket, max_attempts=1, read_timeout=1)
+    with capture_logs() as logs, pytest.raises(StoreError, match=r"state\.bin"):
+        store.upload_checkpoint(src, manifest)
+    assert not events(logs, "upload_completed_on_retry")
+    assert committed_steps(s3_server, bucket) == []
 
 
 def test_stall_that_does_not_end_fails_with_a_timeout_message(

@@ -228,8 +228,9 @@ class BlobCheckpointStore(CheckpointStore):
     def _release(self, future: Any) -> None:
         """Nothing to release: a blob upload holds no shared transfer state."""
 
-    def wait_upload(self, future: Any, key: str) -> None:
-        """Wait for one submitted upload; its failure as :class:`StoreError`."""
+    def wait_upload(self, future: Any, key: str, size: int | None = None) -> None:
+        """Wait for one submitted upload; its failure as :class:`StoreError` (a blob
+        upload has no separate completing request: ``size`` is not needed)."""
         url = self.location.url(key)
         try:
             future.result()

@@ -401,7 +401,7 @@ class CommitLayer(RetentionLayer):
                 etags[entry.path] = digest.etag() if self.etag_checkable(entry.size) else None
                 pending.append((path, key, before, self.start_upload(path, key, entry.sha256)))
             for path, key, before, fut in pending:
-                self.wait_upload(fut, key)
+                self.wait_upload(fut, key, before[1])
                 # Hashed before it was sent: a file rewritten since would commit other bytes.
                 if _stat_key(path) != before:
                     raise IntegrityError(

@@ -76,7 +76,7 @@ def check_staged(
         return f"staging failed: {exc}"
     if staged.transfer is not None:
         try:
-            store.wait_upload(staged.transfer, staged.key)
+            store.wait_upload(staged.transfer, staged.key, staged.ident[1])
         except UploadCancelled:
             raise
         except (StoreError, OSError) as exc:

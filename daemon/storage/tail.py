@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import os
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +50,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.storage.s3client import StoreError, UploadCancelled, describe_error
 from daemon.storage.store import CheckpointStore
+from daemon.storage.transfers import COMPLETE_WAIT
 
 log = structlog.get_logger(__name__)
 
@@ -60,8 +60,6 @@ POLL_SECONDS = 0.01
 # S3's limits on multipart uploads: at most 10,000 parts, each but the last >= 5 MiB.
 MAX_PARTS = 10_000
 MIN_PART = 5 * 1024 * 1024
-# How long a failed CompleteMultipartUpload may still turn out done (see TailUpload._finish).
-COMPLETE_WAIT = 30.0
 
 
 class TailFailed(StoreError):
@@ -394,21 +392,7 @@ class TailUpload:
             self._slots.release()
 
     def _stored(self, size: int, wait: float) -> bool:
-        """Whether the key holds an object of ``size`` bytes within ``wait`` seconds (the
-        cancel switch ends the wait)."""
-        end = time.monotonic() + wait
-        while True:
-            try:
-                head = self._store.client.head_object(
-                    Bucket=self._store.location.bucket, Key=self.key
-                )
-                if int(head.get("ContentLength", -1)) == size:
-                    return True
-            except (ClientError, BotoCoreError):
-                pass
-            if time.monotonic() >= end or self._store.cancel_switch.cancelled:
-                return False
-            time.sleep(0.5)
+        return self._store.stored_within(self.key, size, wait)
 
     def _put_whole(self, data: bytes) -> str:
         extra: dict[str, Any] = dict(self._store.upload_args(self._sha.hexdigest()))

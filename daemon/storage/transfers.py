@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,13 @@ from daemon.storage.objects import ObjectStore
 from daemon.storage.s3client import make_transfer_manager
 
 log = structlog.get_logger(__name__)
+
+# How long a failed CompleteMultipartUpload may still turn out done. Completing a large
+# object can outlast the read timeout ("could take several minutes", AWS says; a loaded
+# stand-in takes over 20 s for 256 MiB); botocore then sends it again, and the retry finds
+# the upload taken (404 NoSuchUpload on AWS, 500 on moto) while the first one is still
+# assembling the object.
+COMPLETE_WAIT = 30.0
 
 
 class TransferLayer(ObjectStore):
@@ -136,13 +144,51 @@ class TransferLayer(ObjectStore):
         if path is not None:
             self._osutil.unwatch(path)
 
-    def wait_upload(self, future: Any, key: str) -> None:
-        """Wait for one submitted upload; its failure as :class:`StoreError`."""
+    def wait_upload(self, future: Any, key: str, size: int | None = None) -> None:
+        """Wait for one submitted upload; its failure as :class:`StoreError`.
+
+        A failure of the upload's last request, CompleteMultipartUpload, is not yet a
+        failed upload: when the key holds an object of ``size`` bytes within
+        :data:`COMPLETE_WAIT` seconds, the first attempt completed it (see there). Its
+        bytes are then checked like any upload's, by the commit's ETag check."""
         try:
             future.result()
         except FileNotFoundError:
             raise
-        except (ClientError, BotoCoreError, OSError, CancelledError, UploadCancelled) as exc:
+        except (ClientError, BotoCoreError) as exc:
+            if (
+                _completing(exc)
+                and size is not None
+                and self.stored_within(key, size, COMPLETE_WAIT)
+            ):
+                log.info("upload_completed_on_retry", key=key, error=str(exc))
+                return
+            raise describe_error(exc, action="upload", location=self.location, key=key) from exc
+        except (OSError, CancelledError, UploadCancelled) as exc:
             raise describe_error(exc, action="upload", location=self.location, key=key) from exc
         finally:
             self._release(future)
+
+    def stored_within(self, key: str, size: int, wait: float) -> bool:
+        """Whether ``key`` holds an object of ``size`` bytes within ``wait`` seconds (the
+        cancel switch ends the wait)."""
+        end = time.monotonic() + wait
+        while True:
+            try:
+                head = self.client.head_object(Bucket=self.location.bucket, Key=key)
+                if int(head.get("ContentLength", -1)) == size:
+                    return True
+            except (ClientError, BotoCoreError):
+                pass
+            if time.monotonic() >= end or self._switch.cancelled:
+                return False
+            time.sleep(0.5)
+
+
+def _completing(exc: ClientError | BotoCoreError) -> bool:
+    """Whether ``exc`` failed a CompleteMultipartUpload: named by a ClientError, or, for a
+    timeout, by its URL (``?uploadId=`` without ``partNumber=``: not a part's)."""
+    if isinstance(exc, ClientError):
+        return exc.operation_name == "CompleteMultipartUpload"
+    url = str(getattr(exc, "kwargs", {}).get("endpoint_url", ""))
+    return "uploadId=" in url and "partNumber=" not in url
