@@ -300,7 +300,9 @@ class TailUpload:
             # minutes", AWS says); botocore's retry then finds the upload taken and fails
             # while the server is still assembling it. The object is what counts (the
             # commit checks its ETag): wait for it a while before sending the file again.
-            if isinstance(exc, UploadCancelled) or not self._stored(size, COMPLETE_WAIT):
+            if isinstance(exc, UploadCancelled) or not self._store.stored_within(
+                self.key, size, COMPLETE_WAIT
+            ):
                 raise
             log.info("tail_upload_completed_on_retry", key=self.key, error=str(exc))
         self._upload_id = None  # completed: nothing to abort any more
@@ -390,9 +392,6 @@ class TailUpload:
             return part
         finally:
             self._slots.release()
-
-    def _stored(self, size: int, wait: float) -> bool:
-        return self._store.stored_within(self.key, size, wait)
 
     def _put_whole(self, data: bytes) -> str:
         extra: dict[str, Any] = dict(self._store.upload_args(self._sha.hexdigest()))
