@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import threading
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from structlog.testing import capture_logs
 
 from daemon.layout import MANIFEST_NAME, CheckpointWriter, Manifest, step_dir_name
 from daemon.standins import LocalS3
+from daemon.storage import commit as commit_module
 from daemon.storage.s3client import (
     IntegrityError,
     RemoteLocation,
@@ -217,10 +219,47 @@ def test_local_file_not_matching_manifest_commits_nothing(
             store.upload_checkpoint(ckpt, manifest)
     assert not any(k.endswith(MANIFEST_NAME) for k in keys_under(s3_client, bucket))
     assert store.list_committed() == []
-    # Checked before a byte of it is sent: the file's object never came to be, and no
-    # multipart upload is left open.
-    assert store.file_key(7, victim) not in keys_under(s3_client, bucket)
+    # Checked while it is sent: its object may have come to be, uncommitted (a leftover
+    # that retention sweeps), but no multipart upload is left open.
     assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_file_changed_after_its_upload_started_commits_nothing(
+    s3_server: LocalS3, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files are hashed while they are sent. One whose upload read other bytes than the
+    # manifest's, and which was then rewritten to the manifest's before its hash read it,
+    # hashes right: only its changed identity (taken before the upload read a byte) shows
+    # that what was sent is not what was hashed. Where ETags go unchecked (the CRT's
+    # multipart uploads) nothing else would.
+    store = make_store(s3_server, bucket)
+    ckpt, manifest = make_checkpoint(tmp_path, 8, big=True)
+    victim = ckpt / "optimizer.pt"
+    good = victim.read_bytes()
+    victim.write_bytes(os.urandom(len(good)))
+    sent = threading.Event()
+    verify = commit_module._verify_local
+    start = store.start_upload
+
+    def verify_once_sent(*args: Any) -> tuple[int, int, int]:
+        assert sent.wait(30)
+        return verify(*args)
+
+    def start_then_rewrite(path: Path, key: str, sha256: str | None) -> Any:
+        future = start(path, key, sha256)
+        if path == victim:
+            future.result()  # the other bytes are on the server
+            victim.write_bytes(good)
+            st = victim.stat()
+            os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            sent.set()
+        return future
+
+    monkeypatch.setattr(commit_module, "_verify_local", verify_once_sent)
+    monkeypatch.setattr(store, "start_upload", start_then_rewrite)
+    with pytest.raises(IntegrityError, match=r"optimizer\.pt changed while it was uploaded"):
+        store.upload_checkpoint(ckpt, manifest)
+    assert store.list_committed() == []
 
 
 @pytest.mark.parametrize("damage", ["missing", "wrong_size"])

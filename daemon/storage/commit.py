@@ -49,6 +49,11 @@ from daemon.storage.retention import (
 log = structlog.get_logger(__name__)
 
 
+# Threads that check files against the manifest while they are sent (hashlib releases
+# the GIL): each hashes about 0.4 GB/s here (sha256 and the ETag's MD5 of every byte).
+COMMIT_HASH_WORKERS = 2
+
+
 def _stat_key(path: Path) -> tuple[int, int, int]:
     # lstat: a file swapped for a symlink after it was checked is a changed file.
     return _ident(os.lstat(path))
@@ -87,17 +92,41 @@ def copy_etag(src: RemoteObject) -> str | None:
     return etag if is_md5_etag(etag) and "-" not in etag else None
 
 
+def _missing(path: Path) -> FileNotFoundError:
+    # Plain FileNotFoundError on purpose: the usual cause is the trainer pruning an old
+    # checkpoint (keep-K) under us, which the sync treats as "gone", not as a failure.
+    return FileNotFoundError(
+        errno.ENOENT, "listed in the manifest but missing; manifest not written", str(path)
+    )
+
+
+def _ident_now(ckpt_dir: Path, entry: FileEntry) -> tuple[int, int, int]:
+    """A listed file's stat identity before anything of it is read."""
+    path = ckpt_dir / entry.path
+    try:
+        return _stat_key(path)
+    except FileNotFoundError:
+        raise _missing(path) from None
+
+
 def _verify_local(
-    ckpt_dir: Path, entry: FileEntry, digest: EtagDigest | None = None
+    ckpt_dir: Path,
+    entry: FileEntry,
+    digest: EtagDigest | None = None,
+    ident: tuple[int, int, int] | None = None,
 ) -> tuple[int, int, int]:
     """Check a local file against its manifest entry; its stat identity for later.
 
     Read through :func:`daemon.layout.open_listed` (never through a symlink). ``digest``
-    is fed with the same bytes (the upload's expected ETag, same pass)."""
+    is fed with the same bytes (the upload's expected ETag, same pass). ``ident``: the
+    identity the file had when its upload started; a file that has another one now was
+    changed (or replaced) in between, and what was sent may not be what is hashed."""
     path = ckpt_dir / entry.path
     try:
         with open_listed(ckpt_dir, entry.path) as f:
             before = _ident(os.fstat(f.fileno()))
+            if ident is not None and before != ident:
+                raise IntegrityError(f"{path} changed while it was uploaded; manifest not written")
             if before[1] != entry.size:
                 raise IntegrityError(
                     f"{path} has {before[1]} bytes, the manifest says {entry.size}; "
@@ -109,11 +138,7 @@ def _verify_local(
                 if digest is not None:
                     digest.update(chunk)
     except FileNotFoundError:
-        # Plain FileNotFoundError on purpose: the usual cause is the trainer pruning an old
-        # checkpoint (keep-K) under us, which the sync treats as "gone", not as a failure.
-        raise FileNotFoundError(
-            errno.ENOENT, "listed in the manifest but missing; manifest not written", str(path)
-        ) from None
+        raise _missing(path) from None
     except UnsafePathError as exc:
         raise IntegrityError(f"{exc}; manifest not written") from exc
     except OSError as exc:
@@ -140,8 +165,8 @@ class CommitLayer(RetentionLayer):
     ) -> UploadResult:
         """Commit a complete local checkpoint: every file, then the manifest last.
 
-        Each file is hashed right before it is sent and must match the manifest, and
-        must not change while it is sent; otherwise nothing is committed
+        Each file is hashed while it is sent and must match the manifest, and must
+        not change while it is sent; otherwise nothing is committed
         (:class:`IntegrityError`). A file whose size and sha256 equal those of a file of
         ``previous`` (the newest committed checkpoint) is copied server-side instead of
         sent. ``staged`` names files already uploaded (by the emergency pipeline): they
@@ -388,33 +413,51 @@ class CommitLayer(RetentionLayer):
     def _upload_files(
         self, ckpt_dir: Path, step: int, entries: list[FileEntry]
     ) -> dict[str, str | None]:
-        """Send ``entries``, each checked against its sha256 first: the ETag each must get."""
-        # Pipelined: the next file is hashed while earlier ones are on the wire.
+        """Send ``entries``, each checked against its sha256 while it is sent: the ETag
+        each must get.
+
+        Every upload starts at once and :data:`COMMIT_HASH_WORKERS` threads hash the files
+        in order meanwhile: no byte waits on the wire for a hash (checking the first file
+        before sending it cost 0.6 s per 256 MiB, 5 % of a 1 GiB upload at 100 MB/s). The
+        commit still never goes ahead of the checks: a file that does not match the
+        manifest, or that changed while it was read, fails it before the manifest (its
+        object, like any of a failed commit, is never committed).
+        """
         pending = []
         etags: dict[str, str | None] = {}
+        hasher = ThreadPoolExecutor(
+            max_workers=COMMIT_HASH_WORKERS, thread_name_prefix="commit-hash"
+        )
         try:
             for entry in entries:
                 path = ckpt_dir / entry.path
                 key = self.file_key(step, entry.path)
                 digest = self.etag_digest(entry.size)
-                before = _verify_local(ckpt_dir, entry, digest)
+                # Taken before the upload reads a byte: any change after it shows.
+                ident = _ident_now(ckpt_dir, entry)
+                check = hasher.submit(_verify_local, ckpt_dir, entry, digest, ident)
+                upload = self.start_upload(path, key, entry.sha256)
+                pending.append((entry, path, key, digest, check, upload))
+            for entry, path, key, digest, check, fut in pending:
+                before = check.result()  # first: a file pruned meanwhile is "gone"
                 etags[entry.path] = digest.etag() if self.etag_checkable(entry.size) else None
-                pending.append((path, key, before, self.start_upload(path, key, entry.sha256)))
-            for path, key, before, fut in pending:
                 self.wait_upload(fut, key, before[1])
-                # Hashed before it was sent: a file rewritten since would commit other bytes.
+                # Hashed as it was sent: a file rewritten since would commit other bytes.
                 if _stat_key(path) != before:
                     raise IntegrityError(
                         f"upload {self.location.url(key)}: {path} changed "
                         "while it was uploaded; manifest not written"
                     )
         except BaseException:
-            for _path, _key, _before, fut in pending:
+            for *_, check, fut in pending:
+                check.cancel()
                 if not fut.done():
                     fut.cancel()
-            for _path, _key, _before, fut in pending:
+            for *_, fut in pending:
                 with contextlib.suppress(Exception):
                     fut.result()
                 self._release(fut)
             raise
+        finally:
+            hasher.shutdown(wait=True, cancel_futures=True)
         return etags
