@@ -44,7 +44,13 @@ from daemon.layout_verify import (
     sha256_file,
     verify_files,
 )
-from daemon.layout_writer import CheckpointWriter, HashingWriter, fsync_dir, write_file
+from daemon.layout_writer import (
+    CheckpointWriter,
+    HashingWriter,
+    fsync_dir,
+    start_writeback,
+    write_file,
+)
 
 __all__ = [
     "HASH_CHUNK",
@@ -71,6 +77,7 @@ __all__ = [
     "parse_tmp_dir",
     "read_manifest",
     "sha256_file",
+    "start_writeback",
     "step_dir_name",
     "utc_now_iso",
     "verify_files",

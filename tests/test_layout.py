@@ -27,6 +27,7 @@ from daemon.layout import (
     parse_manifest,
     parse_step_dir,
     parse_tmp_dir,
+    start_writeback,
     step_dir_name,
     write_file,
 )
@@ -289,3 +290,20 @@ def test_files_written_by_another_process_are_listed_and_checked(local_dir: Path
         manifest = w.commit()
     assert [f.path for f in manifest.files] == ["model.pt", "rng-rank00001.pt"]
     assert load_complete(local_dir / "step-000000004").files == manifest.files
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_start_writeback_hands_the_range_to_the_kernel(tmp_path: Path) -> None:
+    # The restore starts each range's writeback as it lands; a wrong binding of
+    # sync_file_range would fail here (EINVAL, EBADF) instead of silently doing nothing.
+    path = tmp_path / "f.partial"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert start_writeback(fd, 0, 1 << 20)
+        assert start_writeback(fd, 512 * 1024, 4096)
+        assert not start_writeback(fd, 0, 0)  # nothing to write
+    finally:
+        os.close(fd)
+    assert not start_writeback(-1, 0, 4096)  # the kernel refused it: the fsync does the work
+    assert path.stat().st_size == 1 << 20

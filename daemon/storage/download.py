@@ -40,6 +40,7 @@ from daemon.layout import (
     FileEntry,
     Manifest,
     fsync_dir,
+    start_writeback,
     step_dir_name,
 )
 from daemon.storage.errors import IntegrityError, StoreError, describe_error
@@ -348,6 +349,8 @@ def _fetch(client: S3Client, location: RemoteLocation, part: _Part) -> str | Non
                     view = view[n:]
                 if h is not None:
                     h.update(chunk)
+            # To disk while the other ranges land: the file's fsync then waits for little.
+            start_writeback(fd, part.start, part.length)
         except _STREAM_ERRORS as exc:
             last = exc
             log.info("download_retry", key=obj.key, start=part.start, error=str(exc))
