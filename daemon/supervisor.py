@@ -35,6 +35,7 @@ from daemon.launch import start_trainer
 from daemon.ledger import RunLedger
 from daemon.loop import IDLE_WAIT_S, MainLoop
 from daemon.maintenance import MAINTENANCE_LEAD_S, MaintenanceSchedule
+from daemon.memory import release_free_memory
 from daemon.metrics import Metrics, TextfileWriter
 from daemon.nodes import MultiNode, instance_identity
 from daemon.notices import Notice, build_sources
@@ -240,6 +241,8 @@ class Supervisor:
                 self.notifier.ready(f"training: child pid {self.child.pid if self.child else '?'}")
             else:
                 self.notifier.ready("draining before start")
+            # The restore's buffers and start-up's parsing are garbage now: give it back.
+            release_free_memory()
             return self._loop()
         finally:
             self.watcher.stop()

@@ -32,6 +32,7 @@ import structlog
 
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
+from daemon.memory import release_free_memory
 from daemon.storage.errors import StoreError, UploadCancelled
 from daemon.storage.fswatch import start_watch, stop_watch
 from daemon.storage.global_commit import try_global_commit
@@ -189,6 +190,8 @@ class CheckpointSync:
             except Exception:  # a bug or an unforeseen error: log it, rescan later
                 self.stats.failures += 1
                 log.exception("sync_pass_failed")
+            # An upload's buffers are freed by now: idle until the next, hold none of them.
+            release_free_memory()
 
     # --- the work ------------------------------------------------------------------
 
