@@ -225,9 +225,14 @@ def _measure_shape(
 
     uploads = {"ours": ours_up, "boto3": boto_up, "aws cli": cli_up}
     downloads = {"ours": ours_down, "boto3": boto_down, "aws cli": cli_down}
-    # Interleaved, every side in each repeat, so drift on a shared machine hits all.
-    for _ in range(repeats):
-        for w in ways:
+    # Interleaved, every side in each repeat, so drift on a shared machine hits all; the
+    # order turns with each repeat, so that no side always goes first (after the files
+    # were written) or last.
+    def turn(r: int) -> list[str]:
+        return ways[r % len(ways) :] + ways[: r % len(ways)]
+
+    for r in range(repeats):
+        for w in turn(r):
             empty_bucket(direct, buckets[w])
             seconds, used = _timed(cpu, uploads[w])
             up[w].append(total / seconds / 1e6)
@@ -236,8 +241,8 @@ def _measure_shape(
     for w in ways:
         empty_bucket(direct, buckets[w])
         uploads[w]()
-    for _ in range(repeats):
-        for w in ways:
+    for r in range(repeats):
+        for w in turn(r):
             dest = work / f"dest-{w.replace(' ', '-')}"
             shutil.rmtree(dest, ignore_errors=True)
             seconds, used = _timed(cpu, lambda: downloads[w](dest))  # noqa: B023
