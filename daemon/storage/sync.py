@@ -191,7 +191,10 @@ class CheckpointSync:
                 self.stats.failures += 1
                 log.exception("sync_pass_failed")
             # An upload's buffers are freed by now: idle until the next, hold none of them.
-            release_free_memory()
+            # Not while a drain stages parts: its next part would reuse that memory, and
+            # pages handed back must be faulted in again.
+            if not self.stager.active:
+                release_free_memory()
 
     # --- the work ------------------------------------------------------------------
 
