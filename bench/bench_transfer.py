@@ -8,8 +8,9 @@ by every side:
 * small: 900 files of 64 KB (``--quick``: 100). Not 1,000: s3rver cannot list a prefix
   of more than 1,000 keys, and the same shape runs on both servers.
 
-Ours: :meth:`CheckpointStore.upload_checkpoint` (sha256 and MD5 in one pass, a CRC32
-checksum, ETags checked before the manifest, manifest last) and
+Ours: :meth:`CheckpointStore.upload_checkpoint` (every upload started at once, sha256
+and MD5 in one pass beside it, a CRC32 checksum, ETags checked before the manifest,
+manifest last) and
 :meth:`CheckpointStore.restore_newest` (parallel ranged GETs hashed as they land, fsync,
 rename), with the daemon's default settings (``s3.part_size_mb``, ``s3.max_concurrency``)
 and connection pool, as ``spot-supervisor run`` builds its store.
