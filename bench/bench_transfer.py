@@ -226,6 +226,7 @@ def _measure_shape(
 
     uploads = {"ours": ours_up, "boto3": boto_up, "aws cli": cli_up}
     downloads = {"ours": ours_down, "boto3": boto_down, "aws cli": cli_down}
+
     # Interleaved, every side in each repeat, so drift on a shared machine hits all; the
     # order turns with each repeat, so that no side always goes first (after the files
     # were written) or last.
