@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import structlog
 
+from daemon.libc import libc_function
 from daemon.runas import RunAs
 
 log = structlog.get_logger(__name__)
@@ -35,11 +36,8 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 def become_subreaper() -> bool:
     """Adopt orphaned descendants (e.g. a dead trainer's workers) so we can kill and reap them."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
+    prctl = libc_function("prctl", ctypes.c_int, *[ctypes.c_ulong] * 4)
+    return prctl is not None and int(prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
 
 
 @dataclass(frozen=True)

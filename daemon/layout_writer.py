@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import os
 import shutil
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,6 +30,7 @@ from daemon.layout_manifest import (
     utc_now_iso,
 )
 from daemon.layout_verify import load_complete
+from daemon.libc import libc_function
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,20 +46,6 @@ def fsync_dir(path: Path) -> None:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-@functools.cache
-def _sync_file_range() -> Any:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def start_writeback(fd: int, offset: int, length: int) -> bool:
     """Start writing ``length`` bytes at ``offset`` of ``fd`` to disk, without waiting.
 
@@ -71,7 +56,9 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     is missing or fails, the fsync does all the work as before (and reports any error).
     Whether the kernel took it.
     """
-    fn = _sync_file_range()
+    fn = libc_function(
+        "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+    )
     return fn is not None and length > 0 and fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 

@@ -13,27 +13,12 @@ and releases whole free pages; it never touches live objects.
 from __future__ import annotations
 
 import ctypes
-import functools
-import sys
-from typing import Any
 
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None (another libc, another OS)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # musl has none
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
+from daemon.libc import libc_function
 
 
 def release_free_memory() -> bool:
     """Give the heap's free pages back to the OS; whether any were (False: none, or no
     glibc). Call it after a burst of large buffers, never in a hot path."""
-    fn = _malloc_trim()
+    fn = libc_function("malloc_trim", ctypes.c_size_t)
     return fn is not None and bool(fn(0))
