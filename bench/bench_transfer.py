@@ -11,9 +11,10 @@ by every side:
 Ours: :meth:`CheckpointStore.upload_checkpoint` (every upload started at once, sha256
 and MD5 in one pass beside it, a CRC32 checksum, ETags checked before the manifest,
 manifest last) and
-:meth:`CheckpointStore.restore_newest` (parallel ranged GETs hashed as they land, fsync,
-rename), with the daemon's default settings (``s3.part_size_mb``, ``s3.max_concurrency``)
-and connection pool, as ``spot-supervisor run`` builds its store.
+:meth:`CheckpointStore.restore_newest` (parallel ranged GETs hashed as they land, each
+range's writeback started as it lands, fsync, rename), with the daemon's default
+settings (``s3.part_size_mb``, ``s3.max_concurrency``) and connection pool, as
+``spot-supervisor run`` builds its store.
 
 The server and the shaping proxy run on CPUs of their own, the sides on the others
 (:mod:`bench.placement`), as on AWS. ``server_busy`` in a row's extras is the server's CPU
