@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -86,6 +87,28 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+
+
+def page_cache_cost(workdir: str, mib: int = 256) -> float:
+    """System CPU seconds per GB that writing ``mib`` MiB of new page cache costs now
+    (``dd`` with an fsync, its rusage). Some VMs charge for every page the host took back
+    (free page reporting), and how much varies over a day: under 1 s on a quiet day
+    here, 9 s on a slow one. A benchmark that writes GBs records it beside its rows, so
+    that a run on a slow day is seen as one."""
+    target = Path(workdir) / f"page-cost-{os.getpid()}.bin"
+    proc = subprocess.Popen(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={mib // 16}", "conv=fsync"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        target.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dd of {mib} MiB into {workdir} failed ({proc.returncode})")
+    return round(usage.ru_stime / (mib * 1024 * 1024 / 1e9), 2)
 
 
 def spawn_quiet(argv: list[str]) -> subprocess.Popen[bytes]:
