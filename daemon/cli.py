@@ -115,8 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TYPE=USD",
         action="append",
         default=[],
-        help="an on-demand price per hour to compare against instead of the table's "
-        "(repeatable)",
+        help="an on-demand price per hour to compare against instead of the table's (repeatable)",
     )
     pr.add_argument("--json", action="store_true", help="the prices as JSON")
     from daemon.report.cli import configure_parser as configure_report

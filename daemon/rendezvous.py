@@ -46,8 +46,7 @@ def user_chose_rdzv_id(argv: Sequence[str], env: Mapping[str, str]) -> bool:
     if env.get(RDZV_ENV):
         return True
     return any(
-        a in ("--rdzv-id", "--rdzv_id") or a.startswith(("--rdzv-id=", "--rdzv_id="))
-        for a in argv
+        a in ("--rdzv-id", "--rdzv_id") or a.startswith(("--rdzv-id=", "--rdzv_id=")) for a in argv
     )
 
 

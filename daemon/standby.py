@@ -86,9 +86,7 @@ class Standby:
                     return 0
                 if step is Step.TAKE_SLOT and isinstance(self._seen, Taken):
                     taken = self._seen
-                    self._state.transition(
-                        Phase.RESTORING, f"took slot {taken.slot} ({taken.how})"
-                    )
+                    self._state.transition(Phase.RESTORING, f"took slot {taken.slot} ({taken.how})")
                     return taken
             self._loop.wait(STANDBY_POLL_S)
 

@@ -119,9 +119,7 @@ class Cluster(Instances):
 
 
 @pytest.fixture
-def cluster(
-    tmp_path: Path, s3_server: LocalS3, bucket: str, rdzv_store: int
-) -> Iterator[Cluster]:
+def cluster(tmp_path: Path, s3_server: LocalS3, bucket: str, rdzv_store: int) -> Iterator[Cluster]:
     c = Cluster(tmp_path, s3_server.endpoint_url, bucket, RUN_ID, torchrun(rdzv_store))
     yield c
     c.close()
@@ -149,8 +147,10 @@ def has_complete(s3_client: Any, bucket: str) -> bool:
 
 def first_commit(sup: SupervisorProcess, timeout: float = 120) -> dict[str, Any]:
     return sup.wait_for(
-        lambda e: e.get("event") == "global_checkpoint_committed"
-        or (e.get("event") == "checkpoint_committed" and e.get("step", 0) > 0),
+        lambda e: (
+            e.get("event") == "global_checkpoint_committed"
+            or (e.get("event") == "checkpoint_committed" and e.get("step", 0) > 0)
+        ),
         timeout,
         "a first global commit",
     )
@@ -164,9 +164,7 @@ def rank0_node(sup_a: SupervisorProcess, sup_b: SupervisorProcess) -> Supervisor
     raise AssertionError("neither node's trainer printed a start line")
 
 
-def finish(
-    survivors: list[SupervisorProcess], s3_client: Any, bucket: str, reference: str
-) -> None:
+def finish(survivors: list[SupervisorProcess], s3_client: Any, bucket: str, reference: str) -> None:
     for s in survivors:
         assert s.wait_exit(300) == 0, "\n".join(s.lines[-40:])
     assert final_hashes(*survivors) == [reference]
@@ -234,9 +232,9 @@ def test_a_node_killed_without_notice_is_replaced(
     first_commit(a)
     kill_instance(b)  # no notice, no release, no emergency commit
     restarted(a)  # its ranks crashed with the peer; it rejoins from the global commit
-    assert a.find("phase_changed") and [
-        e for e in a.events if e.get("phase") == "backoff"
-    ], "the survivor's trainer did not fail with its peer"
+    assert a.find("phase_changed") and [e for e in a.events if e.get("phase") == "backoff"], (
+        "the survivor's trainer did not fail with its peer"
+    )
     replacement, _ = cluster.boot("c")
     finish([a, replacement], s3_client, bucket, reference_hash)
 
@@ -300,8 +298,10 @@ def test_a_crash_loop_from_one_committed_step_still_rendezvouses(
             kill_workers(sup)
         for sup in (a, b):
             sup.wait_for(
-                lambda e, sup=sup, n=attempt: e.get("event") == "rendezvous_id_chosen"
-                and len(sup.find("rendezvous_id_chosen")) > n,
+                lambda e, sup=sup, n=attempt: (
+                    e.get("event") == "rendezvous_id_chosen"
+                    and len(sup.find("rendezvous_id_chosen")) > n
+                ),
                 120,
                 f"incarnation {attempt + 1}",
             )
