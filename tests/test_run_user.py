@@ -83,8 +83,10 @@ def test_trainer_runs_as_run_user_and_owns_the_checkpoint_dir(
     sup = SupervisorProcess(cfg, env).start()
     try:
         sup.wait_for_line("trainer-ready", 60)
-        started = sup.find("child_started")
-        assert started and started[0]["user"] == "nobody"
+        # Waited for, not looked up: the trainer shares the supervisor's stdout, and its
+        # line can come before the supervisor's event that it started.
+        started = sup.wait_for(lambda e: e.get("event") == "child_started", 30, "child_started")
+        assert started["user"] == "nobody"
         assert sup.proc is not None
         sup.proc.send_signal(signal.SIGTERM)  # what `systemctl stop` does
         assert sup.wait_exit(60) == 0
