@@ -4,9 +4,11 @@ abandoned, and a file whose bytes are not the ones sent is never committed as se
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,6 +21,7 @@ from daemon.standins import LocalS3
 from daemon.standins.faultproxy import FaultProxy
 from daemon.storage.s3client import RemoteLocation, make_s3_client, make_transfer_config
 from daemon.storage.store import CheckpointStore
+from daemon.storage.tail import PartSlots, TailUpload
 
 
 def until(cond: Callable[[], Any], timeout: float = 15.0) -> Any:
@@ -241,3 +244,31 @@ def test_a_complete_that_outlasts_the_read_timeout_is_found_done(
             assert committed["bytes_sent"] == 0
             key = store.file_key(10, "model.pt")
             assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
+
+
+def test_parts_through_one_pooled_buffer_each_send_their_own_bytes(
+    s3_server: LocalS3, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    """One slot, so every full part is read into the same buffer the part before it was
+    sent from: the object is still the file, byte for byte, and the buffer is kept for
+    the next part until the pool is cleared."""
+    client = make_s3_client(s3_server.endpoint_url, "us-east-1", 4)
+    store = CheckpointStore(
+        client, RemoteLocation(bucket, "runs"), RUN, make_transfer_config(PART, 4)
+    )
+    slots = PartSlots(1)
+    data = os.urandom(3 * PART + 777)  # three full parts through the pool, one short one
+    partial, final = tmp_path / "a.bin.partial", tmp_path / "a.bin"
+    partial.write_bytes(data)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        tail = TailUpload(
+            store, "runs/k/a.bin", partial, lambda: final, part_size=PART, pool=pool, slots=slots
+        )
+        os.rename(partial, final)
+        got = tail.start().result(60)
+    assert got.parts == 4 and got.size == len(data)
+    assert got.sha256 == hashlib.sha256(data).hexdigest()
+    assert body(s3_client, bucket, "runs/k/a.bin") == data
+    assert slots.kept == 1  # the one full-part buffer, back in the pool
+    slots.clear()
+    assert slots.kept == 0

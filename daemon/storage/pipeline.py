@@ -447,6 +447,9 @@ class Stager:
                 seconds=round(time.monotonic() - t0, 3),
             )
             steps.append(tmp.step)
+        # The drain's flush ends here: every tail is taken or dropped, its parts' buffers
+        # back in the pool. Hand them to the allocator (the next drain faults its own).
+        self._slots.clear()
         return steps
 
     def close(self) -> None:
@@ -460,3 +463,4 @@ class Stager:
         self._hash_pool.shutdown(wait=True)
         if self._part_pool is not None:
             self._part_pool.shutdown(wait=True)
+        self._slots.clear()
