@@ -347,7 +347,7 @@ class TailUpload:
         return TailResult(size, self._sha.hexdigest(), etag, _ident(final), len(parts))
 
     def _read_into(self, buf: bytearray) -> bytearray:
-        """A full part into ``buf`` (a buffer of the slots' pool), hashed as :meth:`_read`."""
+        """The next ``len(buf)`` bytes of the file into ``buf``, folded into the hashes."""
         view = memoryview(buf)
         got = 0
         while got < len(buf):
@@ -356,27 +356,16 @@ class TailUpload:
                 end = self._offset + len(buf)
                 raise TailFailed(f"{self.partial.name} ended before its {end} bytes")
             got += n
-        self._hash(view)
+        # The one in-order pass over the bytes: the sha256 of exactly what is sent.
+        self._sha.update(view)
+        if self._whole is not None:
+            self._whole.update(view)
         return buf
 
-    def _hash(self, data: bytes | memoryview) -> None:
-        # The one in-order pass over the bytes: the sha256 of exactly what is sent.
-        self._sha.update(data)
-        if self._whole is not None:
-            self._whole.update(data)
-
     def _read(self, n: int) -> bytes:
-        chunks = []
-        left = n
-        while left:
-            chunk = os.pread(self._fd, left, self._offset + (n - left))
-            if not chunk:
-                raise TailFailed(f"{self.partial.name} ended before its {self._offset + n} bytes")
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._hash(data)
-        return data
+        """The next ``n`` bytes as bytes of their own: a file's last, shorter part, or a
+        whole file under one part (never pooled; one copy of under a part per file)."""
+        return bytes(self._read_into(bytearray(n)))
 
     def _send_part(self, n: int) -> None:
         if len(self._parts) >= MAX_PARTS:
@@ -385,8 +374,8 @@ class TailUpload:
             raise TailFailed(f"tail upload of {self.key} abandoned: {self._stop_reason}")
         buf: bytearray | None = None
         try:
-            # A full part goes through a pooled buffer; a file's last, shorter one is read
-            # into a buffer of its own size (S3 needs the body's exact length).
+            # A full part goes through a pooled buffer; a file's last, shorter one gets
+            # bytes of its own size (S3 needs the body's exact length).
             if n == self._part_size:
                 buf = self._slots.buffer(n)
             data: bytes | bytearray = self._read_into(buf) if buf is not None else self._read(n)
