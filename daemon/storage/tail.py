@@ -364,7 +364,7 @@ class TailUpload:
 
     def _read(self, n: int) -> bytes:
         """The next ``n`` bytes as bytes of their own: a file's last, shorter part, or a
-        whole file under one part (never pooled; one copy of under a part per file)."""
+        whole file sent as one PutObject (never pooled: one copy per file)."""
         return bytes(self._read_into(bytearray(n)))
 
     def _send_part(self, n: int) -> None:
