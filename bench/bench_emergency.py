@@ -115,11 +115,12 @@ class Trainer:
             ],
             env=env,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,  # its log says when the snapshot buffers are ready
             text=True,
         )
         self.cpu_before_notice = 0.0
         self._started = threading.Event()
+        self._warm = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -128,12 +129,17 @@ class Trainer:
         for line in self.proc.stdout:
             if line.startswith("start ") or line.startswith("resumed "):
                 self._started.set()
+            elif "snapshot buffers ready" in line:
+                self._warm.set()
 
     def wait_started(self) -> None:
-        if not self._started.wait(120):
+        """Until the trainer is in its steady rhythm, as a notice finds it in a long run:
+        training, and its snapshot buffers allocated (at 2 GiB that takes seconds, which
+        a notice in the first seconds after start-up would find the trainer doing)."""
+        if not (self._started.wait(120) and self._warm.wait(120)):
             self.proc.kill()
-            raise RuntimeError("the reference trainer did not start")
-        time.sleep(1.0)  # past start-up: steps in their steady rhythm
+            raise RuntimeError("the reference trainer did not start, or its buffers never warmed")
+        time.sleep(1.0)  # a few more steps past the warm-up
 
     def notice(self) -> float:
         """SIGTERM (the notice); its time. Samples the CPU used before it."""

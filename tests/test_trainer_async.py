@@ -204,6 +204,58 @@ def test_interrupt_save_waits_for_the_one_in_flight(tmp_path: Path) -> None:
     assert _tmp_dirs(tmp_path) == []
 
 
+def test_a_stop_during_the_buffers_warm_up_saves_without_waiting_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The warm-up (the snapshot buffers, allocated at the first boundary) is held until
+    # the test lets it go, as a big state's would be still touching its pages when an
+    # early notice comes. The interrupt save must not wait for it, and it must be told
+    # to touch no more.
+    entered, gate, finished = threading.Event(), threading.Event(), threading.Event()
+    told_to_stop: list[bool] = []
+    allocate = SnapshotPool.allocate
+
+    def held(self: SnapshotPool, sizes: Any, stop: threading.Event | None = None) -> None:
+        entered.set()
+        gate.wait(10)
+        told_to_stop.append(stop is not None and stop.is_set())
+        try:
+            allocate(self, sizes, stop)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(SnapshotPool, "allocate", held)
+    ckpt = _manager(tmp_path, save_every=1000)
+    ckpt.track(blob=Blob(6, sizes=(2 * MiB,)))
+    assert ckpt.step_done(1) is False  # nothing due: the warm-up starts
+    assert entered.wait(30)
+    ckpt.request_stop()
+    assert ckpt.step_done(2) is True
+    assert not finished.is_set()  # saved while the warm-up still had not finished
+    assert [(s, load_complete(p).reason) for s, p in list_step_dirs(tmp_path)] == [(2, "interrupt")]
+    gate.set()
+    ckpt.close()  # joins the warm-up
+    assert told_to_stop == [True]
+    assert ckpt._saves._pool.nbytes == 0  # it stopped before touching any buffer
+
+
+def test_snapshot_buffers_stop_being_touched_when_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.snapshot as snapshot
+
+    monkeypatch.setattr(snapshot, "TOUCH_CHUNK", MiB)
+    stop = threading.Event()
+    pool = SnapshotPool()
+    pool.allocate([(3 * MiB, False), (MiB, False)], stop)
+    assert pool.nbytes == 4 * MiB  # not told: every buffer
+    stop.set()
+    fresh = SnapshotPool()
+    fresh.allocate([(3 * MiB, False), (MiB, False)], stop)
+    assert fresh.nbytes == 0
+    # Buffers already held of the right size are kept whatever the stop says.
+    pool.allocate([(3 * MiB, False), (2 * MiB, False)], stop)
+    assert pool.nbytes == 3 * MiB
+
+
 def test_close_joins_the_save_in_flight(tmp_path: Path) -> None:
     with _manager(tmp_path, save_every=2) as ckpt:
         ckpt.track(blob=Blob(5))

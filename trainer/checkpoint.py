@@ -220,10 +220,14 @@ class CheckpointManager(CheckpointStore):
         """
         if self._saves.done:
             self.wait()  # report a background save that has finished
-        if self.async_save and self.save_dir is None and not self._saves.warmed:
-            self._saves.warm(self.snapshot(step, **progress))
         boundary = self.decide(step, final=final)
         stop, reason = boundary.stop, boundary.reason
+        if stop or final:
+            # The last save is written now, from the live state: the snapshot buffers'
+            # warm-up is of no use any more, and must not hold it up.
+            self._saves.stop_warmup()
+        elif self.async_save and self.save_dir is None and not self._saves.warmed:
+            self._saves.warm(self.snapshot(step, **progress))
         if boundary.save and reason is not None:
             if self.save_dir is not None:
                 state.check_plain(progress, "progress")

@@ -14,11 +14,15 @@ whose copy is queued on the current stream, and the writer waits for it on an ev
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+# Buffers are touched this much at a time, so that a stop is seen within a few ms.
+TOUCH_CHUNK = 64 * 1024 * 1024
 
 
 def with_attrs(original: dict[Any, Any], items: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -65,14 +69,25 @@ class SnapshotPool:
                 out.append((src.nbytes(), src.device.type == "cuda"))
         return out
 
-    def allocate(self, sizes: list[tuple[int, bool]]) -> None:
-        """Make (and touch) buffers of these sizes, reusing the ones already held."""
+    def allocate(self, sizes: list[tuple[int, bool]], stop: threading.Event | None = None) -> None:
+        """Make (and touch) buffers of these sizes, reusing the ones already held.
+
+        ``stop`` set: touch no more (checked every :data:`TOUCH_CHUNK` bytes). No save
+        will copy into them any more (the loop is stopping), and each page touched now
+        takes CPU from the save that is written instead. What is allocated is kept: an
+        untouched page is still a valid buffer, only its first write costs more.
+        """
         buffers: list[torch.UntypedStorage] = []
         for i, (nbytes, pinned) in enumerate(sizes):
             buf = self._buffers[i] if i < len(self._buffers) else None
             if buf is None or buf.nbytes() != nbytes or buf.is_pinned() != pinned:
+                if stop is not None and stop.is_set():
+                    break
                 t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-                t.zero_()  # first touch now, not in the loop
+                for at in range(0, nbytes, TOUCH_CHUNK):  # first touch now, not in the loop
+                    if stop is not None and stop.is_set():
+                        break
+                    t[at : at + TOUCH_CHUNK].zero_()
                 buf = t.untyped_storage()
             buffers.append(buf)
         self._buffers = buffers

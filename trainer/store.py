@@ -120,6 +120,7 @@ class CheckpointStore:
         try:
             self.wait()
         finally:
+            self._saves.stop_warmup()  # buffers about to be freed: touch no more
             self._saves.join_warmup()
             self._saves.release()
 

@@ -15,6 +15,7 @@ that allocates those buffers ahead of the first save.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,9 @@ from trainer.errors import CheckpointError, first_line
 from trainer.localdir import ACTIVE_TMP_DIRS, LocalCheckpoints
 from trainer.nodes import OpenFile, save_per_node
 from trainer.snapshot import SnapshotPool
+from trainer.state import LOGGER
+
+log = logging.getLogger(LOGGER)
 
 
 def write_checkpoint(
@@ -153,6 +157,7 @@ class BackgroundSaves:
         self._job: SaveJob | None = None
         self._pool = SnapshotPool()
         self._warmup: threading.Thread | None = None
+        self._stop_warmup = threading.Event()
         self.warmed = False
 
     @property
@@ -175,13 +180,27 @@ class BackgroundSaves:
         """
         self.warmed = True
         sizes = SnapshotPool.sizes(state)
-        self._warmup = threading.Thread(
-            target=self._pool.allocate,
-            args=(sizes,),
-            name="checkpoint-warmup",
-            daemon=True,
-        )
+
+        def allocate() -> None:
+            started = time.monotonic()
+            self._pool.allocate(sizes, self._stop_warmup)
+            if self._stop_warmup.is_set():
+                log.info("snapshot buffers' warm-up stopped: no background save will follow")
+            else:
+                took = time.monotonic() - started
+                log.info("snapshot buffers ready: %.1f MB in %.2f s", self._pool.nbytes / 1e6, took)
+
+        self._warmup = threading.Thread(target=allocate, name="checkpoint-warmup", daemon=True)
         self._warmup.start()
+
+    def stop_warmup(self) -> None:
+        """No background save will follow (the loop stops): leave the buffers as they are.
+
+        A stop right after start-up must not wait for, nor share the CPU with, buffers
+        only a later background save would use: 2 GiB of state took 5 s to touch on the
+        benchmark's machine, pinned memory on a GPU host takes longer. Returns at once.
+        """
+        self._stop_warmup.set()
 
     def join_warmup(self) -> None:
         """Wait for the buffers being allocated, if they are."""
@@ -220,8 +239,10 @@ class BackgroundSaves:
         job.thread.start()
 
     def wait(self) -> SaveJob | None:
-        """Block until background work is done; the save it finished, if one was in flight."""
-        self.join_warmup()
+        """Block until the save in flight is written; that save, if there was one.
+
+        Not the buffers' warm-up: only :meth:`copy` needs them, and it waits for them.
+        """
         job = self._job
         if job is None or job.thread is None:
             return None
