@@ -215,12 +215,12 @@ def test_a_stop_during_the_buffers_warm_up_saves_without_waiting_for_it(
     told_to_stop: list[bool] = []
     allocate = SnapshotPool.allocate
 
-    def held(self: SnapshotPool, sizes: Any, stop: threading.Event | None = None) -> None:
+    def held(self: SnapshotPool, sizes: Any, stop: threading.Event | None = None) -> bool:
         entered.set()
         gate.wait(10)
         told_to_stop.append(stop is not None and stop.is_set())
         try:
-            allocate(self, sizes, stop)
+            return allocate(self, sizes, stop)
         finally:
             finished.set()
 
@@ -245,15 +245,16 @@ def test_snapshot_buffers_stop_being_touched_when_told(monkeypatch: pytest.Monke
     monkeypatch.setattr(snapshot, "TOUCH_CHUNK", MiB)
     stop = threading.Event()
     pool = SnapshotPool()
-    pool.allocate([(3 * MiB, False), (MiB, False)], stop)
+    assert pool.allocate([(3 * MiB, False), (MiB, False)], stop) is True
     assert pool.nbytes == 4 * MiB  # not told: every buffer
     stop.set()
     fresh = SnapshotPool()
-    fresh.allocate([(3 * MiB, False), (MiB, False)], stop)
+    assert fresh.allocate([(3 * MiB, False), (MiB, False)], stop) is False
     assert fresh.nbytes == 0
     # Buffers already held of the right size are kept whatever the stop says.
-    pool.allocate([(3 * MiB, False), (2 * MiB, False)], stop)
+    assert pool.allocate([(3 * MiB, False), (2 * MiB, False)], stop) is False
     assert pool.nbytes == 3 * MiB
+    assert pool.allocate([(3 * MiB, False)], stop) is True  # all held already
 
 
 def test_close_joins_the_save_in_flight(tmp_path: Path) -> None:

@@ -69,28 +69,37 @@ class SnapshotPool:
                 out.append((src.nbytes(), src.device.type == "cuda"))
         return out
 
-    def allocate(self, sizes: list[tuple[int, bool]], stop: threading.Event | None = None) -> None:
-        """Make (and touch) buffers of these sizes, reusing the ones already held.
+    def allocate(self, sizes: list[tuple[int, bool]], stop: threading.Event | None = None) -> bool:
+        """Make (and touch) buffers of these sizes, reusing the ones already held; whether
+        every one was made and touched (False: ``stop`` came first).
 
         ``stop`` set: touch no more (checked every :data:`TOUCH_CHUNK` bytes). No save
         will copy into them any more (the loop is stopping), and each page touched now
         takes CPU from the save that is written instead. What is allocated is kept: an
         untouched page is still a valid buffer, only its first write costs more.
         """
+
+        def stopped() -> bool:
+            return stop is not None and stop.is_set()
+
         buffers: list[torch.UntypedStorage] = []
+        complete = True
         for i, (nbytes, pinned) in enumerate(sizes):
             buf = self._buffers[i] if i < len(self._buffers) else None
             if buf is None or buf.nbytes() != nbytes or buf.is_pinned() != pinned:
-                if stop is not None and stop.is_set():
+                if stopped():
+                    complete = False
                     break
                 t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
                 for at in range(0, nbytes, TOUCH_CHUNK):  # first touch now, not in the loop
-                    if stop is not None and stop.is_set():
+                    if stopped():
+                        complete = False
                         break
                     t[at : at + TOUCH_CHUNK].zero_()
                 buf = t.untyped_storage()
             buffers.append(buf)
         self._buffers = buffers
+        return complete
 
     def copy(self, state: Any) -> tuple[Any, Callable[[], None]]:
         """A copy of ``state`` in CPU memory, and a function that waits until it is filled.

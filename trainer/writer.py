@@ -183,8 +183,7 @@ class BackgroundSaves:
 
         def allocate() -> None:
             started = time.monotonic()
-            self._pool.allocate(sizes, self._stop_warmup)
-            if self._stop_warmup.is_set():
+            if not self._pool.allocate(sizes, self._stop_warmup):
                 log.info("snapshot buffers' warm-up stopped: no background save will follow")
             else:
                 took = time.monotonic() - started
