@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,15 +146,21 @@ def has_complete(s3_client: Any, bucket: str) -> bool:
     return bool(s3_client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents"))
 
 
-def first_commit(sup: SupervisorProcess, timeout: float = 120) -> dict[str, Any]:
-    return sup.wait_for(
-        lambda e: (
-            e.get("event") == "global_checkpoint_committed"
-            or (e.get("event") == "checkpoint_committed" and e.get("step", 0) > 0)
-        ),
-        timeout,
-        "a first global commit",
-    )
+def first_commit(*sups: SupervisorProcess, timeout: float = 120) -> dict[str, Any]:
+    """The first global commit, by whichever node made it: the node whose part of a step
+    goes up last commits that step, so one node may see none of them."""
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for sup in sups:
+            found = sup.find("global_checkpoint_committed") + [
+                e for e in sup.find("checkpoint_committed") if e.get("step", 0) > 0
+            ]
+            if found:
+                return found[0]
+        time.sleep(0.1)
+    tails = "\n---\n".join("\n".join(sup.lines[-30:]) for sup in sups)
+    raise AssertionError(f"timed out waiting for a first global commit; last output:\n{tails}")
 
 
 def rank0_node(sup_a: SupervisorProcess, sup_b: SupervisorProcess) -> SupervisorProcess:
@@ -198,7 +205,7 @@ def test_notice_on_one_node_the_survivor_rejoins_the_replacement(
 ) -> None:
     a, ea = cluster.boot("a")
     b, eb = cluster.boot("b")
-    first_commit(a)
+    first_commit(a, b)
     rank0 = rank0_node(a, b)
     noticed = rank0 if where == "with_rank_0" else (b if rank0 is a else a)
     survivor = b if noticed is a else a
@@ -229,7 +236,7 @@ def test_a_node_killed_without_notice_is_replaced(
 ) -> None:
     a, _ = cluster.boot("a")
     b, _ = cluster.boot("b")
-    first_commit(a)
+    first_commit(a, b)
     kill_instance(b)  # no notice, no release, no emergency commit
     restarted(a)  # its ranks crashed with the peer; it rejoins from the global commit
     assert a.find("phase_changed") and [e for e in a.events if e.get("phase") == "backoff"], (
@@ -244,7 +251,7 @@ def test_both_nodes_get_notices_at_once(
 ) -> None:
     a, ea = cluster.boot("a")
     b, eb = cluster.boot("b")
-    first_commit(a)
+    first_commit(a, b)
     notice(ea)
     notice(eb)
     assert a.wait_exit(120) == 0 and b.wait_exit(120) == 0
@@ -289,7 +296,7 @@ def test_a_crash_loop_from_one_committed_step_still_rendezvouses(
 ) -> None:
     a, _ = cluster.boot("a", max_restarts=5)
     b, _ = cluster.boot("b", max_restarts=5)
-    first_commit(a)
+    first_commit(a, b)
     for attempt in (1, 2):
         # Every rank dies at once (an OOM, a bad node), twice in a row.
         for sup in (a, b):
