@@ -25,6 +25,10 @@ stand-in set the pace), and ``instance_floor_s``: the CPU seconds of the trainer
 ours in the pipelined way over the instance's CPUs, the shortest time the pipelined way
 could take on them when both are CPU-bound at once.
 
+Each row's ratio is that of the medians over its repeats (:data:`SIZES`); beside it,
+``paired_ratios`` gives each repeat's pipelined way over that repeat's own alone ways,
+which ran next to it: this VM's speed drifts within minutes, and the pairs show how far.
+
 The ways run in an order that turns with each repeat, and each row records
 ``page_cache_sys_s_per_gb`` before and after it (:func:`bench.common.page_cache_cost`):
 on a VM that charges for new page cache, the three ways' bytes cost the trainer and the
@@ -58,6 +62,12 @@ from daemon.deadline import ThroughputEstimate
 from daemon.storage.sync import CheckpointSync, SyncStats
 
 PARTIES = ("trainer", "server", "proxy", "ours")
+# State sizes (MiB) and the repeats of each. On this VM one repeat's ratio ranged from
+# 0.94 to 1.34 at 2 GiB for the same code on two days, so a median of two repeats decided
+# the row by chance. Even counts, so that each way runs first as often; at 2 GiB four
+# repeats take about 6 minutes per server.
+SIZES = {384: 6, 2048: 4}
+QUICK_SIZES = {64: 1}
 
 
 class CpuMeter:
@@ -309,6 +319,12 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
         for way, runs in cpu.items()
     }
     ratio = med["pipelined"] / limit
+    # Each repeat's pipelined way against its own alone ways, run next to it: this VM's
+    # speed drifts by a fifth within minutes, which these pairs see and the medians mix.
+    paired = [
+        round(p / max(w, u), 3)
+        for w, u, p in zip(samples["write"], samples["upload"], samples["pipelined"], strict=True)
+    ]
     return Row(
         "emergency",
         f"notice -> committed, reference trainer, {mb:,} MiB state",
@@ -326,6 +342,8 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
             "seconds": {k: [round(x, 3) for x in v] for k, v in samples.items()},
             "median_seconds": {k: round(v, 3) for k, v in med.items()},
             "sequential_s": round(med["write"] + med["upload"], 3),
+            "paired_ratios": paired,
+            "median_paired_ratio": round(statistics.median(paired), 3),
             "pipelined": details,
             "cpu_s_per_gb": cpu_per_gb,
             "instance_cpus": instance_cpus,
@@ -339,9 +357,9 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
 
 def run(ctx: Context) -> list[Row]:
     """Each state size on each server, the three ways interleaved in every repeat."""
-    sizes = (64,) if ctx.quick else (384, 2048)
+    sizes = QUICK_SIZES if ctx.quick else SIZES
     rows: list[Row] = []
     for srv in each_server(ctx):
-        for mb in sizes:
-            rows.append(_one_size(ctx, srv, mb, ctx.repeats(3 if mb < 1024 else 2, 1)))
+        for mb, repeats in sizes.items():
+            rows.append(_one_size(ctx, srv, mb, repeats))
     return rows

@@ -106,6 +106,9 @@ def test_quick_transfer_emergency_and_projection_rows(tmp_path: Path) -> None:
     assert set(extra["server_busy"]) == {"write", "upload", "pipelined"}
     assert extra["server_busy"]["write"] < extra["server_busy"]["upload"]
     assert extra["instance_cpus"] == 1 and extra["instance_floor_s"] > 0
+    # One repeat (--quick): its own pair is the ratio of the medians.
+    (paired,) = extra["paired_ratios"]
+    assert paired == extra["median_paired_ratio"] == round(emergency["ratio"], 3)
     # What new page cache cost the VM before and after the row: a slow day is seen.
     assert set(extra["page_cache_sys_s_per_gb"]) == {"before", "after"}
     assert all(v >= 0 for v in extra["page_cache_sys_s_per_gb"].values())
