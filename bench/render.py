@@ -33,7 +33,11 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(docs) > 1:
         # Each run named with the groups it still supplies (a later run replaced the rest).
         meta["runs"] = [
-            {"when": doc["meta"]["when"], "groups": sorted(g for g, o in origin.items() if o == i)}
+            {
+                "when": doc["meta"]["when"],
+                "platform": doc["meta"]["machine"]["platform"],
+                "groups": sorted(g for g, o in origin.items() if o == i),
+            }
             for i, doc in enumerate(docs)
             if i in origin.values()
         ]
@@ -49,7 +53,10 @@ def markdown(doc: dict[str, Any]) -> str:
     meta = doc["meta"]
     md = render_markdown([to_row(r) for r in doc["rows"]], meta)
     for run in meta.get("runs", []):
-        md += f"\n{', '.join(run['groups'])}: run of {run['when']}."
+        # A run on another VM build than the header's says so: the VM's speed differs.
+        elsewhere = run.get("platform", meta["machine"]["platform"]) != meta["machine"]["platform"]
+        on = f" on {run['platform']}" if elsewhere else ""
+        md += f"\n{', '.join(run['groups'])}: run of {run['when']}{on}."
     if meta.get("runs"):
         md += "\n"
     return md + "\n#### Cost model\n\n" + cost_markdown(doc["rows"])

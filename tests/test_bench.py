@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import render
+from bench.common import Row
 from bench.cost import Assumptions, cost_markdown, lost_per_interruption_min, outcome
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,3 +124,39 @@ def test_quick_transfer_emergency_and_projection_rows(tmp_path: Path) -> None:
         assert row["ratio"] == row["ours"] / row["baseline"]
     md = (tmp_path / "results.md").read_text()
     assert "| benchmark | server |" in md
+
+
+def _doc(when: str, platform: str, groups: list[str]) -> dict[str, object]:
+    rows = [
+        Row(g, f"{g} row", "s", 1.0, 2.0, "a baseline", "1 file", 1, target="<= 1").to_dict()
+        for g in groups
+    ]
+    machine = {"host": "vm", "cpu_count": 2, "platform": platform, "python": "3.11"}
+    return {"meta": {"when": when, "machine": machine, "quick": False, "failed": []}, "rows": rows}
+
+
+def test_merged_runs_name_their_groups_and_a_different_vm_build() -> None:
+    """A later run replaces an earlier one's groups; each run's line says which groups it
+    still supplies, and where it ran when that is not the header's VM build."""
+    first = _doc("T1", "linux-a", ["transfer", "emergency"])
+    second = _doc("T2", "linux-b", ["emergency"])
+    doc = render.merge([first, second])
+    assert [r["group"] for r in doc["rows"]] == ["transfer", "emergency"]
+    assert doc["meta"]["runs"] == [
+        {"when": "T1", "platform": "linux-a", "groups": ["transfer"]},
+        {"when": "T2", "platform": "linux-b", "groups": ["emergency"]},
+    ]
+    md = render.markdown(doc)
+    assert md.startswith("Measured T2 on linux-b, 2 CPUs")
+    assert "\ntransfer: run of T1 on linux-a.\n" in md
+    assert "\nemergency: run of T2.\n" in md
+
+
+def test_readme_table_is_the_render_of_the_kept_results() -> None:
+    """The README's benchmark table is never typed by hand: it is `python -m bench.render`
+    of docs/bench-results.json, word for word."""
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- bench-table -->\n", "<!-- /bench-table -->"
+    table = readme[readme.index(start) + len(start) : readme.index(end)]
+    kept = json.loads(render.DEFAULT.read_text())
+    assert table == render.markdown(render.merge([kept]))
