@@ -60,3 +60,59 @@ def test_boto3_sees_injected_s3_errors(s3_server: LocalS3, bucket: str) -> None:
         assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
         client.put_object(Bucket=bucket, Key="k", Body=b"fine")
         assert p.stats().faults["error"] == 2
+
+
+def test_checksums_verified_as_aws_does(s3_server: LocalS3, bucket: str, s3_client: Any) -> None:
+    """With verify_checksums a body that does not match its x-amz-checksum-* header gets
+    S3's 400 BadDigest and nothing is stored (moto alone keeps whatever arrives); a body
+    flipped on its way is refused the same way, and a right one goes through."""
+    data = os.urandom(2 * 1024 * 1024)
+    no_retry = {"retries": {"mode": "standard", "max_attempts": 1}}
+    # Without the proxy's check, moto stores a body under a wrong checksum.
+    boto_client(s3_server.endpoint_url).put_object(
+        Bucket=bucket, Key="moto-keeps", Body=b"abc", ChecksumCRC32="AAAAAA=="
+    )
+    assert s3_client.get_object(Bucket=bucket, Key="moto-keeps")["Body"].read() == b"abc"
+    with FaultProxy(s3_server.endpoint_url, verify_checksums=True) as p:
+        client = boto_client(p.url, **no_retry)
+        with pytest.raises(client.exceptions.ClientError) as wrong:
+            client.put_object(Bucket=bucket, Key="wrong", Body=data, ChecksumCRC32="AAAAAA==")
+        err = wrong.value.response["Error"]
+        assert (err["Code"], err["Message"]) == (
+            "BadDigest",
+            "The CRC32 you specified did not match the calculated checksum.",
+        )
+        p.corrupt(phase="request", after_bytes=1000, nbytes=4, method="PUT", count=1)
+        with pytest.raises(client.exceptions.ClientError) as flipped:
+            client.put_object(Bucket=bucket, Key="flipped", Body=data, ChecksumAlgorithm="SHA256")
+        assert flipped.value.response["Error"]["Code"] == "BadDigest"
+        # The last byte of a refused body never reached moto: nothing stored.
+        for key in ("wrong", "flipped"):
+            with pytest.raises(s3_client.exceptions.ClientError):
+                s3_client.head_object(Bucket=bucket, Key=key)
+        client.put_object(Bucket=bucket, Key="right", Body=data, ChecksumAlgorithm="CRC32")
+        up = client.create_multipart_upload(Bucket=bucket, Key="parts", ChecksumAlgorithm="CRC32")
+        part = client.upload_part(
+            Bucket=bucket,
+            Key="parts",
+            UploadId=up["UploadId"],
+            PartNumber=1,
+            Body=data,
+            ChecksumAlgorithm="CRC32",
+        )
+        with pytest.raises(client.exceptions.ClientError) as bad_part:
+            client.upload_part(
+                Bucket=bucket,
+                Key="parts",
+                UploadId=up["UploadId"],
+                PartNumber=2,
+                Body=data,
+                ChecksumCRC32=part["ChecksumCRC32"][::-1],
+            )
+        assert bad_part.value.response["Error"]["Code"] == "BadDigest"
+        client.put_object(Bucket=bucket, Key="empty", Body=b"", ChecksumAlgorithm="CRC32")
+        with pytest.raises(client.exceptions.ClientError):
+            client.put_object(Bucket=bucket, Key="empty-bad", Body=b"", ChecksumCRC32="AAAAAQ==")
+        assert p.stats().checksum_rejected == 4
+    assert s3_client.get_object(Bucket=bucket, Key="right")["Body"].read() == data
+    assert s3_client.get_object(Bucket=bucket, Key="empty")["Body"].read() == b""

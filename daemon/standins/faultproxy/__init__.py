@@ -19,6 +19,9 @@ Besides faults, the proxy can *shape* every connection the way S3 on AWS behaves
 30 ms after its request ended) and a bandwidth cap per connection (90 MB/s each way), so
 that, as on AWS, a client's throughput grows with its number of connections instead of
 with whatever loopback allows. The benchmarks run through it (``bench/servers.py``).
+With ``verify_checksums`` (``--verify-checksums``) it also refuses a request body that
+does not match its ``x-amz-checksum-*`` header with ``400 BadDigest`` and nothing stored,
+as S3 on AWS does and the stand-ins do not (:mod:`.checksums`).
 
 A rule matches a method and a regex searched in the request target (``/bucket/key?query``),
 and fires for the next ``count`` matching requests (None: every one), each with
@@ -40,10 +43,11 @@ Only loopback: the proxy listens on 127.0.0.1 and forwards only to a loopback up
 
 The package, one job a module: :mod:`.rules` (the kinds, what a rule matches, which fire),
 :mod:`.shaping` (token buckets and the S3-on-AWS shaping), :mod:`.wire` (HTTP/1.1 on a
-socket), :mod:`.body` (a body relayed with its faults), :mod:`.upstream` (the server
-side), :mod:`.connection` (one client connection), :mod:`.control` (the HTTP control
-API), :mod:`.stats` (records and counters), :mod:`.proxy` (:class:`FaultProxy`),
-:mod:`.cli` (the command line).
+socket), :mod:`.body` (a body relayed with its faults), :mod:`.checksums` (a body checked
+against its checksum header, as AWS does), :mod:`.upstream` (the server side),
+:mod:`.connection` (one client connection), :mod:`.control` (the HTTP control API),
+:mod:`.stats` (records and counters), :mod:`.proxy` (:class:`FaultProxy`), :mod:`.cli`
+(the command line).
 """
 
 from daemon.standins.faultproxy.cli import main

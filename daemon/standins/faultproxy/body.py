@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+from daemon.standins.faultproxy.checksums import BadDigest, BodyChecksum
 from daemon.standins.faultproxy.rules import Rule
 from daemon.standins.faultproxy.shaping import TokenBucket
 from daemon.standins.faultproxy.wire import BUF, Reader
@@ -38,9 +39,14 @@ class BodyPlan:
         throttles: list[Rule],
         total: int | None,
         link: TokenBucket | None = None,
+        checksum: BodyChecksum | None = None,
     ) -> None:
         self._proxy = proxy
         self.offset = 0
+        self._total = total
+        # The body's last byte waits for the checksum's verdict (see .checksums).
+        self._checksum = checksum if total else None
+        self._held = b""
         self._link = link  # the connection's own bandwidth (shaping)
         self._corrupt = (
             (corrupt.after_bytes, corrupt.after_bytes + corrupt.nbytes) if corrupt else None
@@ -64,7 +70,8 @@ class BodyPlan:
 
     def send(self, dst: socket.socket, data: bytes) -> None:
         """Send body bytes ``data`` to ``dst``, with the plan's faults applied."""
-        if not (self._buckets or self._link or self._cut is not None or self._corrupt):
+        plain = not (self._buckets or self._link or self._cut is not None or self._corrupt)
+        if plain and self._checksum is None:
             dst.sendall(data)  # the common case under shaping alone: no copies
             self.offset += len(data)
             return
@@ -99,8 +106,21 @@ class BodyPlan:
                 if wait > 0:
                     self._proxy._sleep(wait)
                     self._proxy._count_shaped(wait)
+            if self._checksum is not None:
+                self._checksum.update(piece)  # what the server gets, flips included
+                if self.offset + n == self._total:
+                    self._held, piece = bytes(piece[-1:]), piece[:-1]
             dst.sendall(piece)
             self.offset += n
+
+    def release_held(self, dst: socket.socket) -> None:
+        """The body was relayed but its last byte: send it if the body matches its
+        checksum, else :class:`BadDigest` (the caller cuts the server's request short)."""
+        if self._checksum is None:
+            return
+        if not self._checksum.matches():
+            raise BadDigest(self._checksum)
+        dst.sendall(self._held)
 
 
 def relay_chunked(src: Reader, dst: socket.socket | None, plan: BodyPlan | None) -> None:

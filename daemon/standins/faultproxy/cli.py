@@ -45,12 +45,24 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_CONNECTION_RATE / 1e6,
         help="with --shape: MB/s per connection, each way (default %(default)g)",
     )
+    parser.add_argument(
+        "--verify-checksums",
+        action="store_true",
+        help="refuse a body that does not match its x-amz-checksum-* header (400 BadDigest),"
+        " as S3 on AWS does",
+    )
     args = parser.parse_args(argv)
     try:
         shaping = (
             Shaping(args.latency_ms / 1000, args.connection_mbps * 1e6) if args.shape else None
         )
-        proxy = FaultProxy(args.upstream, port=args.port, seed=args.seed, shaping=shaping)
+        proxy = FaultProxy(
+            args.upstream,
+            port=args.port,
+            seed=args.seed,
+            shaping=shaping,
+            verify_checksums=args.verify_checksums,
+        )
     except ValueError as exc:
         print(f"faultproxy: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 from daemon.standins.faultproxy.body import Reset, Stopped, relay_chunked
+from daemon.standins.faultproxy.checksums import BAD_DIGEST_CODE, BadDigest, BodyChecksum
 from daemon.standins.faultproxy.control import CONTROL_PREFIX, serve_control
 from daemon.standins.faultproxy.rules import Phase, Rule
 from daemon.standins.faultproxy.shaping import Links
@@ -135,8 +136,20 @@ class ClientConnection:
                 raise Reset  # no body to cut short: drop the request before any answer
             if expects and proxy.answer_continue:
                 client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            checksum = None
+            if proxy.verify_checksums and method.upper() == "PUT" and not req.chunked():
+                checksum = BodyChecksum.of(req.headers)
             proxy._count_forwarded()
-            up.send_request(req, method, target, version, reader, chosen)
+            try:
+                up.send_request(req, method, target, version, reader, chosen, checksum)
+            except BadDigest as exc:
+                # The whole body was read: the client connection can serve another.
+                status = 400
+                proxy._count_rejected()
+                self._send_xml_error(
+                    400, BAD_DIGEST_CODE, str(exc), number, method, target, close=not keep
+                )
+                return keep
             sent = time.monotonic()
             resp, resp_version = up.read_response_head()
             latency = proxy.shaping.first_byte_latency if proxy.shaping is not None else 0.0
@@ -185,12 +198,25 @@ class ClientConnection:
     def _send_error(
         self, rule: Rule, number: int, method: str, target: str, *, close: bool
     ) -> None:
-        request_id = f"faultproxy-{number:08d}"
         message = rule.message or _DEFAULT_MESSAGES.get(rule.code, rule.code)
+        self._send_xml_error(rule.status, rule.code, message, number, method, target, close=close)
+
+    def _send_xml_error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        number: int,
+        method: str,
+        target: str,
+        *,
+        close: bool,
+    ) -> None:
+        request_id = f"faultproxy-{number:08d}"
         resource = target.split("?", 1)[0]
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Error><Code>{escape(rule.code)}</Code><Message>{escape(message)}</Message>"
+            f"<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message>"
             f"<Resource>{escape(resource)}</Resource><RequestId>{request_id}</RequestId></Error>"
         ).encode()
         if method.upper() == "HEAD":
@@ -201,5 +227,5 @@ class ClientConnection:
             ("x-amz-request-id", request_id),
             ("Connection", "close" if close else "keep-alive"),
         ]
-        first = f"HTTP/1.1 {rule.status} {_REASONS.get(rule.status, 'Error')}"
+        first = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"
         self._client.sendall(render_head(first, headers) + body)

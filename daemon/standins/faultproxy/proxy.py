@@ -37,7 +37,9 @@ class FaultProxy:
     """The proxy: ``with FaultProxy(upstream) as proxy:`` then point a client at ``proxy.url``.
 
     ``upstream`` is the server's base URL (``http://127.0.0.1:<port>``, loopback only).
-    ``seed`` seeds the RNG of probabilistic rules. :meth:`stop` (or leaving the ``with``)
+    ``seed`` seeds the RNG of probabilistic rules. ``verify_checksums``: refuse a body
+    that does not match its additional checksum header with ``400 BadDigest``, as S3 on
+    AWS does (:mod:`.checksums`); moto and s3rver do not. :meth:`stop` (or leaving the ``with``)
     closes every connection and joins every thread.
     """
 
@@ -49,6 +51,7 @@ class FaultProxy:
         seed: int = 0,
         answer_continue: bool = True,
         shaping: Shaping | None = None,
+        verify_checksums: bool = False,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
@@ -58,6 +61,7 @@ class FaultProxy:
         self.upstream = (parts.hostname, parts.port)
         self.answer_continue = answer_continue
         self.shaping = shaping
+        self.verify_checksums = verify_checksums
         self._port = port
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -260,6 +264,10 @@ class FaultProxy:
     def _count_corrupted(self, n: int) -> None:
         with self._lock:
             self._stats.bytes_corrupted += n
+
+    def _count_rejected(self) -> None:
+        with self._lock:
+            self._stats.checksum_rejected += 1
 
     def _count_throttled(self, seconds: float) -> None:
         with self._lock:

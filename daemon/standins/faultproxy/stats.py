@@ -42,6 +42,7 @@ class ProxyStats:
     bytes_up: int = 0  # request body bytes relayed to the upstream
     bytes_down: int = 0  # response body bytes relayed to clients
     bytes_corrupted: int = 0
+    checksum_rejected: int = 0  # requests refused with BadDigest (verify_checksums)
     throttled_seconds: float = 0.0
     shaped_seconds: float = 0.0  # waits the shaping imposed (latency and bandwidth)
 
@@ -54,6 +55,7 @@ class ProxyStats:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "bytes_corrupted": self.bytes_corrupted,
+            "checksum_rejected": self.checksum_rejected,
             "throttled_seconds": round(self.throttled_seconds, 3),
             "shaped_seconds": round(self.shaped_seconds, 3),
         }

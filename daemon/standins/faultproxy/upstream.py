@@ -12,6 +12,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from daemon.standins.faultproxy.body import BodyPlan, Reset, relay_chunked, relay_length
+from daemon.standins.faultproxy.checksums import BadDigest, BodyChecksum
 from daemon.standins.faultproxy.rules import Chosen, Phase
 from daemon.standins.faultproxy.wire import (
     CONNECT_TIMEOUT,
@@ -63,7 +64,14 @@ class Upstream:
         version: str,
         client_reader: Reader,
         chosen: Chosen,
+        checksum: BodyChecksum | None = None,
     ) -> None:
+        """Send the request upstream. ``checksum``: the body's additional checksum, checked
+        as S3 on AWS does (:mod:`.checksums`); :class:`BadDigest` when it does not match,
+        and then the server got a request cut short of its last byte."""
+        total = None if req.chunked() else (req.content_length() or 0)
+        if checksum is not None and total == 0 and not checksum.matches():
+            raise BadDigest(checksum)  # no byte to hold back: refused before it is sent
         head = render_head(f"{method} {target} HTTP/1.1", req.without(HOP_BY_HOP))
         if self.sock is not None and dropped(self.sock):
             # The server closed the idle connection (Node's keep-alive ends after 5 s): a
@@ -80,14 +88,14 @@ class Upstream:
             sock = self._connect()
             sock.sendall(head)
         corrupt, reset, throttles = chosen.body_rules(Phase.REQUEST)
-        total = None if req.chunked() else (req.content_length() or 0)
-        plan = BodyPlan(self._proxy, corrupt, reset, throttles, total, chosen.link_up)
+        plan = BodyPlan(self._proxy, corrupt, reset, throttles, total, chosen.link_up, checksum)
         try:
             if req.chunked():
                 relay_chunked(client_reader, sock, plan)
             else:
                 relay_length(client_reader, sock, plan, total)
-        except Reset:
+                plan.release_held(sock)
+        except (Reset, BadDigest):
             self.close()  # the server gets half a request, then EOF
             raise
         finally:
