@@ -19,6 +19,7 @@ from test_store import PART, RUN, events
 from daemon import layout
 from daemon.standins import LocalS3
 from daemon.standins.faultproxy import FaultProxy
+from daemon.storage import tail as tail_module
 from daemon.storage.s3client import RemoteLocation, make_s3_client, make_transfer_config
 from daemon.storage.store import CheckpointStore
 from daemon.storage.tail import PartSlots, TailUpload
@@ -272,3 +273,80 @@ def test_parts_through_one_pooled_buffer_each_send_their_own_bytes(
     assert slots.kept == 1  # the one full-part buffer, back in the pool
     slots.clear()
     assert slots.kept == 0
+
+
+class _NoMd5:
+    """hashlib for daemon.storage.tail without MD5: any MD5 the tail computes fails it."""
+
+    sha256 = staticmethod(hashlib.sha256)
+
+    @staticmethod
+    def md5(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the tail computed an MD5 behind a server that verifies checksums")
+
+
+def test_behind_a_server_that_verifies_checksums_the_tail_computes_no_md5(
+    s3_server: LocalS3, s3_client: Any, bucket: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The preflight's probe finds that the proxy refuses a wrong checksum (moto alone
+    does not); the tail then computes no MD5 and commits by the ETag the server answered;
+    a part flipped on the wire is refused (BadDigest) and its file sent again."""
+    bare = make_s3_client(s3_server.endpoint_url, "us-east-1", 4)
+    on_moto = CheckpointStore(bare, RemoteLocation(bucket, "runs"), RUN, make_transfer_config())
+    assert on_moto.probe_checksum_verification() is False  # moto stores the probe...
+    assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket)  # ...which is deleted
+    monkeypatch.setattr(tail_module, "hashlib", _NoMd5)
+    with FaultProxy(s3_server.endpoint_url, verify_checksums=True) as proxy:
+        local = tmp_path / "ckpt"
+        with store_and_sync(LocalS3(proxy.url, None), bucket, local) as (store, sync):
+            with capture_logs() as logs:
+                store.check_writable()
+            (learned,) = events(logs, "endpoint_checksums_learned")
+            assert learned["verifies_checksums"] is True and store.server_verifies_checksums
+            assert proxy.stats().checksum_rejected == 1  # the probe
+            proxy.corrupt(phase="request", method="PUT", path=r"partNumber=2", count=1)
+            w = GrowingWriter(local, 11)
+            w.append("model.pt", os.urandom(PART))
+            w.append("optim.pt", os.urandom(2 * PART + 7))
+            sync.stager.scan()
+            w.append("model.pt", os.urandom(PART + 5))
+            w.rename("model.pt")
+            w.rename("optim.pt")
+            final = w.finish()
+            with capture_logs() as logs:
+                assert sync.flush() == 11
+            assert proxy.stats().checksum_rejected == 2  # the probe and the flipped part
+            failed = {e["path"] for e in events(logs, "staged_file_resent")}
+            (checked,) = events(logs, "checkpoint_etags_checked")
+            # One of the two files had its part 2 flipped (the first to send one): that
+            # file was sent again, the other committed by the ETag the server answered.
+            assert len(failed) == 1 and checked["server_verified"] == 1
+            for name in ("model.pt", "optim.pt"):
+                key = store.file_key(11, name)
+                assert body(s3_client, bucket, key) == (final / name).read_bytes()
+    assert open_uploads(s3_client, bucket) == []
+
+
+def test_an_object_replaced_after_a_verified_upload_is_sent_again(
+    s3_server: LocalS3, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    """The ETag a checksum-verifying server answered names the object our upload made;
+    listed with another (someone wrote the key since, same size), it is sent again."""
+    with FaultProxy(s3_server.endpoint_url, verify_checksums=True) as proxy:
+        local = tmp_path / "ckpt"
+        with store_and_sync(LocalS3(proxy.url, None), bucket, local) as (store, sync):
+            store.check_writable()
+            key = store.file_key(12, "model.pt")
+            w = GrowingWriter(local, 12)
+            w.append("model.pt", os.urandom(2 * PART + 3))
+            with capture_logs() as logs:
+                sync.stager.scan()
+                w.rename("model.pt")
+                until(lambda: events(logs, "tail_upload_completed"))
+            s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(2 * PART + 3))
+            final = w.finish()
+            with capture_logs() as logs:
+                assert sync.flush() == 12
+            (differ,) = events(logs, "uploaded_bytes_differ")
+            assert differ["path"] == "model.pt"
+            assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()

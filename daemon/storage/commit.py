@@ -33,7 +33,12 @@ from daemon.storage.global_commit import (
     part_key,
     try_global_commit,
 )
-from daemon.storage.integrity import BY_ETAG, BY_READ_BACK, BY_SERVER_CHECKSUM
+from daemon.storage.integrity import (
+    BY_ETAG,
+    BY_READ_BACK,
+    BY_SERVER_CHECKSUM,
+    BY_SERVER_VERIFIED,
+)
 from daemon.storage.locations import RemoteObject
 from daemon.storage.records import (
     _MAX_COPY_BYTES,
@@ -207,6 +212,7 @@ class CommitLayer(RetentionLayer):
             expected.update(copied)
             expected.update(self._upload_files(ckpt_dir, step, to_send))
             unverified = {p for p, f in staged.items() if not f.sha256_checked and p in entries}
+            served = {p for p, f in staged.items() if f.etag_served}
 
             def resend(path: str) -> str | None:
                 etag = self._upload_files(ckpt_dir, step, [entries[path]])[path]
@@ -228,7 +234,13 @@ class CommitLayer(RetentionLayer):
                 seconds=round(uploaded - t0, 3),
             )
             committed = self.commit_manifest(
-                step, manifest, manifest_raw, expected, resend=resend, pending=unverified
+                step,
+                manifest,
+                manifest_raw,
+                expected,
+                resend=resend,
+                pending=unverified,
+                served=served,
             )
         except UploadCancelled:
             # Only this node's files: another node may be uploading the same step.
@@ -278,6 +290,7 @@ class CommitLayer(RetentionLayer):
         *,
         resend: Callable[[str], str | None] | None = None,
         pending: set[str] | None = None,
+        served: set[str] | None = None,
     ) -> RemoteCheckpoint:
         """Write the manifest (the commit) once the server holds the bytes we sent.
 
@@ -291,11 +304,15 @@ class CommitLayer(RetentionLayer):
         ETag), then :class:`IntegrityError`. Files without an expected ETag are not
         checked. ``checkpoint_etags_checked`` says how each file was. ``pending`` (files
         not yet checked against the manifest's sha256; those read back or sent again
-        are) makes the commit ``pending`` instead of ``sha256``-verified.
+        are) makes the commit ``pending`` instead of ``sha256``-verified. ``served``: files
+        whose expected ETag is the server's answer to an upload whose checksum it verified
+        (:data:`~daemon.storage.integrity.BY_SERVER_VERIFIED`); listed with another, such
+        a file is another object (replaced since) and is sent again.
         """
         expected = dict(expected or {})
         pending = pending if pending is not None else set()
-        check = self._check_listing(step, manifest, self._step_objects(step), expected)
+        served = set(served or ())
+        check = self._check_listing(step, manifest, self._step_objects(step), expected, served)
         if check.bad and resend is not None:
             for path in check.bad:
                 log.warning(
@@ -308,7 +325,8 @@ class CommitLayer(RetentionLayer):
                 )
                 self._switch.check(f"commit step {step}")
                 expected[path] = resend(path)
-            check = self._check_listing(step, manifest, self._step_objects(step), expected)
+                served.discard(path)  # now checked as any upload of ours
+            check = self._check_listing(step, manifest, self._step_objects(step), expected, served)
         if check.bad:
             path = check.bad[0]
             url = self.location.url(self.file_key(step, path))
@@ -323,6 +341,7 @@ class CommitLayer(RetentionLayer):
             "checkpoint_etags_checked",
             step=step,
             checked=len(check.by(BY_ETAG)),
+            server_verified=len(check.by(BY_SERVER_VERIFIED)),
             read_back=check.by(BY_READ_BACK),
             server_checksum=check.by(BY_SERVER_CHECKSUM),
             unchecked=check.skipped,

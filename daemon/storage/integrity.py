@@ -9,7 +9,10 @@ requests that verify are the store's (:mod:`daemon.storage.verify`), not this mo
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import threading
+import zlib
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -79,6 +82,21 @@ def is_aws_endpoint(endpoint_url: str) -> bool:
 BY_ETAG = "etag"
 BY_SERVER_CHECKSUM = "server-checksum"
 BY_READ_BACK = "read-back"
+BY_SERVER_VERIFIED = "server-verified"
+# The error codes of a server that refused a body whose additional checksum it computed
+# otherwise: AWS's BadDigest, and what some S3-compatible servers say instead.
+CHECKSUM_REFUSALS = frozenset({"BadDigest", "XAmzContentChecksumMismatch"})
+
+
+def additional_checksum(algorithm: str | None, data: bytes | bytearray) -> dict[str, str]:
+    """The additional checksum of ``data`` as a request field (``{"ChecksumCRC32": ...}``),
+    for CRC32 and SHA256; empty for none or one botocore computes itself (CRC32C)."""
+    if algorithm == "CRC32":
+        raw = zlib.crc32(data).to_bytes(4, "big")
+        return {"ChecksumCRC32": base64.b64encode(raw).decode("ascii")}
+    if algorithm == "SHA256":
+        return {"ChecksumSHA256": base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")}
+    return {}
 
 
 class EndpointIntegrity:
@@ -91,6 +109,11 @@ class EndpointIntegrity:
       upload whose bytes do not match the checksum botocore computed from the bytes it
       read, which we had just hashed with sha256 (and whose file did not change). No
       second transfer, which during a two-minute spot notice matters.
+    - ``server-verified``: an endpoint that refuses a body not matching its additional
+      checksum (:attr:`verifies_checksums`: AWS, or a server found to by a probe) answers
+      an upload with an ETag of bytes it verified; the object listed with that ETag is
+      the one uploaded. Our sha256 of the same buffers that carried the checksum ties
+      them to the manifest: no MD5 of ours is needed (the emergency tail computes none).
     - ``read-back``: everything else. The object is read back and hashed with sha256.
       A server's echo of a checksum proves nothing unless the server verified it (moto
       and s3rver keep whatever arrives), so only the bytes themselves are trusted.
@@ -113,6 +136,25 @@ class EndpointIntegrity:
         self._lock = threading.Lock()
         self._not_md5: set[str] = set()  # "single" / "multipart": ETags proven not MD5s
         self.multipart_whole_md5 = False  # multipart ETags are the whole object's MD5
+        # Whether a body not matching its x-amz-checksum-* header is refused (BadDigest).
+        # AWS documents that it is; any other endpoint is asked once, by a probe.
+        self.verifies_checksums = self.aws
+        self.checksums_probed = self.aws
+
+    def learn_checksum_verification(self, verifies: bool, key: str) -> None:
+        """What a probe found: whether this endpoint refused a body under a wrong
+        checksum (logged once; the first probe's answer stands)."""
+        with self._lock:
+            if self.checksums_probed:
+                return
+            self.checksums_probed = True
+            self.verifies_checksums = verifies
+        log.info(
+            "endpoint_checksums_learned",
+            endpoint=self.endpoint_url,
+            verifies_checksums=verifies,
+            key=key,
+        )
 
     def learn_whole_md5(self, key: str, etag: str) -> None:
         """A multipart object read back has its whole bytes' MD5 as ETag (logged once)."""

@@ -246,6 +246,7 @@ class Stager:
                 pool=self._part_workers(),
                 slots=self._slots,
                 whole_md5=self._store.whole_md5_etags,
+                server_verified=self._store.server_verifies_checksums,
             )
         except (OSError, ValueError) as exc:  # gone meanwhile, or parts below S3's minimum
             log.info("tail_upload_skipped", step=tmp.step, path=rel, reason=str(exc))

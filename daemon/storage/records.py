@@ -59,14 +59,18 @@ class StagedFile:
     """A file the emergency pipeline uploaded before the commit began.
 
     ``etag`` is the ETag its bytes must have on the server (None: unknown, the check
-    is skipped and says so); ``sha256_checked`` whether our own sha256 of the bytes
-    sent equals the manifest's (if not, the commit is ``pending`` until
+    is skipped and says so; ``etag_served``: the server's own answer);
+    ``sha256_checked`` whether our own sha256 of the bytes sent equals the manifest's (if
+    not, the commit is ``pending`` until
     :meth:`CheckpointStore.mark_verified`).
     """
 
     size: int
     etag: str | None
     sha256_checked: bool
+    # ``etag`` is the one the server answered the upload with, having verified its
+    # additional checksum (see EndpointIntegrity.verifies_checksums), not our MD5.
+    etag_served: bool = False
 
 
 @dataclass

@@ -175,8 +175,12 @@ class RetentionLayer(ListingLayer):
         return doomed
 
     def check_writable(self) -> None:
-        """Preflight: put and delete a small probe object under the run's prefix."""
+        """Preflight: put and delete a small probe object under the run's prefix, and
+        learn whether the server verifies checksums (:meth:`probe_checksum_verification`)."""
         key = self.location.key(self.run_id, f".spot-supervisor-probe-{os.urandom(4).hex()}")
         self._put_bytes(key, b"probe\n", content_type="text/plain")
         self._delete_key(key)
         log.info("store_writable", bucket=self.location.bucket, key=key)
+        # Before any upload: whether the emergency tail may leave the ETag check to the
+        # server's own checksum check.
+        self.probe_checksum_verification()

@@ -149,7 +149,7 @@ def check_tail(
         return "size differs from the manifest"
     if res.sha256 != entry.sha256:
         return "sha256 differs from the manifest"
-    return StagedFile(entry.size, res.etag, sha256_checked=True)
+    return StagedFile(entry.size, res.etag, sha256_checked=True, etag_served=res.server_verified)
 
 
 def settle(store: CheckpointStore, staged: Staged) -> None:

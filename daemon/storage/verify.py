@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
@@ -12,13 +13,16 @@ from daemon.layout import (
     HASH_CHUNK,
     Manifest,
 )
-from daemon.storage.errors import IntegrityError
+from daemon.storage.errors import IntegrityError, StoreError
 from daemon.storage.etags import normalize_etag
 from daemon.storage.integrity import (
     BY_ETAG,
     BY_READ_BACK,
     BY_SERVER_CHECKSUM,
+    BY_SERVER_VERIFIED,
+    CHECKSUM_REFUSALS,
     EndpointIntegrity,
+    additional_checksum,
     encryption_hiding_md5,
     endpoint_integrity,
 )
@@ -45,9 +49,12 @@ class VerifyLayer(TransferLayer):
         manifest: Manifest,
         listed: Mapping[str, RemoteObject],
         expected: Mapping[str, str | None],
+        served: Collection[str] = (),
     ) -> _ListingCheck:
         """Every file of ``manifest`` listed with its size, and whether it holds the
-        local bytes (see :meth:`_verify_stored`)."""
+        local bytes (see :meth:`_verify_stored`). ``served``: files whose expected ETag
+        is the server's answer to our checksum-verified upload (no MD5 of ours to check
+        against: another ETag means another object)."""
         check = _ListingCheck()
         for entry in manifest.files:
             obj = listed.get(entry.path)
@@ -62,7 +69,11 @@ class VerifyLayer(TransferLayer):
                 check.skipped[entry.path] = "no expected ETag (part boundaries or source unknown)"
                 continue
             if normalize_etag(obj.etag) == normalize_etag(want):
-                check.how[entry.path] = BY_ETAG  # the common case: no request
+                # The common case: no request.
+                check.how[entry.path] = BY_SERVER_VERIFIED if entry.path in served else BY_ETAG
+                continue
+            if entry.path in served:
+                check.bad.append(entry.path)  # not the object our upload made: send again
                 continue
             # A listing says nothing of encryption: the object's own fields do.
             how = self._verify_stored(obj.key, self._head(obj.key), want, entry.sha256)
@@ -75,6 +86,43 @@ class VerifyLayer(TransferLayer):
     @property
     def _integrity(self) -> EndpointIntegrity:
         return endpoint_integrity(str(self.client.meta.endpoint_url))
+
+    @property
+    def server_verifies_checksums(self) -> bool:
+        """Whether this endpoint refuses an upload of ours whose bytes do not match its
+        additional checksum (AWS; another server once :meth:`probe_checksum_verification`
+        found it to): the ETag it answers then names bytes it verified."""
+        return self._checksum_algorithm is not None and self._integrity.verifies_checksums
+
+    def probe_checksum_verification(self) -> bool:
+        """Learn, once per process and endpoint, whether the server refuses a body whose
+        additional checksum is wrong: one small PutObject under the run's prefix, with the
+        checksum of other bytes. AWS is known to (BadDigest) and is not asked; moto and
+        s3rver store the body, which is deleted again. Anything else (the request failed
+        otherwise, CRC32C whose value botocore computes) leaves it unknown, which counts
+        as not verifying: uploads then keep their MD5s for the ETag check."""
+        integrity = self._integrity
+        if integrity.checksums_probed or self._checksum_algorithm is None:
+            return self.server_verifies_checksums
+        wrong = additional_checksum(self._checksum_algorithm, b"not the probe's bytes")
+        if not wrong:
+            return False
+        key = self.location.key(self.run_id, f".spot-supervisor-probe-{os.urandom(4).hex()}")
+        try:
+            self._put_object(key, b"checksum probe\n", "text/plain", **wrong)
+        except StoreError as exc:
+            if exc.code not in CHECKSUM_REFUSALS:
+                log.warning("checksum_probe_failed", key=key, error=str(exc))
+                return False
+            verifies = True
+        else:
+            verifies = False
+            try:
+                self._delete_key(key)
+            except StoreError as exc:  # a leftover probe is no reason to stop a run
+                log.warning("checksum_probe_not_deleted", key=key, error=str(exc))
+        integrity.learn_checksum_verification(verifies, key)
+        return verifies
 
     def _verify_stored(
         self, key: str, fields: Mapping[str, Any], md5_etag: str, sha256: str
