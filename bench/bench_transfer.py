@@ -89,9 +89,11 @@ def write_checkpoint(local_dir: Path, step: int, sizes: list[int]) -> tuple[Path
 
 
 def learn_endpoint(srv: Server, workdir: Path) -> None:
-    """One untimed multipart commit, so that what the store learns of an endpoint once
-    per process (s3rver's multipart ETags are whole-object MD5s: the first is read back,
-    later ones are predicted) is known before any way is timed, not by the first only."""
+    """The daemon's preflight (:meth:`CheckpointStore.check_writable`: whether the server
+    refuses a wrong checksum) and one untimed multipart commit, so that what the store
+    learns of an endpoint once per process (s3rver's multipart ETags are whole-object
+    MD5s: the first is read back, later ones are predicted) is known before any way is
+    timed, not by the first only."""
     direct = boto3.client("s3", endpoint_url=srv.direct_url, region_name="us-east-1")
     bucket = f"warm-{uuid.uuid4().hex[:12]}"
     direct.create_bucket(Bucket=bucket)
@@ -101,6 +103,7 @@ def learn_endpoint(srv: Server, workdir: Path) -> None:
     store = make_store(srv.endpoint_url, bucket)
     try:
         with capture_logs():
+            store.check_writable()
             store.upload_checkpoint(src, manifest)
     finally:
         store.close()

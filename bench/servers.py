@@ -10,7 +10,11 @@ Two independent implementations, each in a process of its own on loopback:
 
 Every request goes through the fault proxy's shaping (:class:`Shaping`, also a process
 of its own, so its CPU is not ours): a first-byte latency and a bandwidth cap per
-connection, so concurrency matters as it does against S3. The server and the proxy run
+connection, so concurrency matters as it does against S3. The proxy also verifies each
+body's additional checksum and refuses a wrong one (``--verify-checksums``), as S3 on
+AWS does and neither server does; the daemon's preflight probe finds that, as it finds
+AWS's, and the emergency tail then leaves the check to the server instead of computing
+MD5s for the ETag check (:mod:`daemon.storage.tail`). The server and the proxy run
 on CPUs of their own, the instance's parties (the client, the trainer) on the others, as
 on AWS (:mod:`bench.placement`). Each row names its server, shaping and placement;
 absolute speeds are this machine's, and the rows record each party's CPU seconds where
@@ -57,15 +61,17 @@ class Server:
     proxy: subprocess.Popen[bytes]
     shaping: Shaping
     placement: Placement
+    verify_checksums: bool = True
 
     @property
     def label(self) -> str:
-        """``moto, shaped 30 ms + 90 MB/s/conn; server and proxy on CPU 1, instance on
-        CPU 0``: what each row says of its server."""
+        """``moto, shaped 30 ms + 90 MB/s/conn, checksums verified; server and proxy on
+        CPU 1, instance on CPU 0``: what each row says of its server."""
         s = self.shaping
+        verified = ", checksums verified" if self.verify_checksums else ""
         return (
             f"{self.name}, shaped {s.first_byte_latency * 1000:g} ms"
-            f" + {s.connection_rate / 1e6:g} MB/s/conn; {describe(self.placement)}"
+            f" + {s.connection_rate / 1e6:g} MB/s/conn{verified}; {describe(self.placement)}"
         )
 
 
@@ -139,7 +145,9 @@ def _s3rver(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
 
 @contextlib.contextmanager
-def _proxy(upstream: str, shaping: Shaping) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def _proxy(
+    upstream: str, shaping: Shaping, verify_checksums: bool
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -152,6 +160,7 @@ def _proxy(upstream: str, shaping: Shaping) -> Iterator[tuple[str, subprocess.Po
             str(shaping.first_byte_latency * 1000),
             "--connection-mbps",
             str(shaping.connection_rate / 1e6),
+            *(["--verify-checksums"] if verify_checksums else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -168,19 +177,22 @@ def _proxy(upstream: str, shaping: Shaping) -> Iterator[tuple[str, subprocess.Po
 
 
 @contextlib.contextmanager
-def server(name: str, workdir: Path, shaping: Shaping = AWS_SHAPING) -> Iterator[Server]:
-    """Server ``name`` (``moto`` or ``s3rver``) behind the shaping proxy, each on the
-    cloud's CPUs; this process on the instance's until the block ends."""
+def server(
+    name: str, workdir: Path, shaping: Shaping = AWS_SHAPING, verify_checksums: bool = True
+) -> Iterator[Server]:
+    """Server ``name`` (``moto`` or ``s3rver``) behind the shaping proxy (which verifies
+    checksums as AWS does, unless told not to), each on the cloud's CPUs; this process on
+    the instance's until the block ends."""
     use_fake_aws_credentials()
     placement = split()
     mine = os.sched_getaffinity(0)
     start = _moto() if name == "moto" else _s3rver(workdir)
     try:
-        with start as (url, proc), _proxy(url, shaping) as (proxy_url, proxy):
+        with start as (url, proc), _proxy(url, shaping, verify_checksums) as (proxy_url, proxy):
             pin(proc.pid, placement.cloud)
             pin(proxy.pid, placement.cloud)
             pin_self(placement)
-            yield Server(name, proxy_url, url, proc, proxy, shaping, placement)
+            yield Server(name, proxy_url, url, proc, proxy, shaping, placement, verify_checksums)
     finally:
         pin(os.getpid(), frozenset(mine))  # the next benchmark gets every CPU again
 
