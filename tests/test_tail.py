@@ -350,3 +350,34 @@ def test_an_object_replaced_after_a_verified_upload_is_sent_again(
             (differ,) = events(logs, "uploaded_bytes_differ")
             assert differ["path"] == "model.pt"
             assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
+
+
+def test_a_verified_complete_whose_answer_is_lost_is_read_back_not_sent_again(
+    s3_server: LocalS3, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    """No MD5 was kept behind a checksum-verifying server: when CompleteMultipartUpload's
+    answer is lost (it outlasted the read timeout), the object is read back and its
+    sha256 settles it, and the file is not sent again."""
+    with FaultProxy(s3_server.endpoint_url, verify_checksums=True) as proxy:
+        client = make_s3_client(proxy.url, "us-east-1", 8, read_timeout=1.0, max_attempts=1)
+        config = make_transfer_config(part_size=PART, max_concurrency=4)
+        store = CheckpointStore(client, RemoteLocation(bucket, "runs"), RUN, config)
+        store.check_writable()
+        with syncing(store, tmp_path / "ckpt") as sync:
+            proxy.stall(2.0, method="POST", path=r"uploadId=", count=1)
+            w = GrowingWriter(tmp_path / "ckpt", 13)
+            w.append("model.pt", os.urandom(2 * PART + 99))
+            sync.stager.scan()
+            with capture_logs() as logs:
+                w.rename("model.pt")
+                final = w.finish()
+                assert sync.flush() == 13
+            key = store.file_key(13, "model.pt")
+            assert events(logs, "tail_upload_completed_on_retry")
+            assert [e["key"] for e in events(logs, "tail_upload_read_back")] == [key]
+            assert not events(logs, "staged_file_resent")
+            (checked,) = events(logs, "checkpoint_etags_checked")
+            assert checked["server_verified"] == 1
+            (committed,) = events(logs, "checkpoint_committed")
+            assert committed["bytes_sent"] == 0
+            assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()

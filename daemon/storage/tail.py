@@ -345,9 +345,14 @@ class TailUpload:
         self._upload_id = None  # completed: nothing to abort any more
         if self.server_verified:
             if not served:
-                # Its answer was lost (completed on a retry): whose object the key holds
-                # is not known, and no MD5 was kept to tell. The commit sends the file.
-                raise TailFailed(f"{self.key}: completed without an ETag in its answer")
+                # Its answer was lost (completed on a retry) and no MD5 was kept: read the
+                # object back. Our bytes under one ETag are ours; else the commit sends
+                # the file again. (Reading costs less than sending: a 256 MiB complete
+                # outlasted the read timeout on a loaded s3rver.)
+                served = self._store.etag_if_sha256(self.key, self._sha.hexdigest())
+                if not served:
+                    raise TailFailed(f"{self.key}: completed, but holds other bytes")
+                log.info("tail_upload_read_back", key=self.key, etag=served)
             return TailResult(size, self._sha.hexdigest(), served, _ident(final), len(parts), True)
         joined = b"".join(self._md5s)
         etag = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(self._md5s)}"

@@ -157,6 +157,17 @@ class VerifyLayer(TransferLayer):
                 self._integrity.learn_whole_md5(key, etag)
         return BY_READ_BACK
 
+    def etag_if_sha256(self, key: str, sha256: str) -> str | None:
+        """The ETag of the object at ``key`` when the bytes it serves hash to ``sha256``
+        and its ETag was the same before and after they were read; None otherwise. For
+        an upload whose answer was lost: what the key holds is then known only by
+        reading it."""
+        before = normalize_etag(str(self._head(key).get("ETag") or ""))
+        if not before or self._read_back_sha256(key) != sha256:
+            return None
+        after = normalize_etag(str(self._head(key).get("ETag") or ""))
+        return before if after == before else None
+
     def _head(self, key: str) -> dict[str, Any]:
         """The object's response fields: encryption, ETag and its additional checksum."""
         resp = self._call(
