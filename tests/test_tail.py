@@ -220,31 +220,40 @@ def test_a_part_corrupted_on_the_wire_is_caught_before_the_commit(
             assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
 
 
+def commit_through_a_lost_complete(
+    proxy: FaultProxy, bucket: str, local: Path, step: int
+) -> tuple[str, Path, list[Any]]:
+    """One file of step ``step`` followed and committed through ``proxy`` while its
+    CompleteMultipartUpload outlasts the client's read timeout (one attempt only, so the
+    timeout itself is what the tail sees): its key, the checkpoint, the logs."""
+    client = make_s3_client(proxy.url, "us-east-1", 8, read_timeout=1.0, max_attempts=1)
+    config = make_transfer_config(part_size=PART, max_concurrency=4)
+    store = CheckpointStore(client, RemoteLocation(bucket, "runs"), RUN, config)
+    store.check_writable()  # the preflight: whether the server verifies checksums
+    with syncing(store, local) as sync:
+        proxy.stall(2.0, method="POST", path=r"uploadId=", count=1)
+        w = GrowingWriter(local, step)
+        w.append("model.pt", os.urandom(2 * PART + 99))
+        sync.stager.scan()
+        with capture_logs() as logs:
+            w.rename("model.pt")
+            final = w.finish()
+            assert sync.flush() == step
+    return store.file_key(step, "model.pt"), final, logs
+
+
 def test_a_complete_that_outlasts_the_read_timeout_is_found_done(
     s3_server: LocalS3, s3_client: Any, bucket: str, tmp_path: Path
 ) -> None:
     # Completing a large object can take longer than the client waits (and a retry can
     # then find the upload gone): the server did complete it, and the object settles it.
-    # One attempt only here, so the timeout itself is what the tail sees.
     with FaultProxy(s3_server.endpoint_url) as proxy:
-        client = make_s3_client(proxy.url, "us-east-1", 8, read_timeout=1.0, max_attempts=1)
-        config = make_transfer_config(part_size=PART, max_concurrency=4)
-        store = CheckpointStore(client, RemoteLocation(bucket, "runs"), RUN, config)
-        with syncing(store, tmp_path / "ckpt") as sync:
-            proxy.stall(2.0, method="POST", path=r"uploadId=", count=1)
-            w = GrowingWriter(tmp_path / "ckpt", 10)
-            w.append("model.pt", os.urandom(2 * PART + 99))
-            sync.stager.scan()
-            with capture_logs() as logs:
-                w.rename("model.pt")
-                final = w.finish()
-                assert sync.flush() == 10
-            assert events(logs, "tail_upload_completed_on_retry")
-            assert not events(logs, "staged_file_resent")
-            (committed,) = events(logs, "checkpoint_committed")
-            assert committed["bytes_sent"] == 0
-            key = store.file_key(10, "model.pt")
-            assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
+        key, final, logs = commit_through_a_lost_complete(proxy, bucket, tmp_path / "ckpt", 10)
+    assert events(logs, "tail_upload_completed_on_retry")
+    assert not events(logs, "staged_file_resent")
+    (committed,) = events(logs, "checkpoint_committed")
+    assert committed["bytes_sent"] == 0
+    assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
 
 
 def test_parts_through_one_pooled_buffer_each_send_their_own_bytes(
@@ -359,25 +368,12 @@ def test_a_verified_complete_whose_answer_is_lost_is_read_back_not_sent_again(
     answer is lost (it outlasted the read timeout), the object is read back and its
     sha256 settles it, and the file is not sent again."""
     with FaultProxy(s3_server.endpoint_url, verify_checksums=True) as proxy:
-        client = make_s3_client(proxy.url, "us-east-1", 8, read_timeout=1.0, max_attempts=1)
-        config = make_transfer_config(part_size=PART, max_concurrency=4)
-        store = CheckpointStore(client, RemoteLocation(bucket, "runs"), RUN, config)
-        store.check_writable()
-        with syncing(store, tmp_path / "ckpt") as sync:
-            proxy.stall(2.0, method="POST", path=r"uploadId=", count=1)
-            w = GrowingWriter(tmp_path / "ckpt", 13)
-            w.append("model.pt", os.urandom(2 * PART + 99))
-            sync.stager.scan()
-            with capture_logs() as logs:
-                w.rename("model.pt")
-                final = w.finish()
-                assert sync.flush() == 13
-            key = store.file_key(13, "model.pt")
-            assert events(logs, "tail_upload_completed_on_retry")
-            assert [e["key"] for e in events(logs, "tail_upload_read_back")] == [key]
-            assert not events(logs, "staged_file_resent")
-            (checked,) = events(logs, "checkpoint_etags_checked")
-            assert checked["server_verified"] == 1
-            (committed,) = events(logs, "checkpoint_committed")
-            assert committed["bytes_sent"] == 0
-            assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
+        key, final, logs = commit_through_a_lost_complete(proxy, bucket, tmp_path / "ckpt", 13)
+    assert events(logs, "tail_upload_completed_on_retry")
+    assert [e["key"] for e in events(logs, "tail_upload_read_back")] == [key]
+    assert not events(logs, "staged_file_resent")
+    (checked,) = events(logs, "checkpoint_etags_checked")
+    assert checked["server_verified"] == 1
+    (committed,) = events(logs, "checkpoint_committed")
+    assert committed["bytes_sent"] == 0
+    assert body(s3_client, bucket, key) == (final / "model.pt").read_bytes()
