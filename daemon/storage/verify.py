@@ -101,8 +101,10 @@ class VerifyLayer(TransferLayer):
         s3rver store the body, which is deleted again. Anything else (the request failed
         otherwise, CRC32C whose value botocore computes) leaves it unknown, which counts
         as not verifying: uploads then keep their MD5s for the ETag check."""
+        if self._checksum_algorithm is None:  # also every GCS and Azure store: no S3 client
+            return False
         integrity = self._integrity
-        if integrity.checksums_probed or self._checksum_algorithm is None:
+        if integrity.checksums_probed:
             return self.server_verifies_checksums
         wrong = additional_checksum(self._checksum_algorithm, b"not the probe's bytes")
         if not wrong:
