@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
@@ -177,7 +176,7 @@ class RetentionLayer(ListingLayer):
     def check_writable(self) -> None:
         """Preflight: put and delete a small probe object under the run's prefix, and
         learn whether the server verifies checksums (:meth:`probe_checksum_verification`)."""
-        key = self.location.key(self.run_id, f".spot-supervisor-probe-{os.urandom(4).hex()}")
+        key = self._probe_key()
         self._put_bytes(key, b"probe\n", content_type="text/plain")
         self._delete_key(key)
         log.info("store_writable", bucket=self.location.bucket, key=key)

@@ -109,7 +109,7 @@ class VerifyLayer(TransferLayer):
         wrong = additional_checksum(self._checksum_algorithm, b"not the probe's bytes")
         if not wrong:
             return False
-        key = self.location.key(self.run_id, f".spot-supervisor-probe-{os.urandom(4).hex()}")
+        key = self._probe_key()
         try:
             self._put_object(key, b"checksum probe\n", "text/plain", **wrong)
         except StoreError as exc:
@@ -158,6 +158,10 @@ class VerifyLayer(TransferLayer):
             if learn and got_md5 == etag:
                 self._integrity.learn_whole_md5(key, etag)
         return BY_READ_BACK
+
+    def _probe_key(self) -> str:
+        """A fresh key for a small probe object under the run's prefix."""
+        return self.location.key(self.run_id, f".spot-supervisor-probe-{os.urandom(4).hex()}")
 
     def etag_if_sha256(self, key: str, sha256: str) -> str | None:
         """The ETag of the object at ``key`` when the bytes it serves hash to ``sha256``
