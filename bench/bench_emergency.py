@@ -37,6 +37,7 @@ server more CPU on a slow day, and a row from one is seen as such.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -46,19 +47,22 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import boto3
 import psutil
-from structlog.testing import capture_logs
 
 from bench.bench_transfer import each_server, empty_bucket, make_store
 from bench.common import Context, Row, capture_info, page_cache_cost
 from bench.servers import REPO, Server
 from daemon import layout
 from daemon.deadline import ThroughputEstimate
+from daemon.standins.faultproxy import CONTROL_STATS_PATH
 from daemon.storage.sync import CheckpointSync, SyncStats
 
 PARTIES = ("trainer", "server", "proxy", "ours")
@@ -192,14 +196,38 @@ def _write_alone(
     return seconds, ckpt, used
 
 
-def _upload_alone(srv: Server, bucket: str, run_id: str, ckpt: Path) -> float:
+def _served_bytes(srv: Server) -> int:
+    """Response body bytes the shaping proxy has relayed to clients so far: what a way
+    read back from the server (a lost complete answer's object, read and hashed)."""
+    url = srv.endpoint_url + CONTROL_STATS_PATH
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return int(json.load(resp)["bytes_down"])
+
+
+def _late_completes(logs: Sequence[Mapping[str, object]]) -> dict[str, int]:
+    """The completes whose answer outlasted the read timeout (their upload was found done
+    on the retry), and the objects read back to learn what they hold. Each costs the way
+    a wait, and a read back the server's time: a row that misses says whether they did."""
+    events = Counter(str(e["event"]) for e in logs)
+    return {
+        "completed_on_retry": events["upload_completed_on_retry"]
+        + events["tail_upload_completed_on_retry"],
+        "read_back": events["tail_upload_read_back"],
+    }
+
+
+def _upload_alone(
+    srv: Server, bucket: str, run_id: str, ckpt: Path
+) -> tuple[float, dict[str, Any]]:
     store = make_store(srv.endpoint_url, bucket, run_id)
     try:
         manifest = layout.load_complete(ckpt, hash_files=False)
+        served = _served_bytes(srv)
         t0 = time.perf_counter()
-        with capture_logs():
+        with capture_info() as logs:
             store.upload_checkpoint(ckpt, manifest)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        return seconds, {**_late_completes(logs), "bytes_served": _served_bytes(srv) - served}
     finally:
         store.close()
 
@@ -226,11 +254,13 @@ def _pipelined(
             sync.start()  # the daemon's watch and worker, running before the notice
             trainer.wait_started()
             cpu0 = meter.snapshot()
+            served = _served_bytes(srv)
             t0 = trainer.notice()
             sync.begin_emergency()  # the supervisor starts staging as it signals
             if not committed.wait(600):
                 raise RuntimeError("the pipelined checkpoint was not committed")
             seconds = at[0] - t0
+            served = _served_bytes(srv) - served
             trainer.wait_exit()
             cpu = CpuMeter.delta(cpu0, meter.snapshot())
             # Files seen only once renamed are hashed after a pending commit: not timed.
@@ -246,6 +276,8 @@ def _pipelined(
             "bytes_sent_at_commit": sum(int(str(e["bytes_sent"])) for e in taken),
             "sent_while_writing": sum(int(str(e["sent_while_writing"])) for e in tails),
             "files_followed": len(tails),
+            **_late_completes(logs),
+            "bytes_served": served,
         }
         return seconds, cpu, detail
     finally:
@@ -265,6 +297,7 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
     samples: dict[str, list[float]] = {"write": [], "upload": [], "pipelined": []}
     cpu: dict[str, list[dict[str, float]]] = {k: [] for k in samples}
     details: list[dict[str, Any]] = []
+    uploads: list[dict[str, Any]] = []
     files = 0
     nbytes = 0
     page_cost = [page_cache_cost(ctx.workdir)]
@@ -278,7 +311,9 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
         manifest = layout.load_complete(ckpt, hash_files=False)
         files, nbytes = len(manifest.files), manifest.total_bytes
         c1 = meter.snapshot()
-        samples["upload"].append(_upload_alone(srv, bucket, f"alone-{r}", ckpt))
+        seconds, detail = _upload_alone(srv, bucket, f"alone-{r}", ckpt)
+        samples["upload"].append(seconds)
+        uploads.append(detail)
         cpu["upload"].append(CpuMeter.delta(c1, meter.snapshot()))
         empty_bucket(direct, bucket)
         shutil.rmtree(d, ignore_errors=True)
@@ -345,6 +380,7 @@ def _one_size(ctx: Context, srv: Server, mb: int, repeats: int) -> Row:
             "paired_ratios": paired,
             "median_paired_ratio": round(statistics.median(paired), 3),
             "pipelined": details,
+            "upload_alone": uploads,
             "cpu_s_per_gb": cpu_per_gb,
             "instance_cpus": instance_cpus,
             "instance_floor_s": floor,

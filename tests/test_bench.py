@@ -117,6 +117,12 @@ def test_quick_transfer_emergency_and_projection_rows(tmp_path: Path) -> None:
     (pipelined,) = extra["pipelined"]
     # The ballast was followed as it was written: its parts went up before its rename.
     assert pipelined["files_followed"] >= 1 and pipelined["sent_while_writing"] > 0
+    # Each way says whether a complete's answer came late and what the server sent back:
+    # nothing is read back when every answer arrived (a 64 MiB complete is quick).
+    (alone,) = extra["upload_alone"]
+    for way in (pipelined, alone):
+        assert way["completed_on_retry"] == way["read_back"] == 0
+        assert 0 <= way["bytes_served"] < 1_000_000
     (projection,) = [row for (g, _), row in rows.items() if g == "projection"]
     assert projection["extra"]["connections_for_100_s"] >= 1
     for row in doc["rows"]:

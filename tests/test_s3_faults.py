@@ -26,6 +26,7 @@ from daemon.layout import MANIFEST_NAME, list_step_dirs
 from daemon.standins import LocalS3
 from daemon.standins.faultproxy import FaultProxy, RequestRecord
 from daemon.storage.s3client import (
+    COMPLETE_READ_TIMEOUT,
     IntegrityError,
     RemoteLocation,
     StoreError,
@@ -54,10 +55,16 @@ def proxied_store(
     *,
     max_attempts: int = 5,
     read_timeout: float = 20.0,
+    complete_read_timeout: float = COMPLETE_READ_TIMEOUT,
 ) -> CheckpointStore:
     """The daemon's store, its client pointed at the proxy (the daemon's own settings)."""
     client = make_s3_client(
-        proxy.url, "us-east-1", 8, max_attempts=max_attempts, read_timeout=read_timeout
+        proxy.url,
+        "us-east-1",
+        8,
+        max_attempts=max_attempts,
+        read_timeout=read_timeout,
+        complete_read_timeout=complete_read_timeout,
     )
     config = make_transfer_config(part_size=PART, max_concurrency=4)
     return CheckpointStore(client, RemoteLocation(bucket, "spot-runs"), RUN, config)
@@ -285,13 +292,34 @@ def test_a_complete_that_outlasts_the_read_timeout_is_found_done(
     rule = proxy.stall(2.0, method="POST", path=r"state\.bin\?uploadId=", count=1)
     # One attempt: the timeout itself is what the upload sees (moto answers a retried
     # complete with success; AWS with NoSuchUpload, see test_which_failures_may_be_a_slow_complete).
-    store = proxied_store(proxy, bucket, max_attempts=1, read_timeout=1)
+    store = proxied_store(proxy, bucket, max_attempts=1, read_timeout=1, complete_read_timeout=1)
     with capture_logs() as logs:
         result = store.upload_checkpoint(src, manifest)
     assert rule.applied == 1 and result.step == 10
     (done,) = events(logs, "upload_completed_on_retry")
     assert done["key"].endswith("state.bin")
     assert events(logs, "checkpoint_etags_checked")[0]["checked"] == len(manifest.files)
+    assert committed_steps(s3_server, bucket) == [10]
+
+
+def test_a_complete_waits_for_its_answer_longer_than_other_requests(
+    proxy: FaultProxy, bucket: str, s3_server: LocalS3, tmp_path: Path
+) -> None:
+    """S3 keeps a slow complete's connection alive; servers that do not (s3rver, moto)
+    answer only once the object is assembled. The complete alone waits out the stall
+    (COMPLETE_READ_TIMEOUT): sent once, not again for the server to assemble twice,
+    while a stalled PUT of the same client still times out at 1 s and is retried."""
+    src, manifest = make_checkpoint(tmp_path / "src", 10, big=True)
+    complete = proxy.stall(2.0, method="POST", path=r"state\.bin\?uploadId=", count=1)
+    put = proxy.stall(2.0, method="PUT", path=r"model\.pt$", count=1)
+    store = proxied_store(proxy, bucket, read_timeout=1)
+    with capture_logs() as logs:
+        result = store.upload_checkpoint(src, manifest)
+    assert complete.applied == put.applied == 1 and result.step == 10
+    assert not events(logs, "upload_completed_on_retry")
+    (sent,) = proxy.records("POST", r"state\.bin\?uploadId=")
+    assert sent.seconds >= 2.0 and sent.status == 200
+    assert list(retried(proxy)) and all(rs[0].method == "PUT" for rs in retried(proxy).values())
     assert committed_steps(s3_server, bucket) == [10]
 
 

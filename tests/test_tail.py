@@ -224,9 +224,12 @@ def commit_through_a_lost_complete(
     proxy: FaultProxy, bucket: str, local: Path, step: int
 ) -> tuple[str, Path, list[Any]]:
     """One file of step ``step`` followed and committed through ``proxy`` while its
-    CompleteMultipartUpload outlasts the client's read timeout (one attempt only, so the
-    timeout itself is what the tail sees): its key, the checkpoint, the logs."""
-    client = make_s3_client(proxy.url, "us-east-1", 8, read_timeout=1.0, max_attempts=1)
+    CompleteMultipartUpload outlasts the client's read timeout, its own longer one
+    included (one attempt only, so the timeout itself is what the tail sees): its key,
+    the checkpoint, the logs."""
+    client = make_s3_client(
+        proxy.url, "us-east-1", 8, read_timeout=1.0, complete_read_timeout=1.0, max_attempts=1
+    )
     config = make_transfer_config(part_size=PART, max_concurrency=4)
     store = CheckpointStore(client, RemoteLocation(bucket, "runs"), RUN, config)
     store.check_writable()  # the preflight: whether the server verifies checksums
