@@ -333,10 +333,11 @@ class TailUpload:
             )
             served = normalize_etag(str(done.get("ETag") or ""))
         except StoreError as exc:
-            # Completing a large object can outlast the read timeout ("could take several
-            # minutes", AWS says); botocore's retry then finds the upload taken and fails
-            # while the server is still assembling it. The object is what counts (the
-            # commit checks its ETag): wait for it a while before sending the file again.
+            # Completing a large object can outlast even its longer read timeout ("could
+            # take several minutes", AWS says); botocore's retry then finds the upload
+            # taken and fails while the server is still assembling it. The object is what
+            # counts (the commit checks its ETag): wait for it a while before sending the
+            # file again.
             if isinstance(exc, UploadCancelled) or not self._store.stored_within(
                 self.key, size, COMPLETE_WAIT
             ):

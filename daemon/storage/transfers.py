@@ -19,10 +19,11 @@ from daemon.storage.s3client import make_transfer_manager
 log = structlog.get_logger(__name__)
 
 # How long a failed CompleteMultipartUpload may still turn out done. Completing a large
-# object can outlast the read timeout ("could take several minutes", AWS says; a loaded
-# stand-in takes over 20 s for 256 MiB); botocore then sends it again, and the retry finds
-# the upload taken (404 NoSuchUpload on AWS, 500 on moto) while the first one is still
-# assembling the object.
+# object can outlast even the complete's own read timeout ("could take several minutes",
+# AWS says; a loaded stand-in took up to 25 s for 256 MiB; see
+# daemon.storage.s3client.COMPLETE_READ_TIMEOUT); botocore then sends it again, and the
+# retry finds the upload taken (404 NoSuchUpload on AWS, 500 on moto) while the first one
+# is still assembling the object.
 COMPLETE_WAIT = 30.0
 
 
